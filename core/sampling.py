@@ -1,0 +1,90 @@
+"""Samplers over a denoiser callable ``denoise(x_t, t) -> x0`` (k-diffusion style).
+
+``t`` is an integer training timestep (0..T−1). UNets that predict ε or v are wrapped into such a callable by
+their framework adapter (diffusers in ``training/``/``pipelines/``, ComfyUI in ``nodes/``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .schedule import NoiseSchedule
+
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+# refine(x0, step_index, t) -> x0: a hook applied to the student's x0 before the next step (Distillation++).
+Refiner = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise shaped like ``x``, drawn on the generator's device so a seed gives the same noise anywhere."""
+    if generator is None:
+        return torch.randn_like(x)
+    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return noise.to(device=x.device, dtype=x.dtype)
+
+
+def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance ``u + w·(c − u)``; exact in x0 space too, since x0 is affine in ε and v at fixed x_t."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def sample_few_step(
+    denoise: Denoiser,
+    noise: torch.Tensor,
+    timesteps: list[int],
+    schedule: NoiseSchedule,
+    generator: torch.Generator | None = None,
+    refine: Refiner | None = None,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """DMD2's multi-step rule: x = noise; for each t_i: x0 = G(x, t_i); x = add_noise(x0, fresh ε, t_{i+1}).
+
+    The input at the first timestep is the pure noise itself (also for a shifted start such as t = 399), as in
+    DMD2's training. Returns the last x0. The same function runs the first k steps of backward simulation.
+    """
+    x = noise
+    x0 = noise
+    for i, t in enumerate(timesteps):
+        x0 = denoise(x, t)
+        if refine is not None:
+            x0 = refine(x0, i, t)
+        if callback is not None:
+            callback(i, t, x0)
+        if i + 1 < len(timesteps):
+            x = schedule.add_noise(x0, randn_like(x0, generator), timesteps[i + 1])
+    return x0
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """DDIM timesteps with "trailing" spacing: 1 step samples t = T−1 (the "leading" spacing would start near t = 1)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be ≥ 1, got {num_steps}")
+    stride = num_train_timesteps / num_steps
+    return [int(round(num_train_timesteps - i * stride)) - 1 for i in range(num_steps)]
+
+
+def ddim_step(
+    x0: torch.Tensor, x_t: torch.Tensor, t: int, t_next: int, schedule: NoiseSchedule
+) -> torch.Tensor:
+    """One deterministic DDIM step (η = 0) from t to t_next (−1 = clean)."""
+    eps = schedule.eps_from_x0(x0, x_t, t)
+    return schedule.add_noise(x0, eps, t_next)
+
+
+def sample_ddim(
+    denoise: Denoiser,
+    noise: torch.Tensor,
+    timesteps: list[int],
+    schedule: NoiseSchedule,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM (the teacher's ODE sampler)."""
+    x = noise
+    for i, t in enumerate(timesteps):
+        x0 = denoise(x, t)
+        if callback is not None:
+            callback(i, t, x0)
+        x = ddim_step(x0, x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, schedule)
+    return x

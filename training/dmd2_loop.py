@@ -1,0 +1,276 @@
+"""DMD2's training loop, independent of the model family.
+
+The generator, the fake score (with the GAN discriminator on its features) and the real score (the teacher with
+CFG) sit behind :class:`DMD2Networks`. The exact-teacher toy (``fewstep.toy``) and the Stable Diffusion trainer
+(``fewstep.training.dmd2``) both drive this one loop.
+
+One iteration (two time-scale update rule, DMD2 §4.1):
+  1. the generator produces x0 from noise (backward simulation for multi-step students), with grad on its turn;
+  2. every ``dfake_gen_update_ratio``-th iteration: generator update = DM loss (+ GAN generator loss);
+  3. every iteration: fake-score update = denoising loss on the detached samples (+ GAN discriminator loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+
+from ..core.losses import (
+    denoising_loss,
+    distribution_matching_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+from ..core.sampling import sample_few_step
+from ..core.schedule import NoiseSchedule
+
+
+class DMD2Networks(Protocol):
+    """The three denoisers of DMD2. Each takes ``(x_t, t, cond)`` with t a (B,) long tensor and returns x0."""
+
+    schedule: NoiseSchedule
+
+    def generator(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
+    def real_score(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
+    def fake_score(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
+    def discriminator(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """GAN logits from the fake score's features (only needed when a GAN weight is > 0)."""
+        ...
+
+    def generator_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def fake_score_parameters(self) -> list[torch.nn.Parameter]:
+        """The fake score's trainable parameters, GAN head included."""
+        ...
+
+
+@dataclass
+class DMD2LoopConfig:
+    """Hyper-parameters of the loop itself (the model-specific ones live with each trainer)."""
+
+    student_timesteps: list[int] = field(default_factory=lambda: [999])
+    dfake_gen_update_ratio: int = 10  # fake-score updates per generator update (TTUR)
+    dm_min_timestep: int = 20  # DM loss t ~ U[0.02·T, 0.98·T]
+    dm_max_timestep: int = 980
+    gan_generator_weight: float = 0.0  # 0 disables the GAN (DMD2 "stage 1")
+    gan_discriminator_weight: float = 0.0
+    backward_simulation: bool = True  # multi-step: the generator's input at t_k comes from its own earlier steps
+    use_fake_score: bool = True  # False = ablation: real score only (DMD Fig. 3, collapses)
+    max_grad_norm: float = 10.0
+
+
+@dataclass
+class DMD2Batch:
+    """One iteration's data. ``cond`` conditions the generated samples; real data feeds the GAN."""
+
+    shape: tuple[int, ...]  # generator noise shape (B, ...)
+    cond: Any = None
+    real_x0: torch.Tensor | None = None
+    real_cond: Any = None
+
+
+@contextlib.contextmanager
+def frozen(params: Iterable[torch.nn.Parameter]):
+    """Turn off requires_grad so a forward pass builds no graph edges into these parameters; restore after."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _default_backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+def _default_clip(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+class DMD2Loop:
+    """Runs DMD2 iterations over :class:`DMD2Networks`; owns the RNGs so a run is reproducible and resumable.
+
+    ``backward`` and ``clip_grad_norm`` default to plain torch; the SD trainer passes accelerate's.
+    """
+
+    def __init__(
+        self,
+        networks: DMD2Networks,
+        generator_optimizer: torch.optim.Optimizer,
+        fake_score_optimizer: torch.optim.Optimizer,
+        config: DMD2LoopConfig,
+        seed: int = 0,
+        rank: int = 0,
+        generator_lr_scheduler=None,
+        fake_score_lr_scheduler=None,
+        backward: Callable[[torch.Tensor], None] = _default_backward,
+        clip_grad_norm: Callable[[list, float], torch.Tensor] = _default_clip,
+        device: torch.device | str = "cpu",
+    ):
+        if config.dfake_gen_update_ratio < 1:
+            raise ValueError(f"dfake_gen_update_ratio must be ≥ 1, got {config.dfake_gen_update_ratio}")
+        self.networks = networks
+        self.generator_optimizer = generator_optimizer
+        self.fake_score_optimizer = fake_score_optimizer
+        self.generator_lr_scheduler = generator_lr_scheduler
+        self.fake_score_lr_scheduler = fake_score_lr_scheduler
+        self.config = config
+        self.backward = backward
+        self.clip_grad_norm = clip_grad_norm
+        self.device = torch.device(device)
+        self.step = 0
+        # Noise and timesteps differ per process; the backward-simulation step index is the same on all ranks.
+        self.rng = torch.Generator().manual_seed(seed * 1000 + rank)
+        self.shared_rng = torch.Generator().manual_seed(seed)
+
+    # ---------------------------------------------------------------- randomness
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.rng).to(self.device)
+
+    def _randint(self, low: int, high: int, n: int) -> torch.Tensor:
+        return torch.randint(low, high, (n,), generator=self.rng).to(self.device)
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.networks.schedule
+
+    # ---------------------------------------------------------------- the three phases
+    def generate(self, batch: DMD2Batch, grad: bool) -> tuple[torch.Tensor, Any]:
+        """The generator's x0 for this iteration and the conditioning it was made with.
+
+        Multi-step students are trained at a random student step k (same k on all ranks). With backward
+        simulation the input at t_k is made exactly as at inference: the generator's own first k steps (no grad)
+        re-noised to t_k; without it, a noised real sample (the train/inference mismatch DMD2 removes).
+        """
+        timesteps = self.config.student_timesteps
+        k = int(torch.randint(0, len(timesteps), (1,), generator=self.shared_rng)) if len(timesteps) > 1 else 0
+        noise = self._randn(batch.shape)
+        cond = batch.cond
+        batch_size = batch.shape[0]
+
+        def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
+            return self.networks.generator(x, torch.full((batch_size,), t, device=self.device), cond)
+
+        if k == 0:
+            x_in = noise
+        elif self.config.backward_simulation:
+            with torch.no_grad():
+                x0 = sample_few_step(denoise, noise, timesteps[:k], self.schedule, self.rng)
+            x_in = self.schedule.add_noise(x0, self._randn(batch.shape), timesteps[k])
+        else:
+            if batch.real_x0 is None:
+                raise ValueError("multi-step training without backward simulation needs real data (real_x0)")
+            cond = batch.real_cond
+            x_in = self.schedule.add_noise(batch.real_x0, self._randn(batch.shape), timesteps[k])
+        with torch.set_grad_enabled(grad):
+            x = denoise(x_in, timesteps[k])
+        return x, cond
+
+    def generator_loss(self, x: torch.Tensor, cond: Any) -> tuple[torch.Tensor, dict]:
+        """DM loss at t ~ U[dm_min, dm_max] (+ GAN generator loss); the fake score gets no graph edges."""
+        cfg = self.config
+        batch_size = x.shape[0]
+        with frozen(self.networks.fake_score_parameters()):
+            t = self._randint(cfg.dm_min_timestep, cfg.dm_max_timestep + 1, batch_size)
+            x_t = self.schedule.add_noise(x.detach(), self._randn(x.shape), t)
+            with torch.no_grad():
+                x0_real = self.networks.real_score(x_t, t, cond)
+                x0_fake = self.networks.fake_score(x_t, t, cond) if cfg.use_fake_score else x.detach()
+            loss, metrics = distribution_matching_loss(x, x0_real, x0_fake)
+            if cfg.gan_generator_weight > 0:
+                t_gan = self._randint(0, self.schedule.num_train_timesteps, batch_size)
+                x_t_gan = self.schedule.add_noise(x, self._randn(x.shape), t_gan)
+                gan_loss, gan_metrics = gan_generator_loss(self.networks.discriminator(x_t_gan, t_gan, cond))
+                loss = loss + cfg.gan_generator_weight * gan_loss
+                metrics.update(gan_metrics)
+        return loss, metrics
+
+    def fake_score_loss(self, x: torch.Tensor, cond: Any, batch: DMD2Batch) -> tuple[torch.Tensor, dict]:
+        """Denoising loss on the generator's detached samples at t ~ U[0, T) (+ GAN discriminator loss)."""
+        cfg = self.config
+        x = x.detach()
+        batch_size = x.shape[0]
+        num_t = self.schedule.num_train_timesteps
+        with frozen(self.networks.generator_parameters()):
+            t = self._randint(0, num_t, batch_size)
+            eps = self._randn(x.shape)
+            x_t = self.schedule.add_noise(x, eps, t)
+            x0_pred = self.networks.fake_score(x_t, t, cond)
+            loss, metrics = denoising_loss(x0_pred, x, eps, x_t, t, self.schedule)
+            if cfg.gan_discriminator_weight > 0 and batch.real_x0 is not None:
+                real = batch.real_x0
+                t_fake = self._randint(0, num_t, batch_size)
+                t_real = self._randint(0, num_t, real.shape[0])
+                fake_logits = self.networks.discriminator(
+                    self.schedule.add_noise(x, self._randn(x.shape), t_fake), t_fake, cond
+                )
+                real_logits = self.networks.discriminator(
+                    self.schedule.add_noise(real, self._randn(real.shape), t_real), t_real, batch.real_cond
+                )
+                disc_loss, disc_metrics = gan_discriminator_loss(real_logits, fake_logits)
+                loss = loss + cfg.gan_discriminator_weight * disc_loss
+                metrics.update(disc_metrics)
+        return loss, metrics
+
+    def _update(self, loss, params, optimizer, lr_scheduler) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        self.backward(loss)
+        grad_norm = self.clip_grad_norm(params, self.config.max_grad_norm)
+        optimizer.step()
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # ---------------------------------------------------------------- one iteration
+    def is_generator_turn(self, step: int | None = None) -> bool:
+        step = self.step if step is None else step
+        return step % self.config.dfake_gen_update_ratio == 0
+
+    def generator_update(self, x: torch.Tensor, cond: Any) -> dict:
+        loss, metrics = self.generator_loss(x, cond)
+        metrics["grad_norm_gen"] = self._update(
+            loss, self.networks.generator_parameters(), self.generator_optimizer, self.generator_lr_scheduler
+        )
+        return metrics
+
+    def fake_score_update(self, x: torch.Tensor, cond: Any, batch: DMD2Batch) -> dict:
+        loss, metrics = self.fake_score_loss(x, cond, batch)
+        metrics["grad_norm_fake"] = self._update(
+            loss, self.networks.fake_score_parameters(), self.fake_score_optimizer, self.fake_score_lr_scheduler
+        )
+        return metrics
+
+    def train_step(self, batch: DMD2Batch) -> dict[str, float]:
+        """One DMD2 iteration. Returns float metrics (NaN losses are reported, never stepped on)."""
+        generator_turn = self.is_generator_turn()
+        x, cond = self.generate(batch, grad=generator_turn)
+        metrics: dict = {}
+        if generator_turn:
+            metrics.update(self.generator_update(x, cond))
+        if self.config.use_fake_score:
+            metrics.update(self.fake_score_update(x, cond, batch))
+        self.step += 1
+        return {name: float(value) for name, value in metrics.items()}
+
+    # ---------------------------------------------------------------- resumable state
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "rng": self.rng.get_state(),
+            "shared_rng": self.shared_rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.rng.set_state(state["rng"])
+        self.shared_rng.set_state(state["shared_rng"])
