@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--exact", action="store_true", help="the exact Gaussian-mixture teacher (the default for now)")
     demo.add_argument("--out", default="fewstep-demo", help="output directory (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=1, help="student sampling steps (default: %(default)s)")
-    demo.add_argument("--iterations", type=int, default=3000, help="DMD2 iterations (default: %(default)s)")
+    demo.add_argument("--iterations", type=int, default=6000, help="DMD2 iterations (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -114,6 +114,7 @@ class DMD2Loop:
         fake_score_lr_scheduler=None,
         backward: Callable[[torch.Tensor], None] = _default_backward,
         clip_grad_norm: Callable[[list, float], torch.Tensor] = _default_clip,
+        all_finite: Callable[[torch.Tensor], bool] = lambda loss: bool(torch.isfinite(loss)),
         device: torch.device | str = "cpu",
     ):
         if config.dfake_gen_update_ratio < 1:
@@ -126,6 +127,8 @@ class DMD2Loop:
         self.config = config
         self.backward = backward
         self.clip_grad_norm = clip_grad_norm
+        self.all_finite = all_finite  # multi-process runs must agree on skipping, or they deadlock
+        self.skipped_steps = 0  # updates skipped because the loss was NaN/inf
         self.device = torch.device(device)
         self.step = 0
         # Noise and timesteps differ per process; the backward-simulation step index is the same on all ranks.
@@ -222,7 +225,11 @@ class DMD2Loop:
         return loss, metrics
 
     def _update(self, loss, params, optimizer, lr_scheduler) -> torch.Tensor:
+        """backward → clip → step; a non-finite loss is skipped (counted in ``skipped_steps``), never stepped on."""
         optimizer.zero_grad(set_to_none=True)
+        if not self.all_finite(loss.detach()):
+            self.skipped_steps += 1
+            return torch.tensor(float("nan"))
         self.backward(loss)
         grad_norm = self.clip_grad_norm(params, self.config.max_grad_norm)
         optimizer.step()
@@ -266,11 +273,13 @@ class DMD2Loop:
     def state_dict(self) -> dict:
         return {
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
             "rng": self.rng.get_state(),
             "shared_rng": self.shared_rng.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rng.set_state(state["rng"])
         self.shared_rng.set_state(state["shared_rng"])

@@ -1,0 +1,69 @@
+"""DMD2 proven on an exact teacher: a 2-D 8-mode ring whose denoiser is closed-form at every t.
+
+Each run is ~10–30 s on 2 cores. Results are printed (``pytest -s``) so the numbers in the issue notes can be
+reproduced; the same runs are available as ``fewstep demo --exact``.
+"""
+
+import pytest
+import torch
+
+from fewstep.toy.exact_teacher import ExactTeacherConfig, biased_student_distillpp, train_exact_teacher
+
+torch.set_num_threads(2)
+
+
+def report(name, result):
+    print(f"\n{name}: swd_student={result.swd_student:.4f} swd_teacher_50={result.swd_teacher_50:.4f} "
+          f"floor={result.swd_data_floor:.4f} modes={result.modes_covered} fractions={result.mode_fractions} "
+          f"({result.seconds:.1f}s)")
+
+
+@pytest.fixture(scope="module")
+def one_step():
+    result = train_exact_teacher(ExactTeacherConfig())
+    report("one-step DMD2", result)
+    return result
+
+
+def test_one_step_student_covers_all_eight_modes(one_step):
+    assert one_step.modes_covered == 8
+    assert min(one_step.mode_fractions) >= 0.05
+
+
+def test_one_step_student_is_within_1_5x_of_the_teachers_50_step_distance(one_step):
+    assert one_step.swd_student <= 1.5 * one_step.swd_teacher_50
+
+
+def test_without_the_fake_score_the_student_collapses(one_step):
+    # DMD Fig. 3: the real score alone is mode-seeking; with the same budget the samples leave most modes.
+    result = train_exact_teacher(ExactTeacherConfig(use_fake_score=False, iterations=3000))
+    report("real score only", result)
+    assert result.modes_covered < one_step.modes_covered
+    assert result.swd_student > 3 * one_step.swd_student
+
+
+def test_four_step_students_with_and_without_backward_simulation_both_cover_all_modes():
+    # Measured (6000 iterations): SWD 0.19 with backward simulation, 0.12 with noised real inputs. With an exact
+    # teacher the noised-real inputs at t_k ARE the marginals a perfect student meets, so the mismatch DMD2's
+    # backward simulation removes barely exists here, while it splits the budget with its own early steps.
+    # What we can justify on this toy: both train a multi-step student that covers every mode.
+    with_bs = train_exact_teacher(ExactTeacherConfig(num_steps=4, iterations=4000))
+    without_bs = train_exact_teacher(ExactTeacherConfig(num_steps=4, iterations=4000, backward_simulation=False))
+    report("4-step, backward simulation", with_bs)
+    report("4-step, noised real inputs", without_bs)
+    for result in (with_bs, without_bs):
+        assert result.modes_covered == 8
+        assert result.swd_student < 0.5
+
+
+def test_distillpp_moves_a_biased_student_toward_the_data_monotonically_in_lambda():
+    lams = [0.0, 0.1, 0.2, 0.3, 0.4]
+    distances = biased_student_distillpp(lams)
+    print("\nDistillation++ SWD by λ:", {k: round(v, 4) for k, v in distances.items()})
+    values = [distances[lam] for lam in lams]
+    assert all(a > b for a, b in zip(values, values[1:]))
+
+
+def test_distillpp_on_the_first_two_of_four_steps_helps_a_biased_student():
+    distances = biased_student_distillpp([0.0, 0.5], guided_steps=2)
+    assert distances[0.5] < distances[0.0]

@@ -1,0 +1,395 @@
+"""DMD2 LoRA distillation of an SD1.5- or SDXL-family teacher on one shared base UNet.
+
+Reads top to bottom: config → teacher and cached encodings → adapters and optimizers → resume → loop
+(the model-agnostic :class:`~fewstep.training.dmd2_loop.DMD2Loop`) → checkpoints, validation, LoRA files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core.sampling import ddim_timesteps, sample_ddim, sample_few_step
+from ..core.schedule import student_timesteps, validate_timesteps
+from .config import build_config, load_yaml, save_yaml
+from .dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
+from .networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, TextConditioning, attach_adapters
+
+# Per-family defaults from the DMD2 reference (dmd2.md); every one can be overridden.
+FAMILY_DEFAULTS = {
+    "sd15": dict(guidance_scale=1.75, dfake_gen_update_ratio=10, gan_weight=1e-3),
+    "sdxl": dict(guidance_scale=8.0, dfake_gen_update_ratio=5, gan_weight=5e-3),
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: the message says why and what to do."""
+
+
+@dataclass
+class DMD2TrainConfig:
+    """``fewstep train --method dmd2`` options. None means "the teacher family's default"."""
+
+    teacher: str = field(default="", metadata={"help": "Hub id or local diffusers folder of the teacher"})
+    output: str = field(default="", metadata={"help": "run directory (config, checkpoints, samples, lora)"})
+    model_type: str | None = field(
+        default=None, metadata={"help": "override the detected family", "choices": ["sd15", "sdxl"]}
+    )
+    prompts: str | None = field(default=None, metadata={"help": "prompts file: .txt (one per line) or .jsonl"})
+    images: str | None = field(
+        default=None, metadata={"help": "real images with captions (metadata.jsonl or same-name .txt) for the GAN"}
+    )
+    resolution: int | None = field(default=None, metadata={"help": "image size (default: the UNet's native size)"})
+    batch_size: int = field(default=1, metadata={"help": "samples per process and iteration"})
+    max_steps: int = field(default=1000, metadata={"help": "training iterations (fake-score updates)"})
+    num_steps: int = field(default=1, metadata={"help": "student sampling steps: 1 = [999], 4 = [999,749,499,249]"})
+    timesteps: list[int] | None = field(default=None, metadata={"help": "custom student timesteps, e.g. 999,499"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of both adapters (and the GAN head)"})
+    warmup_steps: int = field(default=500, metadata={"help": "linear warm-up iterations (constant afterwards)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=10.0, metadata={"help": "gradient-norm clip"})
+    guidance_scale: float | None = field(default=None, metadata={"help": "teacher CFG (sd15 1.75, sdxl 8)"})
+    dfake_gen_update_ratio: int | None = field(
+        default=None, metadata={"help": "fake-score updates per generator update (sd15 10, sdxl 5)"}
+    )
+    gen_rank: int = field(default=64, metadata={"help": "generator LoRA rank"})
+    gen_alpha: float = field(default=8.0, metadata={"help": "generator LoRA alpha"})
+    fake_rank: int = field(default=64, metadata={"help": "fake-score LoRA rank"})
+    fake_alpha: float = field(default=8.0, metadata={"help": "fake-score LoRA alpha"})
+    gan_weight: float | None = field(
+        default=None, metadata={"help": "generator GAN loss weight (sd15 1e-3, sdxl 5e-3; 0 = no GAN)"}
+    )
+    disc_weight: float = field(default=1e-2, metadata={"help": "discriminator loss weight"})
+    backward_simulation: bool = field(default=True, metadata={"help": "multi-step: train on the student's own inputs"})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "base UNet precision (LoRA stays fp32)", "choices": ["no", "fp16", "bf16"]}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
+    checkpoint_every: int = field(default=500, metadata={"help": "iterations between checkpoints"})
+    checkpoints_total_limit: int = field(default=3, metadata={"help": "checkpoints kept (oldest deleted)"})
+    validate_every: int = field(default=500, metadata={"help": "iterations between validation grids (0 = off)"})
+    num_validation_prompts: int = field(default=4, metadata={"help": "prompts in each validation grid"})
+    max_nan_steps: int = field(default=10, metadata={"help": "skipped non-finite steps before the run stops"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+    def resolved(self, family: str) -> "DMD2TrainConfig":
+        defaults = FAMILY_DEFAULTS[family]
+        fills = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **fills)
+
+
+def make_config(cli: dict, config_file: str | None = None) -> DMD2TrainConfig:
+    """YAML then CLI (CLI wins); unknown keys rejected."""
+    return build_config(DMD2TrainConfig, load_yaml(config_file) if config_file else {}, cli)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_checkpoint(run_dir: Path, state: dict, adapters: dict, gan_head, config, family: str, limit: int) -> Path:
+    """Write ``checkpoints/step-NNNNNNN`` atomically (temp dir + rename), keeping the last ``limit``."""
+    from safetensors.torch import save_file
+
+    step = state["loop"]["step"]
+    final = run_dir / "checkpoints" / f"step-{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, tensors in adapters.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
+    if gan_head is not None:
+        save_file({k: v.contiguous().cpu() for k, v in gan_head.state_dict().items()}, tmp / "gan_head.safetensors")
+    torch.save(state, tmp / "training_state.pt")
+    save_yaml(config, tmp / "config.yaml")
+    (tmp / "family").write_text(family)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
+    for old in checkpoints[: max(0, len(checkpoints) - limit)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> Path:
+    """Run DMD2. ``on_step(step, metrics)`` is called after each iteration; returning True stops the run."""
+    from accelerate import Accelerator
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    from . import teacher as teachers
+    from .data import read_image_folder, read_prompts
+    from .lora_io import save_diffusers_lora, save_kohya_lora
+
+    if not config.teacher:
+        raise TrainingError("--teacher is required (a Hub id or a local diffusers folder)")
+    if not config.output:
+        raise TrainingError("--output is required (the run directory)")
+    run_dir = Path(config.output)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"--output {run_dir} is a file; give a directory")
+    checkpoint = _latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise TrainingError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+
+    # 1. Teacher, family, defaults -------------------------------------------------------------
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    pipe, family = teachers.load_teacher(config.teacher, config.model_type)
+    if checkpoint is not None:
+        saved_family = (checkpoint / "family").read_text().strip()
+        if saved_family != family:
+            raise TrainingError(
+                f"checkpoint {checkpoint} is from an {saved_family} run and cannot resume on this {family} teacher; "
+                f"use the {saved_family} teacher or start a new --output"
+            )
+    config = config.resolved(family)
+    resolution = config.resolution or teachers.default_resolution(pipe)
+    teachers.check_resolution(pipe, resolution)
+    config = dataclasses.replace(config, resolution=resolution)
+    timesteps = (
+        validate_timesteps(config.timesteps) if config.timesteps else student_timesteps(config.num_steps)
+    )
+    if not config.prompts and not config.images:
+        raise TrainingError("give --prompts FILE (and optionally --images DIR with captioned real images)")
+    prompts = read_prompts(config.prompts) if config.prompts else []
+    real_items = read_image_folder(config.images) if config.images else []
+    if not prompts:
+        prompts = [item.caption for item in real_items]
+    if config.gan_weight > 0 and not real_items:
+        print("fewstep: no --images given, training without the GAN loss (DMD2 stage 1)")
+    use_gan = config.gan_weight > 0 and bool(real_items)
+    device = accelerator.device
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(config, run_dir / "config.yaml")
+
+    # 2. Cached encodings; then only the UNet (and the VAE decoder) stay --------------------------
+    pipe.to(device)
+    schedule = teachers.teacher_schedule(pipe).to(device)
+    prompt_cond = teachers.encode_prompts(pipe, family, prompts, resolution)
+    uncond = teachers.unconditional(pipe, family, resolution)
+    real_latents = teachers.encode_images(pipe, real_items, resolution) if use_gan else None
+    real_cond = (
+        teachers.encode_prompts(pipe, family, [i.caption for i in real_items], resolution) if use_gan else None
+    )
+    validation_prompts = prompts[: config.num_validation_prompts]
+    validation_cond = teachers.encode_prompts(pipe, family, validation_prompts, resolution)
+    unet, vae = pipe.unet, pipe.vae
+    pipe.text_encoder = pipe.tokenizer = None
+    if family == "sdxl":
+        pipe.text_encoder_2 = pipe.tokenizer_2 = None
+    vae.encoder = None  # only the decoder is needed, for validation images
+    del pipe
+    unet.to(device, weight_dtype)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    latent_size = resolution // teachers.vae_scale_factor_of(vae)
+    latent_shape = (unet.config.in_channels, latent_size, latent_size)
+
+    # 3. Adapters, GAN head, optimizers ----------------------------------------------------------
+    torch.manual_seed(config.seed)
+    attach_adapters(unet, config.gen_rank, config.gen_alpha, config.fake_rank, config.fake_alpha)
+    gan_head = GANHead(unet.config.block_out_channels[-1]).to(device) if use_gan else None
+    networks = SharedUNetNetworks(unet, schedule, uncond, config.guidance_scale, gan_head)
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
+
+    def warmup(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+
+    generator_optimizer = adamw(networks.generator_parameters())
+    fake_score_optimizer = adamw(networks.fake_score_parameters())
+    generator_scheduler, fake_score_scheduler = warmup(generator_optimizer), warmup(fake_score_optimizer)
+
+    world = accelerator.num_processes
+
+    def clip_grad_norm(params, max_norm):
+        # The UNet is not wrapped in DDP (several adapter passes per backward); average LoRA grads by hand.
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    loop = DMD2Loop(
+        networks,
+        generator_optimizer,
+        fake_score_optimizer,
+        DMD2LoopConfig(
+            student_timesteps=timesteps,
+            dfake_gen_update_ratio=config.dfake_gen_update_ratio,
+            gan_generator_weight=config.gan_weight if use_gan else 0.0,
+            gan_discriminator_weight=config.disc_weight if use_gan else 0.0,
+            backward_simulation=config.backward_simulation,
+            max_grad_norm=config.max_grad_norm,
+        ),
+        seed=config.seed,
+        rank=accelerator.process_index,
+        generator_lr_scheduler=generator_scheduler,
+        fake_score_lr_scheduler=fake_score_scheduler,
+        clip_grad_norm=clip_grad_norm,
+        device=device,
+    )
+    data_rng = torch.Generator().manual_seed(config.seed * 1000 + 17 + accelerator.process_index)
+
+    # 4. Resume ----------------------------------------------------------------------------------
+    if checkpoint is not None:
+        for name in (GENERATOR, FAKE_SCORE):
+            set_peft_model_state_dict(unet, load_file(checkpoint / f"{name}.safetensors"), adapter_name=name)
+        if gan_head is not None:
+            gan_head.load_state_dict(load_file(checkpoint / "gan_head.safetensors"))
+        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+        generator_optimizer.load_state_dict(state["generator_optimizer"])
+        fake_score_optimizer.load_state_dict(state["fake_score_optimizer"])
+        generator_scheduler.load_state_dict(state["generator_scheduler"])
+        fake_score_scheduler.load_state_dict(state["fake_score_scheduler"])
+        loop.load_state_dict(state["loop"])
+        data_rng.set_state(state["data_rng"])
+        accelerator.print(f"fewstep: resumed from {checkpoint} at step {loop.step}")
+
+    def checkpoint_now():
+        if not accelerator.is_main_process:
+            return
+        state = {
+            "loop": loop.state_dict(),
+            "data_rng": data_rng.get_state(),
+            "generator_optimizer": generator_optimizer.state_dict(),
+            "fake_score_optimizer": fake_score_optimizer.state_dict(),
+            "generator_scheduler": generator_scheduler.state_dict(),
+            "fake_score_scheduler": fake_score_scheduler.state_dict(),
+        }
+        adapters = {name: get_peft_model_state_dict(unet, adapter_name=name) for name in (GENERATOR, FAKE_SCORE)}
+        save_checkpoint(run_dir, state, adapters, gan_head, config, family, config.checkpoints_total_limit)
+
+    # 5. Validation: teacher images once, student images every validate_every --------------------
+    validator = _Validator(run_dir, networks, vae, schedule, validation_cond, latent_shape, timesteps, config, device)
+
+    # 6. The loop --------------------------------------------------------------------------------
+    def next_batch() -> DMD2Batch:
+        idx = torch.randint(0, prompt_cond.prompt_embeds.shape[0], (config.batch_size,), generator=data_rng)
+        cond = TextConditioning(
+            prompt_cond.prompt_embeds[idx],
+            None if prompt_cond.pooled_prompt_embeds is None else prompt_cond.pooled_prompt_embeds[idx],
+            None if prompt_cond.time_ids is None else prompt_cond.time_ids[idx],
+        ).to(device)
+        batch = DMD2Batch(shape=(config.batch_size, *latent_shape), cond=cond)
+        if real_latents is not None:
+            ridx = torch.randint(0, real_latents.shape[0], (config.batch_size,), generator=data_rng)
+            batch.real_x0 = real_latents[ridx].to(device)
+            batch.real_cond = TextConditioning(
+                real_cond.prompt_embeds[ridx],
+                None if real_cond.pooled_prompt_embeds is None else real_cond.pooled_prompt_embeds[ridx],
+                None if real_cond.time_ids is None else real_cond.time_ids[ridx],
+            ).to(device)
+        return batch
+
+    writer = _tensorboard(run_dir) if accelerator.is_main_process else None
+    bar = tqdm(
+        total=config.max_steps, initial=loop.step, desc="DMD2", unit="it", disable=not accelerator.is_main_process
+    )
+    if config.validate_every and loop.step == 0 and accelerator.is_main_process:
+        validator.run(loop.step)
+    stopped = False
+    while loop.step < config.max_steps and not stopped:
+        with accelerator.autocast():
+            metrics = loop.train_step(next_batch())
+        if loop.skipped_steps > config.max_nan_steps:
+            raise TrainingError(
+                f"the loss was NaN/inf in {loop.skipped_steps} steps (limit --max-nan-steps {config.max_nan_steps}); "
+                "lower --lr, or use --mixed-precision bf16 instead of fp16"
+            )
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(f"train/{key}", value, loop.step)
+        step = loop.step
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            checkpoint_now()
+        if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
+            validator.run(step, writer)
+        if on_step is not None and on_step(step, metrics):
+            stopped = True
+    bar.close()
+    accelerator.wait_for_everyone()
+
+    # 7. Final checkpoint and LoRA files ---------------------------------------------------------
+    if accelerator.is_main_process:
+        if not config.checkpoint_every or loop.step % config.checkpoint_every:
+            checkpoint_now()
+        networks.use_adapter(GENERATOR)
+        lora_dir = run_dir / "lora"
+        save_diffusers_lora(unet, GENERATOR, lora_dir, family=family)
+        save_kohya_lora(unet, GENERATOR, lora_dir / "fewstep_comfyui.safetensors", family=family)
+        accelerator.print(f"fewstep: wrote {lora_dir}/pytorch_lora_weights.safetensors and fewstep_comfyui.safetensors")
+    if writer is not None:
+        writer.close()
+    return run_dir
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "logs"))
+
+
+class _Validator:
+    """Student-vs-teacher grids on fixed prompts and seeds, saved under ``RUN_DIR/samples/``."""
+
+    def __init__(self, run_dir, networks, vae, schedule, cond, latent_shape, timesteps, config, device):
+        self.dir = run_dir / "samples"
+        self.networks, self.vae, self.schedule = networks, vae, schedule
+        self.cond, self.timesteps, self.device = cond.to(device), timesteps, device
+        n = cond.prompt_embeds.shape[0]
+        self.noise = torch.randn((n, *latent_shape), generator=torch.Generator().manual_seed(config.seed)).to(device)
+        self.teacher_images = None
+        self.n = n
+
+    def _batched_t(self, t):
+        return torch.full((self.n,), t, device=self.device)
+
+    @torch.no_grad()
+    def run(self, step: int, writer=None) -> Path:
+        from .images import save_grid
+        from .teacher import decode_latents
+
+        if self.teacher_images is None:
+            teacher = sample_ddim(
+                lambda x, t: self.networks.real_score(x, self._batched_t(t), self.cond),
+                self.noise,
+                ddim_timesteps(25),
+                self.schedule,
+            )
+            self.teacher_images = decode_latents(self.vae, teacher)
+        student = sample_few_step(
+            lambda x, t: self.networks.generator(x, self._batched_t(t), self.cond),
+            self.noise,
+            self.timesteps,
+            self.schedule,
+            torch.Generator().manual_seed(0),
+        )
+        images = decode_latents(self.vae, student)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step-{step:07d}.png"
+        save_grid([self.teacher_images, images], path)
+        if writer is not None:
+            writer.add_images("validation/student", images, step)
+        return path

@@ -1,0 +1,213 @@
+"""DMD2's three networks on ONE shared Stable Diffusion UNet.
+
+The frozen base UNet is the teacher (real score, adapters disabled); peft adapter ``generator`` is the student;
+adapter ``fake_score`` plus a small GAN head on its mid-block output is the fake score / discriminator.
+Nothing else holds UNet weights, so memory is ~1 UNet + 2 adapters + their optimizer states.
+
+peft's ``set_adapter``/``disable_adapters`` also flip ``requires_grad`` (and PyTorch drops gradients of leaves whose
+flag is False at backward time), so every switch here restores the flags it found: which parameters get
+gradients is decided by the DMD2 loop alone (``dmd2_loop.frozen``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.sampling import cfg
+from ..core.schedule import NoiseSchedule
+
+GENERATOR = "generator"
+FAKE_SCORE = "fake_score"
+
+# The DMD2 reference's LoRA targets (attention, feed-forward, resnets, samplers, time embedding projections).
+LORA_TARGET_MODULES = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]  # fmt: skip
+
+
+@dataclass
+class TextConditioning:
+    """Cached text conditioning for a batch: what the UNet needs besides x_t and t."""
+
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    pooled_prompt_embeds: torch.Tensor | None = None  # SDXL: (B, P)
+    time_ids: torch.Tensor | None = None  # SDXL: (B, 6) original size, crop, target size
+
+    def to(self, device, dtype=None) -> "TextConditioning":
+        move = lambda x: None if x is None else x.to(device=device, dtype=dtype or x.dtype)
+        return TextConditioning(move(self.prompt_embeds), move(self.pooled_prompt_embeds), move(self.time_ids))
+
+    @staticmethod
+    def cat(items: list["TextConditioning"]) -> "TextConditioning":
+        join = lambda xs: None if xs[0] is None else torch.cat(xs)
+        return TextConditioning(
+            join([c.prompt_embeds for c in items]),
+            join([c.pooled_prompt_embeds for c in items]),
+            join([c.time_ids for c in items]),
+        )
+
+    def repeat_to(self, batch_size: int) -> "TextConditioning":
+        """Broadcast a single (1, ...) conditioning (e.g. the unconditional one) to ``batch_size``."""
+        rep = lambda x: None if x is None else x.expand(batch_size, *x.shape[1:])
+        return TextConditioning(rep(self.prompt_embeds), rep(self.pooled_prompt_embeds), rep(self.time_ids))
+
+    def unet_kwargs(self) -> dict:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.prompt_embeds}
+        if self.pooled_prompt_embeds is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled_prompt_embeds, "time_ids": self.time_ids}
+        return kwargs
+
+
+def lora_config(rank: int, alpha: float, init_lora_weights: bool | str = True):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights=init_lora_weights, target_modules=LORA_TARGET_MODULES
+    )
+
+
+class GANHead(nn.Module):
+    """DMD2's discriminator head on the fake score's mid-block features → one logit per sample.
+
+    The reference stacks Conv4×4-s2/s4 blocks sized for 512 px; this keeps one Conv4×4-s2 block, then pools, so
+    it works at any mid-block resolution ≥ 2×2 (tiny test models included).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = math.gcd(32, channels)
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=4, stride=2, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, 1, kernel_size=1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float()).flatten(1).mean(1)
+
+
+class _StopAfterMidBlock(Exception):
+    """Raised by the mid-block hook: the discriminator needs no up-blocks, so the forward stops there."""
+
+
+class SharedUNetNetworks:
+    """:class:`~fewstep.training.dmd2_loop.DMD2Networks` over one UNet with two LoRA adapters.
+
+    ``uncond`` is the teacher's unconditional text conditioning (batch 1); ``guidance_scale`` its CFG scale.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        schedule: NoiseSchedule,
+        uncond: TextConditioning,
+        guidance_scale: float,
+        gan_head: GANHead | None = None,
+    ):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.unet = unet
+        self.schedule = schedule
+        self.uncond = uncond
+        self.guidance_scale = guidance_scale
+        self.gan_head = gan_head
+        self._tuner_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        self._generator_params = [p for n, p in unet.named_parameters() if f".{GENERATOR}." in n]
+        self._fake_params = [p for n, p in unet.named_parameters() if f".{FAKE_SCORE}." in n]
+        if not self._generator_params or not self._fake_params:
+            raise ValueError("the UNet needs both LoRA adapters, 'generator' and 'fake_score', before training")
+        if gan_head is not None:
+            self._fake_params += list(gan_head.parameters())
+        self._mid_features: torch.Tensor | None = None
+        unet.mid_block.register_forward_hook(self._capture_mid_block)
+        self._capture = False
+
+    # ------------------------------------------------------------------ adapter switching
+    def use_adapter(self, name: str | None) -> None:
+        """Route the UNet through adapter ``name`` (None = the frozen base = teacher), keeping requires_grad."""
+        flags = [(p, p.requires_grad) for p in self._generator_params + self._fake_params]
+        for layer in self._tuner_layers:
+            if name is None:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(name)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    def _unet_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+        model_dtype = self.unet.dtype
+        out = self.unet(x_t.to(model_dtype), t, **cond.to(x_t.device, model_dtype).unet_kwargs()).sample
+        return self.schedule.to_x0(out.float(), x_t.float(), t)
+
+    # ------------------------------------------------------------------ DMD2Networks
+    def generator(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+        self.use_adapter(GENERATOR)
+        return self._unet_x0(x_t, t, cond)
+
+    def real_score(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+        """The teacher: base UNet, adapters off, CFG ``u + w(c − u)`` batched in one pass."""
+        self.use_adapter(None)
+        batch = x_t.shape[0]
+        if self.guidance_scale == 1.0:
+            return self._unet_x0(x_t, t, cond)
+        both = TextConditioning.cat([self.uncond.repeat_to(batch).to(x_t.device), cond.to(x_t.device)])
+        x0 = self._unet_x0(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
+        x0_uncond, x0_cond = x0.chunk(2)
+        return cfg(x0_uncond, x0_cond, self.guidance_scale)
+
+    def fake_score(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+        self.use_adapter(FAKE_SCORE)
+        return self._unet_x0(x_t, t, cond)
+
+    def _capture_mid_block(self, module, inputs, output):
+        if self._capture:
+            self._mid_features = output
+            raise _StopAfterMidBlock
+
+    def discriminator(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+        """GAN logits: the fake-score pass up to the mid block, then the head (text-conditioned via cross-attn)."""
+        if self.gan_head is None:
+            raise ValueError("GAN weights are > 0 but no GAN head was built")
+        self.use_adapter(FAKE_SCORE)
+        self._capture = True
+        try:
+            self.unet(x_t.to(self.unet.dtype), t, **cond.to(x_t.device, self.unet.dtype).unet_kwargs())
+        except _StopAfterMidBlock:
+            pass
+        finally:
+            self._capture = False
+        features, self._mid_features = self._mid_features, None
+        return self.gan_head(features)
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        return self._generator_params
+
+    def fake_score_parameters(self) -> list[nn.Parameter]:
+        return self._fake_params
+
+
+def attach_adapters(
+    unet: nn.Module,
+    gen_rank: int,
+    gen_alpha: float,
+    fake_rank: int,
+    fake_alpha: float,
+    init_lora_weights: bool | str = True,
+) -> None:
+    """Freeze the base UNet and add the ``generator`` and ``fake_score`` LoRA adapters (kept in fp32)."""
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(gen_rank, gen_alpha, init_lora_weights), adapter_name=GENERATOR)
+    unet.add_adapter(lora_config(fake_rank, fake_alpha, init_lora_weights), adapter_name=FAKE_SCORE)
+    for name, param in unet.named_parameters():
+        if f".{GENERATOR}." in name or f".{FAKE_SCORE}." in name:
+            param.data = param.data.float()
+            param.requires_grad_(True)
