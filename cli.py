@@ -1,9 +1,14 @@
-"""The ``fewstep`` command line. Each subcommand imports what it needs only when it runs."""
+"""The ``fewstep`` command line.
+
+Each subcommand lives in ``commands/<name>.py`` with ``register(subparsers)`` (and an ``ORDER`` for ``--help``);
+they are discovered here and import their heavy dependencies only when they run.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -14,7 +19,8 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
 
 
-def _out_dir(path: str) -> Path:
+def out_dir(path: str) -> Path:
+    """An output directory, created if missing; a file there is a user error."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory (it is created if missing)")
@@ -22,73 +28,18 @@ def _out_dir(path: str) -> Path:
     return out
 
 
-# --------------------------------------------------------------------------- demo
-def _demo_exact(args: argparse.Namespace) -> None:
-    import torch
-    from tqdm import tqdm
-
-    from .toy.exact_teacher import ExactTeacherConfig, train_exact_teacher
-    from .toy.plot import scatter_png
-
-    out = _out_dir(args.out)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    config = ExactTeacherConfig(num_steps=args.steps, iterations=args.iterations, seed=args.seed)
-    print(
-        f"fewstep demo --exact: DMD2 distils a {config.num_steps}-step MLP student from an exact 8-mode "
-        f"Gaussian-mixture teacher ({config.iterations} iterations, fake:generator updates "
-        f"{config.dfake_gen_update_ratio}:1)."
-    )
-    with tqdm(total=config.iterations, desc="DMD2", unit="it") as bar:
-
-        def progress(metrics: dict) -> None:
-            bar.update(1)
-            if "loss_dm" in metrics:
-                bar.set_postfix(loss_dm=f"{metrics['loss_dm']:.4f}", loss_fake=f"{metrics['loss_fake']:.4f}")
-
-        result = train_exact_teacher(config, progress=progress)
-    metrics = result.metrics()
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    scatter_png(
-        out / "samples.png",
-        [
-            ("data", result.data_samples),
-            ("teacher, 50-step DDIM", result.teacher_samples),
-            (f"DMD2 student, {config.num_steps} step(s)", result.student_samples),
-        ],
-    )
-    print()
-    print(f"{'':28}{'sliced W1 to data':>18}")
-    print(f"{'data vs data (floor)':28}{result.swd_data_floor:>18.4f}")
-    print(f"{'teacher 50-step DDIM':28}{result.swd_teacher_50:>18.4f}")
-    print(f"{'student ' + str(config.num_steps) + '-step':28}{result.swd_student:>18.4f}")
-    print(f"modes covered (≥5% of samples each): {result.modes_covered}/{config.num_modes}")
-    print(f"wrote {out / 'samples.png'} and {out / 'metrics.json'}")
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    _demo_exact(args)
-
-
-# --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from . import commands
+
     parser = argparse.ArgumentParser(
         prog="fewstep",
         description="Distil Stable Diffusion models into one-step and few-step generators (DMD2 on one shared base).",
     )
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    demo = sub.add_parser(
-        "demo",
-        help="run the main job end to end on the embedded default",
-        description="DMD2 on an exact 2-D Gaussian-mixture teacher: writes samples.png and metrics.json.",
-    )
-    demo.add_argument("--exact", action="store_true", help="the exact Gaussian-mixture teacher (the default for now)")
-    demo.add_argument("--out", default="fewstep-demo", help="output directory (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=1, help="student sampling steps (default: %(default)s)")
-    demo.add_argument("--iterations", type=int, default=6000, help="DMD2 iterations (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=cmd_demo)
+    modules = [importlib.import_module(f"{commands.__name__}.{m.name}") for m in pkgutil.iter_modules(commands.__path__)]
+    for module in sorted(modules, key=lambda m: getattr(m, "ORDER", 100)):
+        module.register(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import Denoiser, Refiner, randn_like, sample_few_step
+from .sampling import Denoiser, Generators, Refiner, randn_like, sample_few_step
 from .schedule import NoiseSchedule
 
 
@@ -29,7 +29,7 @@ def distillpp_refine(
     s: int,
     lam: float,
     schedule: NoiseSchedule,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """One Distillation++ refinement: ``lerp(x̂0_θ, teacher(add_noise(x̂0_θ, ε, s), s), λ)``."""
     x_s = schedule.add_noise(x0_student, randn_like(x0_student, generator), s)
@@ -43,7 +43,7 @@ def distillpp_refiner(
     lam: float,
     guided_steps: int,
     schedule: NoiseSchedule,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Refiner | None:
     """The sampler hook that applies :func:`distillpp_refine` on the first ``guided_steps`` steps (None if idle)."""
     check_teacher_guidance(lam, guided_steps)
@@ -67,7 +67,7 @@ def sample_distillpp(
     schedule: NoiseSchedule,
     lam: float,
     guided_steps: int = 1,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Few-step student sampling with Distillation++ on the first ``guided_steps`` steps."""
     refine = distillpp_refiner(teacher, timesteps, lam, guided_steps, schedule, generator)

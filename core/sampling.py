@@ -17,10 +17,20 @@ Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 Refiner = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Gaussian noise shaped like ``x``, drawn on the generator's device so a seed gives the same noise anywhere."""
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """Gaussian noise shaped like ``x``, drawn on the generator's device so a seed gives the same noise anywhere.
+
+    A list of generators draws sample ``i`` of the batch from ``generator[i]`` (diffusers' ``randn_tensor`` rule).
+    """
     if generator is None:
         return torch.randn_like(x)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; give one per sample")
+        return torch.cat([randn_like(x[i : i + 1], g) for i, g in enumerate(generator)])
     noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
     return noise.to(device=x.device, dtype=x.dtype)
 
@@ -35,7 +45,7 @@ def sample_few_step(
     noise: torch.Tensor,
     timesteps: list[int],
     schedule: NoiseSchedule,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     refine: Refiner | None = None,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:

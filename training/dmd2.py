@@ -144,7 +144,13 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     if resume and checkpoint is None:
         raise TrainingError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
 
-    # 1. Teacher, family, defaults -------------------------------------------------------------
+    # 1. Data first (cheap to check), then the teacher, its family and the family's defaults -----------
+    if not config.prompts and not config.images:
+        raise TrainingError("give --prompts FILE (and optionally --images DIR with captioned real images)")
+    prompts = read_prompts(config.prompts) if config.prompts else []
+    real_items = read_image_folder(config.images) if config.images else []
+    if not prompts:
+        prompts = [item.caption for item in real_items]
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     pipe, family = teachers.load_teacher(config.teacher, config.model_type)
     if checkpoint is not None:
@@ -161,12 +167,6 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     timesteps = (
         validate_timesteps(config.timesteps) if config.timesteps else student_timesteps(config.num_steps)
     )
-    if not config.prompts and not config.images:
-        raise TrainingError("give --prompts FILE (and optionally --images DIR with captioned real images)")
-    prompts = read_prompts(config.prompts) if config.prompts else []
-    real_items = read_image_folder(config.images) if config.images else []
-    if not prompts:
-        prompts = [item.caption for item in real_items]
     if config.gan_weight > 0 and not real_items:
         print("fewstep: no --images given, training without the GAN loss (DMD2 stage 1)")
     use_gan = config.gan_weight > 0 and bool(real_items)

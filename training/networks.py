@@ -204,9 +204,13 @@ def attach_adapters(
     init_lora_weights: bool | str = True,
 ) -> None:
     """Freeze the base UNet and add the ``generator`` and ``fake_score`` LoRA adapters (kept in fp32)."""
+    import warnings
+
     unet.requires_grad_(False)
-    unet.add_adapter(lora_config(gen_rank, gen_alpha, init_lora_weights), adapter_name=GENERATOR)
-    unet.add_adapter(lora_config(fake_rank, fake_alpha, init_lora_weights), adapter_name=FAKE_SCORE)
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.add_adapter(lora_config(gen_rank, gen_alpha, init_lora_weights), adapter_name=GENERATOR)
+        unet.add_adapter(lora_config(fake_rank, fake_alpha, init_lora_weights), adapter_name=FAKE_SCORE)
     for name, param in unet.named_parameters():
         if f".{GENERATOR}." in name or f".{FAKE_SCORE}." in name:
             param.data = param.data.float()

@@ -24,7 +24,7 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1 or "\\" in name
 
 
-def load_teacher(name: str, model_type: str | None = None, dtype: torch.dtype = torch.float32):
+def load_teacher(name: str, model_type: str | None = None):
     """Load a diffusers text-to-image pipeline and return ``(pipe, family)``; family is detected or overridden."""
     from diffusers import DiffusionPipeline
 
@@ -37,8 +37,13 @@ def load_teacher(name: str, model_type: str | None = None, dtype: torch.dtype = 
         raise TeacherError(
             f"teacher folder {name} has no model_index.json; save the teacher with pipeline.save_pretrained(...)"
         )
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # loading bars would bury a one-line error; training has its own
+    transformers_logging.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else name, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else name)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TeacherError(f"could not load teacher {name!r}: {first_line}") from None

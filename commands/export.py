@@ -1,0 +1,33 @@
+"""``fewstep export``: (re)write a run's LoRA files from any of its checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+
+ORDER = 20
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from ..training.export import export_run
+
+    for path in export_run(args.run_dir, args.format, args.checkpoint, args.out):
+        print(f"fewstep: wrote {path}")
+
+
+def register(sub) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write LoRA files (diffusers / ComfyUI+A1111) from a run's checkpoint",
+        description="Rewrite RUN_DIR/lora/ from the latest (or a chosen) checkpoint.",
+    )
+    export.add_argument("run_dir", help="a fewstep run directory")
+    export.add_argument(
+        "--format",
+        choices=["diffusers", "comfyui", "all"],
+        default="all",
+        help="diffusers: pytorch_lora_weights.safetensors (PEFT keys + adapter config); comfyui: kohya keys with "
+        "the real alpha (ComfyUI, A1111); all: both (default)",
+    )
+    export.add_argument("--checkpoint", default=None, help="checkpoint directory or step number (default: latest)")
+    export.add_argument("--out", default=None, help="output directory (default: RUN_DIR/lora)")
+    export.set_defaults(func=cmd_export)
