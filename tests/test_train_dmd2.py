@@ -65,22 +65,22 @@ def config(teacher, output, prompts, **overrides):
 
 # ----------------------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize(
-    "family,prediction_type,num_steps,with_images",
+    "family,prediction_type,num_steps,with_images,accumulation",
     [
-        ("sd15", "epsilon", 1, False),
-        ("sd15", "v_prediction", 4, True),
-        ("sdxl", "epsilon", 4, False),
-        ("sdxl", "v_prediction", 1, True),
+        ("sd15", "epsilon", 1, False, 1),
+        ("sd15", "v_prediction", 4, True, 1),
+        ("sdxl", "epsilon", 4, False, 2),
+        ("sdxl", "v_prediction", 1, True, 1),
     ],
 )
 def test_a_few_iterations_write_the_run_directory(
-    teachers, prompts, images, tmp_path, family, prediction_type, num_steps, with_images
+    teachers, prompts, images, tmp_path, family, prediction_type, num_steps, with_images, accumulation
 ):
     losses = []
     run = train_dmd2(
         config(
             teachers[family, prediction_type], tmp_path / "run", prompts, num_steps=num_steps,
-            images=str(images) if with_images else None, validate_every=2,
+            images=str(images) if with_images else None, validate_every=2, gradient_accumulation_steps=accumulation,
         ),
         on_step=lambda step, metrics: losses.append(metrics),
     )  # fmt: skip

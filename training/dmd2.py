@@ -47,7 +47,10 @@ class DMD2TrainConfig:
         default=None, metadata={"help": "real images with captions (metadata.jsonl or same-name .txt) for the GAN"}
     )
     resolution: int | None = field(default=None, metadata={"help": "image size (default: the UNet's native size)"})
-    batch_size: int = field(default=1, metadata={"help": "samples per process and iteration"})
+    batch_size: int = field(default=1, metadata={"help": "samples per process and micro-batch"})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-batches per update (effective batch = batch × this × processes)"}
+    )
     max_steps: int = field(default=1000, metadata={"help": "training iterations (fake-score updates)"})
     num_steps: int = field(default=1, metadata={"help": "student sampling steps: 1 = [999], 4 = [999,749,499,249]"})
     timesteps: list[int] | None = field(default=None, metadata={"help": "custom student timesteps, e.g. 999,499"})
@@ -217,6 +220,13 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
 
     world = accelerator.num_processes
 
+    def all_finite(loss: torch.Tensor) -> bool:
+        # Every process must take the same decision, or the gradient all-reduce below deadlocks.
+        flag = torch.tensor([float(torch.isfinite(loss).all())], device=device)
+        if world > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
     def clip_grad_norm(params, max_norm):
         # The UNet is not wrapped in DDP (several adapter passes per backward); average LoRA grads by hand.
         if world > 1:
@@ -244,6 +254,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
         generator_lr_scheduler=generator_scheduler,
         fake_score_lr_scheduler=fake_score_scheduler,
         clip_grad_norm=clip_grad_norm,
+        all_finite=all_finite,
         device=device,
     )
     data_rng = torch.Generator().manual_seed(config.seed * 1000 + 17 + accelerator.process_index)
@@ -306,16 +317,18 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     if config.validate_every and loop.step == 0 and accelerator.is_main_process:
         validator.run(loop.step)
     stopped = False
+    shown: dict[str, str] = {}
     while loop.step < config.max_steps and not stopped:
         with accelerator.autocast():
-            metrics = loop.train_step(next_batch())
+            metrics = loop.train_step([next_batch() for _ in range(config.gradient_accumulation_steps)])
         if loop.skipped_steps > config.max_nan_steps:
             raise TrainingError(
                 f"the loss was NaN/inf in {loop.skipped_steps} steps (limit --max-nan-steps {config.max_nan_steps}); "
                 "lower --lr, or use --mixed-precision bf16 instead of fp16"
             )
         bar.update(1)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})
+        shown.update({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})  # latest of each
+        bar.set_postfix(shown)
         if writer is not None:
             for key, value in metrics.items():
                 writer.add_scalar(f"train/{key}", value, loop.step)
@@ -328,6 +341,8 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
             stopped = True
     bar.close()
     accelerator.wait_for_everyone()
+    if world > 1:
+        _check_replicas_agree(networks, accelerator)
 
     # 7. Final checkpoint and LoRA files ---------------------------------------------------------
     if accelerator.is_main_process:
@@ -341,6 +356,17 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     if writer is not None:
         writer.close()
     return run_dir
+
+
+def _check_replicas_agree(networks: SharedUNetNetworks, accelerator) -> None:
+    """Multi-process runs average gradients by hand: prove every process ends with the same adapter weights."""
+    params = networks.generator_parameters() + networks.fake_score_parameters()
+    local = torch.stack([p.detach().double().sum() for p in params])
+    gathered = accelerator.gather(local[None])  # (world, n)
+    spread = float((gathered - gathered[0]).abs().max())
+    if spread != 0.0:
+        raise TrainingError(f"adapter weights differ across processes (max |Δ| of parameter sums {spread:g})")
+    accelerator.print(f"fewstep: adapter weights identical on all {accelerator.num_processes} processes")
 
 
 def _tensorboard(run_dir: Path):

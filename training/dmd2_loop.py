@@ -224,19 +224,35 @@ class DMD2Loop:
                 metrics.update(disc_metrics)
         return loss, metrics
 
-    def _update(self, loss, params, optimizer, lr_scheduler) -> torch.Tensor:
-        """backward → clip → step; a non-finite loss is skipped (counted in ``skipped_steps``), never stepped on."""
+    def _update(self, losses, params, optimizer, lr_scheduler, accumulation: int = 1) -> tuple[torch.Tensor, dict]:
+        """Accumulate the micro-batch losses (each backward right after its forward), clip, step.
+
+        ``losses`` yields ``(loss, metrics)`` per micro-batch; gradients are averaged over them. An update with a
+        non-finite loss is skipped whole (counted in ``skipped_steps``): the optimizer never steps on NaN.
+        """
         optimizer.zero_grad(set_to_none=True)
-        if not self.all_finite(loss.detach()):
+        metrics: dict = {}
+        finite = True
+        count = 0
+        for loss, micro_metrics in losses:
+            count += 1
+            for name, value in micro_metrics.items():
+                metrics[name] = metrics.get(name, 0.0) + value.detach().float()
+            if not self.all_finite(loss.detach()):
+                finite = False
+                continue
+            self.backward(loss / accumulation)
+        metrics = {name: value / count for name, value in metrics.items()}
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            return torch.tensor(float("nan"))
-        self.backward(loss)
+            return torch.tensor(float("nan")), metrics
         grad_norm = self.clip_grad_norm(params, self.config.max_grad_norm)
         optimizer.step()
         if lr_scheduler is not None:
             lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, metrics
 
     # ---------------------------------------------------------------- one iteration
     def is_generator_turn(self, step: int | None = None) -> bool:
@@ -244,28 +260,54 @@ class DMD2Loop:
         return step % self.config.dfake_gen_update_ratio == 0
 
     def generator_update(self, x: torch.Tensor, cond: Any) -> dict:
-        loss, metrics = self.generator_loss(x, cond)
-        metrics["grad_norm_gen"] = self._update(
-            loss, self.networks.generator_parameters(), self.generator_optimizer, self.generator_lr_scheduler
-        )
-        return metrics
+        """One generator update on one batch of samples (see :meth:`train_step` for micro-batches)."""
+        grad_norm, metrics = self._update(
+            [self.generator_loss(x, cond)],
+            self.networks.generator_parameters(), self.generator_optimizer, self.generator_lr_scheduler,
+        )  # fmt: skip
+        return {**metrics, "grad_norm_gen": grad_norm}
 
     def fake_score_update(self, x: torch.Tensor, cond: Any, batch: DMD2Batch) -> dict:
-        loss, metrics = self.fake_score_loss(x, cond, batch)
-        metrics["grad_norm_fake"] = self._update(
-            loss, self.networks.fake_score_parameters(), self.fake_score_optimizer, self.fake_score_lr_scheduler
-        )
-        return metrics
+        grad_norm, metrics = self._update(
+            [self.fake_score_loss(x, cond, batch)],
+            self.networks.fake_score_parameters(), self.fake_score_optimizer, self.fake_score_lr_scheduler,
+        )  # fmt: skip
+        return {**metrics, "grad_norm_fake": grad_norm}
 
-    def train_step(self, batch: DMD2Batch) -> dict[str, float]:
-        """One DMD2 iteration. Returns float metrics (NaN losses are reported, never stepped on)."""
+    def train_step(self, batches: DMD2Batch | list[DMD2Batch]) -> dict[str, float]:
+        """One DMD2 iteration over one batch, or several micro-batches whose gradients are accumulated.
+
+        Generator turn: per micro-batch, generate with grad → DM (+GAN) loss → backward at once (frees the graph);
+        the detached samples are kept for the fake-score turn, which accumulates the same way.
+        """
+        batches = [batches] if isinstance(batches, DMD2Batch) else list(batches)
+        n = len(batches)
         generator_turn = self.is_generator_turn()
-        x, cond = self.generate(batch, grad=generator_turn)
+        samples: list[tuple[torch.Tensor, Any, DMD2Batch]] = []
         metrics: dict = {}
+
+        def generator_losses():
+            for batch in batches:
+                x, cond = self.generate(batch, grad=True)
+                samples.append((x.detach(), cond, batch))
+                yield self.generator_loss(x, cond)
+
         if generator_turn:
-            metrics.update(self.generator_update(x, cond))
+            grad_norm, gen_metrics = self._update(
+                generator_losses(),
+                self.networks.generator_parameters(), self.generator_optimizer, self.generator_lr_scheduler, n,
+            )  # fmt: skip
+            metrics.update(gen_metrics, grad_norm_gen=grad_norm)
+        else:
+            for batch in batches:
+                x, cond = self.generate(batch, grad=False)
+                samples.append((x, cond, batch))
         if self.config.use_fake_score:
-            metrics.update(self.fake_score_update(x, cond, batch))
+            grad_norm, fake_metrics = self._update(
+                (self.fake_score_loss(x, cond, batch) for x, cond, batch in samples),
+                self.networks.fake_score_parameters(), self.fake_score_optimizer, self.fake_score_lr_scheduler, n,
+            )  # fmt: skip
+            metrics.update(fake_metrics, grad_norm_fake=grad_norm)
         self.step += 1
         return {name: float(value) for name, value in metrics.items()}
 
