@@ -326,3 +326,21 @@ def test_yaml_config_is_overridden_by_the_cli_and_unknown_keys_are_rejected(caps
     yaml_file.write_text("learning_rate: 1\n")
     err = cli_error(capsys, "--config", str(yaml_file))
     assert "unknown option(s) learning_rate" in err
+
+
+def test_ema_of_the_generator_adapter_is_what_gets_exported(teachers, prompts, tmp_path):
+    from fewstep.training.lora_io import kohya_lora_to_peft
+
+    run = train_dmd2(config(teachers["sd15", "epsilon"], tmp_path / "run", prompts, ema_decay=0.5, lr_schedule="cosine"))
+    checkpoint = run / "checkpoints" / "step-0000004"
+    raw, ema = load_file(checkpoint / "generator.safetensors"), load_file(checkpoint / "generator_ema.safetensors")
+    exported, _ = kohya_lora_to_peft(run / "lora" / "fewstep_comfyui.safetensors")
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+
+
+def test_resume_from_the_cli_reuses_the_saved_options(teachers, prompts, tmp_path):
+    run = tmp_path / "run"
+    train_dmd2(config(teachers["sd15", "epsilon"], run, prompts, max_steps=2))
+    assert main(["train", "--output", str(run), "--resume", "--max-steps", "4"]) == 0
+    assert (run / "checkpoints" / "step-0000004").is_dir()

@@ -6,6 +6,7 @@ Reads top to bottom: config → teacher and cached encodings → adapters and op
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -55,7 +56,14 @@ class DMD2TrainConfig:
     num_steps: int = field(default=1, metadata={"help": "student sampling steps: 1 = [999], 4 = [999,749,499,249]"})
     timesteps: list[int] | None = field(default=None, metadata={"help": "custom student timesteps, e.g. 999,499"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of both adapters (and the GAN head)"})
-    warmup_steps: int = field(default=500, metadata={"help": "linear warm-up iterations (constant afterwards)"})
+    warmup_steps: int = field(default=500, metadata={"help": "linear warm-up, in updates of each optimizer"})
+    lr_schedule: str = field(
+        default="constant", metadata={"help": "after warm-up: constant (reference) or cosine decay to 0",
+                                      "choices": ["constant", "cosine"]},
+    )  # fmt: skip
+    ema_decay: float = field(
+        default=0.0, metadata={"help": "EMA of the generator adapter, exported and validated (0 = off, e.g. 0.99)"}
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=10.0, metadata={"help": "gradient-norm clip"})
     guidance_scale: float | None = field(default=None, metadata={"help": "teacher CFG (sd15 1.75, sdxl 8)"})
@@ -211,12 +219,21 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     def adamw(params):
         return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
 
-    def warmup(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    def lr_scheduler(optimizer, total_updates: int):
+        def factor(update: int) -> float:
+            warm = min(1.0, (update + 1) / max(1, config.warmup_steps))
+            if config.lr_schedule == "constant":
+                return warm
+            progress = min(1.0, max(0, update - config.warmup_steps) / max(1, total_updates - config.warmup_steps))
+            return warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     generator_optimizer = adamw(networks.generator_parameters())
     fake_score_optimizer = adamw(networks.fake_score_parameters())
-    generator_scheduler, fake_score_scheduler = warmup(generator_optimizer), warmup(fake_score_optimizer)
+    generator_scheduler = lr_scheduler(generator_optimizer, math.ceil(config.max_steps / config.dfake_gen_update_ratio))
+    fake_score_scheduler = lr_scheduler(fake_score_optimizer, config.max_steps)
+    ema = AdapterEMA(networks.generator_parameters(), config.ema_decay) if config.ema_decay > 0 else None
 
     world = accelerator.num_processes
 
@@ -272,6 +289,8 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
         fake_score_scheduler.load_state_dict(state["fake_score_scheduler"])
         loop.load_state_dict(state["loop"])
         data_rng.set_state(state["data_rng"])
+        if ema is not None and (checkpoint / f"{GENERATOR}_ema.safetensors").is_file():
+            ema.load_peft_state_dict(unet, load_file(checkpoint / f"{GENERATOR}_ema.safetensors"))
         accelerator.print(f"fewstep: resumed from {checkpoint} at step {loop.step}")
 
     def checkpoint_now():
@@ -286,6 +305,9 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
             "fake_score_scheduler": fake_score_scheduler.state_dict(),
         }
         adapters = {name: get_peft_model_state_dict(unet, adapter_name=name) for name in (GENERATOR, FAKE_SCORE)}
+        if ema is not None:
+            with ema.swapped_in():
+                adapters[f"{GENERATOR}_ema"] = {k: v.clone() for k, v in get_peft_model_state_dict(unet, adapter_name=GENERATOR).items()}
         save_checkpoint(run_dir, state, adapters, gan_head, config, family, config.checkpoints_total_limit)
 
     # 5. Validation: teacher images once, student images every validate_every --------------------
@@ -321,6 +343,8 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     while loop.step < config.max_steps and not stopped:
         with accelerator.autocast():
             metrics = loop.train_step([next_batch() for _ in range(config.gradient_accumulation_steps)])
+        if ema is not None and "loss_dm" in metrics:
+            ema.update()
         if loop.skipped_steps > config.max_nan_steps:
             raise TrainingError(
                 f"the loss was NaN/inf in {loop.skipped_steps} steps (limit --max-nan-steps {config.max_nan_steps}); "
@@ -336,7 +360,8 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             checkpoint_now()
         if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
-            validator.run(step, writer)
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                validator.run(step, writer)
         if on_step is not None and on_step(step, metrics):
             stopped = True
     bar.close()
@@ -350,12 +375,49 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
             checkpoint_now()
         networks.use_adapter(GENERATOR)
         lora_dir = run_dir / "lora"
-        save_diffusers_lora(unet, GENERATOR, lora_dir, family=family)
-        save_kohya_lora(unet, GENERATOR, lora_dir / "fewstep_comfyui.safetensors", family=family)
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # users get the EMA weights
+            save_diffusers_lora(unet, GENERATOR, lora_dir, family=family)
+            save_kohya_lora(unet, GENERATOR, lora_dir / "fewstep_comfyui.safetensors", family=family)
         accelerator.print(f"fewstep: wrote {lora_dir}/pytorch_lora_weights.safetensors and fewstep_comfyui.safetensors")
     if writer is not None:
         writer.close()
     return run_dir
+
+
+class AdapterEMA:
+    """Exponential moving average of the generator adapter (updated after each generator step)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone().float() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily put the EMA weights into the adapter (for validation, checkpoints and export)."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+    def load_peft_state_dict(self, unet, state_dict: dict) -> None:
+        from peft import set_peft_model_state_dict
+
+        backup = [p.detach().clone() for p in self.params]
+        set_peft_model_state_dict(unet, state_dict, adapter_name=GENERATOR)
+        self.shadow = [p.detach().clone().float() for p in self.params]
+        with torch.no_grad():
+            for p, b in zip(self.params, backup):
+                p.copy_(b)
 
 
 def _check_replicas_agree(networks: SharedUNetNetworks, accelerator) -> None:

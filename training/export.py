@@ -47,7 +47,9 @@ def export_run(run_dir, fmt: str = "all", checkpoint: str | None = None, out: st
         raise TeacherError(f"cannot load the run's teacher UNet from {teacher!r}: {str(error).splitlines()[0]}") from None
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(config["gen_rank"], config["gen_alpha"]), adapter_name=GENERATOR)
-    set_peft_model_state_dict(unet, load_file(path / f"{GENERATOR}.safetensors"), adapter_name=GENERATOR)
+    ema = path / f"{GENERATOR}_ema.safetensors"  # runs with --ema-decay ship the EMA weights
+    weights = ema if ema.is_file() else path / f"{GENERATOR}.safetensors"
+    set_peft_model_state_dict(unet, load_file(weights), adapter_name=GENERATOR)
     out_dir = Path(out) if out else run_dir / "lora"
     written = []
     if fmt in ("diffusers", "all"):

@@ -1,0 +1,273 @@
+"""Publishing a fewstep run on the Hugging Face Hub: the upload folder, its model card, and the upload.
+
+The folder holds everything a user needs in each of the three places a LoRA is loaded:
+
+* ``README.md``: the model card (YAML metadata: base_model, license, tags, pipeline_tag, library_name; usage for
+  diffusers, ComfyUI and A1111; the training config; metrics when the run has them; the latest sample grid);
+* ``pytorch_lora_weights.safetensors`` (diffusers/PEFT) and ``fewstep_comfyui.safetensors`` (kohya: ComfyUI, A1111);
+* ``pipeline.py``: fewstep's pipeline file for the run's family, so that
+  ``DiffusionPipeline.from_pretrained(BASE, custom_pipeline="USER/NAME", trust_remote_code=True)`` works;
+* ``config.yaml`` (without local paths), ``metrics.json`` (if any) and ``images/samples.png`` (if any).
+
+The token comes from huggingface_hub's usual places (``HF_TOKEN``, ``hf auth login``); nothing here reads or
+prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .lora_io import DIFFUSERS_LORA_WEIGHT_NAME, FAMILIES, lora_family_of_state_dict
+
+KOHYA_WEIGHT_NAME = "fewstep_comfyui.safetensors"
+PIPELINE_FILES = {"sd15": "fewstep_sd.py", "sdxl": "fewstep_sdxl.py"}
+# Licenses of the reference base models; a LoRA inherits its base model's license (override with --license).
+BASE_LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
+FAMILY_TAGS = {"sd15": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+FAMILY_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL"}
+SAMPLE_GRID = "images/samples.png"
+
+
+class PublishError(ValueError):
+    """The run cannot be published as it is: the message names the problem and the fix."""
+
+
+@dataclass
+class Run:
+    """What a fewstep run directory holds that the Hub folder needs."""
+
+    directory: Path
+    family: str
+    config: dict
+    metrics: dict | None
+    sample_grid: Path | None
+
+    @property
+    def diffusers_lora(self) -> Path:
+        return self.directory / "lora" / DIFFUSERS_LORA_WEIGHT_NAME
+
+    @property
+    def kohya_lora(self) -> Path:
+        return self.directory / "lora" / KOHYA_WEIGHT_NAME
+
+    @property
+    def timesteps(self) -> list[int]:
+        from ..core.schedule import student_timesteps
+
+        if self.config.get("timesteps"):
+            return [int(t) for t in self.config["timesteps"]]
+        return student_timesteps(int(self.config.get("num_steps") or 1))
+
+
+def read_run(run_dir: str | Path) -> Run:
+    """Check a run directory has both LoRA files and a config; read its family, config, metrics, sample grid."""
+    directory = Path(run_dir).expanduser()
+    if not directory.is_dir():
+        raise PublishError(f"run directory {str(run_dir)!r} does not exist")
+    for required in (Path("lora") / DIFFUSERS_LORA_WEIGHT_NAME, Path("lora") / KOHYA_WEIGHT_NAME, Path("config.yaml")):
+        if not (directory / required).is_file():
+            raise PublishError(
+                f"run directory {str(run_dir)!r} has no {required}; finish training, or write the LoRA files with "
+                f"`fewstep export {run_dir} --format comfyui`"
+            )
+    config = yaml.safe_load((directory / "config.yaml").read_text()) or {}
+    family = lora_family_of_state_dict(directory / "lora" / DIFFUSERS_LORA_WEIGHT_NAME) or config.get("model_type")
+    if family not in FAMILIES:
+        raise PublishError(f"cannot tell whether the LoRA in {str(run_dir)!r} is for SD1.5 or SDXL")
+    metrics_file = directory / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    grids = sorted((directory / "samples").glob("*.png"))
+    return Run(directory, family, config, metrics, grids[-1] if grids else None)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(name).exists()
+
+
+def base_model_of(run: Run, override: str | None = None) -> str:
+    """The base model's Hub id: ``--base-model``, else the run's teacher when that is a Hub id."""
+    if override:
+        if not _looks_like_hub_id(override):
+            raise PublishError(f"--base-model {override!r} is not a Hub model id like 'owner/name'")
+        return override
+    teacher = str(run.config.get("teacher") or "")
+    if _looks_like_hub_id(teacher):
+        return teacher
+    raise PublishError(
+        f"the run's teacher {teacher!r} is a local folder, not a Hub id; pass --base-model OWNER/NAME "
+        "(the Hub model it was saved from)"
+    )
+
+
+# ------------------------------------------------------------------------------------------ the model card
+def _flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        rows.extend(_flatten(value, f"{name}.") if isinstance(value, dict) else [(name, value)])
+    return rows
+
+
+def _format_value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def model_card(run: Run, repo_id: str, base_model: str, license: str) -> str:
+    """README.md: YAML metadata, then usage for diffusers (fewstep and plain), ComfyUI and A1111, config, metrics."""
+    from huggingface_hub import ModelCardData
+
+    steps = run.timesteps
+    n = len(steps)
+    data = ModelCardData(
+        base_model=base_model,
+        base_model_relation="adapter",
+        license=license,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=["lora", "text-to-image", "diffusers", "dmd2", "fewstep", "distillation", FAMILY_TAGS[run.family],
+              f"{n}-step"],  # fmt: skip
+    )
+    name = repo_id.split("/")[-1]
+    default_steps = steps == _default_steps(n)
+    step_kwargs = f"num_inference_steps={n}" if default_steps else f"timesteps={steps}"
+    sections = [
+        f"# {name}",
+        f"A {n}-step student of [{base_model}](https://huggingface.co/{base_model}) ({FAMILY_NAMES[run.family]}), "
+        "distilled with DMD2 (Yin et al., *Improved Distribution Matching Distillation for Fast Image Synthesis*, "
+        "2024) by [fewstep](https://github.com/fewstep/fewstep), as a LoRA on the base UNet. "
+        f"It samples at timesteps {steps} with guidance already distilled in (CFG 1).",
+    ]
+    if run.sample_grid is not None:
+        sections += [
+            "## Samples",
+            f"![samples]({SAMPLE_GRID})",
+            "The run's last validation grid. Top row: the teacher (multi-step, with CFG); bottom row: the student, "
+            "same prompts and seeds.",
+        ]
+    sections += [
+        "## Use with diffusers (fewstep pipeline)",
+        "`pip install fewstep`, then:",
+        "```python\n"
+        "import torch\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        "pipe = DiffusionPipeline.from_pretrained(\n"
+        f'    "{base_model}", custom_pipeline="{repo_id}", trust_remote_code=True, torch_dtype=torch.float16\n'
+        ').to("cuda")\n'
+        f'pipe.load_lora_weights("{repo_id}")\n'
+        f'image = pipe("a photo of a cat", {step_kwargs}).images[0]\n\n'
+        "# Distillation++: the base model (the same UNet with the LoRA disabled) refines the first step\n"
+        f'image = pipe("a photo of a cat", {step_kwargs}, teacher_guidance=0.05, teacher_guided_steps=1,\n'
+        "             teacher_guidance_scale=7.5).images[0]\n"
+        "```",
+        "## Use with plain diffusers",
+        "DMD2's sampling rule is LCMScheduler's at these timesteps:",
+        "```python\n"
+        "import torch\n"
+        "from diffusers import DiffusionPipeline, LCMScheduler\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")\n'
+        f'pipe.load_lora_weights("{repo_id}")\n'
+        "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
+        f'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale=0, timesteps={steps}).images[0]\n'
+        "```",
+        "## Use in ComfyUI",
+        f"Put `{KOHYA_WEIGHT_NAME}` in `ComfyUI/models/loras/`. Load the base checkpoint, add **LoraLoaderModelOnly** "
+        f"(strength 1.0), then sample with **KSampler**: steps {n}, cfg 1.0, sampler `lcm`, scheduler `simple` "
+        "(DMD2's timesteps at 4 steps). fewstep's own nodes sample the exact timesteps "
+        f"{steps} at any step count (**FewStep KSampler**) and add teacher guidance (**Distillation++ KSampler**).",
+        "## Use in AUTOMATIC1111 / Forge",
+        f"Put `{KOHYA_WEIGHT_NAME}` in `models/Lora/`, add `<lora:{Path(KOHYA_WEIGHT_NAME).stem}:1>` to the prompt "
+        f"and generate with sampler **LCM**, {n} step(s), CFG scale 1.",
+        "## Training configuration",
+        "```yaml\n" + yaml.safe_dump(public_config(run, base_model), sort_keys=False).rstrip() + "\n```",
+    ]
+    if run.metrics:
+        rows = "\n".join(f"| {key} | {_format_value(value)} |" for key, value in _flatten(run.metrics))
+        sections += ["## Metrics", "| metric | value |\n|---|---|\n" + rows]
+    sections += [
+        "## Files",
+        f"- `{DIFFUSERS_LORA_WEIGHT_NAME}`: diffusers/PEFT LoRA (the adapter config is in the file's metadata)\n"
+        f"- `{KOHYA_WEIGHT_NAME}`: the same LoRA in kohya format with its real alpha (ComfyUI, A1111)\n"
+        "- `pipeline.py`: fewstep's few-step pipeline, used by `custom_pipeline=`\n"
+        "- `config.yaml`: the training configuration",
+    ]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+
+
+def public_config(run: Run, base_model: str) -> dict:
+    """The training config as published: no local paths (the output folder is dropped, a local teacher folder is
+    named by the base model's Hub id)."""
+    config = {key: value for key, value in run.config.items() if key != "output"}
+    if not _looks_like_hub_id(str(config.get("teacher") or "")):
+        config["teacher"] = base_model
+    return config
+
+
+def _default_steps(n: int) -> list[int]:
+    from ..core.schedule import student_timesteps
+
+    return student_timesteps(n)
+
+
+# ------------------------------------------------------------------------------------------ folder and upload
+def build_upload_folder(
+    run_dir: str | Path,
+    repo_id: str,
+    folder: str | Path,
+    base_model: str | None = None,
+    license: str | None = None,
+) -> Path:
+    """Write the upload folder for ``run_dir`` into ``folder`` (created; must be empty or new)."""
+    check_repo_id(repo_id)
+    run = read_run(run_dir)
+    base = base_model_of(run, base_model)
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise PublishError(f"upload folder {str(folder)!r} is not empty")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run.diffusers_lora, folder / DIFFUSERS_LORA_WEIGHT_NAME)
+    shutil.copyfile(run.kohya_lora, folder / KOHYA_WEIGHT_NAME)
+    pipelines = Path(__file__).resolve().parents[1] / "pipelines"
+    shutil.copyfile(pipelines / PIPELINE_FILES[run.family], folder / "pipeline.py")
+    (folder / "config.yaml").write_text(yaml.safe_dump(public_config(run, base), sort_keys=False))
+    if run.metrics is not None:
+        shutil.copyfile(run.directory / "metrics.json", folder / "metrics.json")
+    if run.sample_grid is not None:
+        (folder / SAMPLE_GRID).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run.sample_grid, folder / SAMPLE_GRID)
+    card = model_card(run, repo_id, base, license or BASE_LICENSES[run.family])
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    return folder
+
+
+def check_repo_id(repo_id: str) -> None:
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts) or any(" " in part for part in parts):
+        raise PublishError(f"--repo-id {repo_id!r} must look like USER/NAME")
+
+
+def upload(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Create the model repo (if needed) and upload ``folder`` in one commit; returns the repo URL.
+
+    ``HF_ENDPOINT`` is read at call time, so a mirror (or a test server) set after import is honoured.
+    """
+    from huggingface_hub import HfApi, constants
+
+    if constants.is_offline_mode():
+        raise PublishError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or use --dry-run")
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+    # private=None (not False) for a public push: an organisation's default visibility then applies.
+    repo_url = api.create_repo(repo_id, exist_ok=True, private=True if private else None, repo_type="model")
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message="Upload fewstep DMD2 LoRA, model card and pipeline",
+    )
+    return str(repo_url)

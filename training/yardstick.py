@@ -1,0 +1,438 @@
+"""The quality yardstick on the digits teacher: FD (an FID analogue) and prompt accuracy (a CLIP-score analogue).
+
+A small CNN digit classifier is trained on the real train split (cached like the teacher). For each row, N
+generated images (N/10 per digit, prompt "a handwritten digit <word>") are scored by:
+
+* **FD**: the Fréchet distance between the Gaussian statistics of the classifier's penultimate features of the
+  generated images and of the held-out real images, ``|μ₁−μ₂|² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½)``;
+* **accuracy**: the fraction of generated images the classifier reads as the prompted digit.
+
+Rows: ``real`` (N real train images vs the held-out ones: the floor; its accuracy is the classifier's held-out
+accuracy, the ceiling), ``teacher_50``/``teacher_4``/``teacher_1`` (DDIM, "trailing" timesteps, with CFG), and with
+a student LoRA ``student_1``/``student_4`` (DMD2's few-step rule, no CFG) and ``student_distillpp``
+(Distillation++: the LoRA-disabled base refines the student's first step). All sampling goes through
+``fewstep.core``; every row starts from the same initial noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.distillpp import sample_distillpp
+from ..core.sampling import Denoiser, cfg, ddim_timesteps, sample_ddim, sample_few_step
+from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
+from .cache import cached_build
+from .digits import DIGIT_WORDS, IMAGE_SIZE, caption, load_digits_split
+
+CLASSIFIER_VERSION = 1
+CLASSIFIER_FILE = "classifier.safetensors"
+CLASSIFIER_RECORD = "fewstep_classifier.json"
+DEFAULT_GUIDANCE_SCALE = 2.0  # the scale DMD2 distils the digits teacher at
+DEFAULT_DISTILLPP_LAMBDA = 0.1
+TEACHER_ROWS = {"teacher_50": 50, "teacher_4": 4, "teacher_1": 1}
+STUDENT_ROWS = {"student_1": 1, "student_4": 4}
+ROWS = ("real", *TEACHER_ROWS, *STUDENT_ROWS, "student_distillpp")
+
+
+# ----------------------------------------------------------------------------------------------- classifier
+@dataclass
+class DigitClassifierConfig:
+    """How the yardstick's classifier is trained (on the train split only)."""
+
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    width: int = field(default=32, metadata={"help": "channels of the first conv block (doubled in the second)"})
+    features: int = field(default=128, metadata={"help": "penultimate feature size (the FD feature space)"})
+    epochs: int = field(default=30, metadata={"help": "passes over the train split"})
+    batch_size: int = field(default=128, metadata={"help": "batch size"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (cosine-decayed)"})
+    max_shift: int = field(default=2, metadata={"help": "random translation augmentation, in pixels"})
+
+
+class DigitClassifier(nn.Module):
+    """conv-conv-pool ×2 → linear → ReLU (the FD features) → linear (10 logits). Input: (B, 3, 32, 32) in [0, 1]."""
+
+    def __init__(self, width: int = 32, features: int = 128):
+        super().__init__()
+        conv = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(
+            *conv(3, width), *conv(width, width), nn.MaxPool2d(2),
+            *conv(width, 2 * width), *conv(2 * width, 2 * width), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(2 * width * (IMAGE_SIZE // 4) ** 2, features), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(features, 10)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images * 2 - 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, predicted digit) of many images, in eval mode."""
+        self.eval()
+        features = torch.cat([self.features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        return features, self.head(features).argmax(1)
+
+
+def _random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels, filling with the white background."""
+    if max_shift == 0:
+        return images
+    size = images.shape[-1]
+    padded = F.pad(images, [max_shift] * 4, value=1.0)
+    offsets = torch.randint(2 * max_shift + 1, (len(images), 2), generator=generator).tolist()
+    return torch.stack([p[:, dy : dy + size, dx : dx + size] for p, (dy, dx) in zip(padded, offsets)])
+
+
+def train_classifier(config: DigitClassifierConfig, progress: bool = True) -> tuple[DigitClassifier, float]:
+    """Train on the train split; returns the classifier and its held-out accuracy."""
+    from tqdm import tqdm
+
+    data = load_digits_split()
+    images, labels = data.train_images / 2 + 0.5, data.train_labels
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    model = DigitClassifier(config.width, config.features)
+    steps_per_epoch = math.ceil(len(labels) / config.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
+    model.train()
+    for _ in tqdm(range(config.epochs), desc="yardstick classifier", unit="epoch", disable=not progress):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), config.batch_size):
+            index = order[start : start + config.batch_size]
+            loss = F.cross_entropy(model(_random_shift(images[index], config.max_shift, generator)), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            decay.step()
+    _, predicted = model.embed(data.test_images / 2 + 0.5)
+    return model.eval(), (predicted == data.test_labels).float().mean().item()
+
+
+def digit_classifier(
+    config: DigitClassifierConfig | None = None, force: bool = False, progress: bool = True, log: Callable = print
+) -> DigitClassifier:
+    """The cached yardstick classifier for ``config`` (trained on first use, well under a minute)."""
+    from safetensors.torch import load_file, save_file
+
+    config = config or DigitClassifierConfig()
+
+    def build(directory: Path) -> None:
+        model, accuracy = train_classifier(config, progress)
+        save_file(model.state_dict(), directory / CLASSIFIER_FILE)
+        record = {"version": CLASSIFIER_VERSION, "config": asdict(config), "test_accuracy": accuracy}
+        (directory / CLASSIFIER_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+    entry = cached_build("digits-classifier", CLASSIFIER_VERSION, config, build, force=force, log=log)
+    model = DigitClassifier(config.width, config.features)
+    model.load_state_dict(load_file(entry / CLASSIFIER_FILE))
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------- Fréchet distance
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """FD between Gaussians fitted to two (N, D) feature sets (float64).
+
+    tr((Σ₁Σ₂)^½) is computed as Σ√λ of the symmetric PSD matrix Σ₁^½ Σ₂ Σ₁^½ (same eigenvalues), which stays
+    real and exact where a general matrix square root would not; FD(a, a) is 0 up to round-off.
+    """
+    a, b = features_a.double(), features_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sigma_a, sigma_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    values, vectors = torch.linalg.eigh(sigma_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    middle = root_a @ sigma_b @ root_a
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    distance = (mu_a - mu_b).square().sum() + sigma_a.trace() + sigma_b.trace() - 2 * trace_sqrt
+    return max(0.0, distance.item())
+
+
+# ----------------------------------------------------------------------------------------------- models
+@dataclass
+class StudentInfo:
+    """What the yardstick needs to know about a DMD2 student: where its LoRA came from and its run's settings."""
+
+    lora: Path
+    num_steps: int = 1
+    timesteps: list[int] | None = None
+    guidance_scale: float | None = None
+
+    def timesteps_for(self, num_steps: int) -> list[int]:
+        """The run's own timesteps when it trained for ``num_steps`` steps with a custom list, else DMD2's."""
+        if self.timesteps and len(self.timesteps) == num_steps:
+            return validate_timesteps(self.timesteps)
+        return student_timesteps(num_steps)
+
+
+@dataclass
+class DigitsModel:
+    """A digits teacher pipeline (with the student LoRA on its UNet if given) and its cached text conditioning."""
+
+    pipe: Any
+    schedule: NoiseSchedule
+    digit_embeds: torch.Tensor  # (10, L, D): "a handwritten digit zero" … "nine"
+    uncond_embeds: torch.Tensor  # (1, L, D): ""
+    student: StudentInfo | None = None
+
+
+def _resolve_lora(lora: str | Path) -> tuple[Path, Path | None]:
+    """(LoRA weights file, run directory or None) from a run dir, its ``lora/`` dir or a .safetensors file."""
+    from .lora_io import DIFFUSERS_LORA_WEIGHT_NAME
+
+    path = Path(lora).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"--lora {path} is not a .safetensors file")
+        return path, path.parent.parent if path.parent.name == "lora" else None
+    for candidate, run_dir in ((path / "lora" / DIFFUSERS_LORA_WEIGHT_NAME, path), (path / DIFFUSERS_LORA_WEIGHT_NAME, None)):
+        if candidate.is_file():
+            return candidate, run_dir if run_dir is not None else (path.parent if path.name == "lora" else None)
+    raise ValueError(
+        f"--lora {path} is neither a run directory (with lora/{DIFFUSERS_LORA_WEIGHT_NAME}), a LoRA directory nor a "
+        ".safetensors file"
+    )
+
+
+def _student_info(weights: Path, run_dir: Path | None) -> StudentInfo:
+    """Read the run's ``config.yaml`` (num_steps, timesteps, guidance_scale) when there is one."""
+    import yaml
+
+    info = StudentInfo(lora=weights)
+    config_path = run_dir / "config.yaml" if run_dir is not None else None
+    if config_path is not None and config_path.is_file():
+        config = yaml.safe_load(config_path.read_text()) or {}
+        info.num_steps = int(config.get("num_steps") or 1)
+        info.timesteps = config.get("timesteps")
+        info.guidance_scale = config.get("guidance_scale")
+    return info
+
+
+@torch.no_grad()
+def load_digits_model(teacher_dir: str | Path, lora: str | Path | None = None) -> DigitsModel:
+    """Load the teacher with diffusers and, if given, the student LoRA (``pipe.load_lora_weights``) on its UNet."""
+    from .teacher import encode_prompts, load_teacher, teacher_schedule
+
+    pipe, family = load_teacher(str(teacher_dir))
+    image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if family != "sd15" or image_size != IMAGE_SIZE:
+        raise ValueError(
+            f"teacher {teacher_dir} makes {family} {image_size}px images; the yardstick needs the {IMAGE_SIZE}px digits "
+            "teacher (`fewstep teacher digits`)"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    student = None
+    if lora is not None:
+        weights, run_dir = _resolve_lora(lora)
+        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="student")
+        student = _student_info(weights, run_dir)
+    embeds = encode_prompts(pipe, family, [caption(d) for d in range(10)] + [""], IMAGE_SIZE).prompt_embeds
+    return DigitsModel(pipe, teacher_schedule(pipe), embeds[:10], embeds[10:], student)
+
+
+@contextlib.contextmanager
+def _adapters(unet, enabled: bool):
+    """Run the UNet with the student LoRA on (student) or off (the base = the teacher)."""
+    if not getattr(unet, "peft_config", None):
+        if enabled:
+            raise ValueError("no student LoRA is loaded; pass lora=... to load_digits_model")
+        yield
+        return
+    unet.enable_adapters() if enabled else unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def unet_denoiser(
+    unet,
+    schedule: NoiseSchedule,
+    embeds: torch.Tensor,
+    uncond_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    lora: bool = False,
+) -> Denoiser:
+    """A diffusers UNet as the core samplers' ``denoise(x_t, t) -> x0``, with CFG (one batched pass) if a scale ≠ 1."""
+    guided = uncond_embeds is not None and guidance_scale != 1.0
+
+    def denoise(x_t: torch.Tensor, t: int) -> torch.Tensor:
+        batch = x_t.shape[0]
+        context = torch.cat([uncond_embeds.expand(batch, -1, -1), embeds]) if guided else embeds
+        x_in = torch.cat([x_t, x_t]) if guided else x_t
+        with _adapters(unet, lora):
+            out = unet(x_in, torch.full((x_in.shape[0],), t), encoder_hidden_states=context).sample
+        x0 = schedule.to_x0(out, x_in, t)
+        return cfg(*x0.chunk(2), guidance_scale) if guided else x0
+
+    return denoise
+
+
+@torch.no_grad()
+def sample_digits(
+    model: DigitsModel,
+    row: str,
+    labels: torch.Tensor,
+    noise: torch.Tensor,
+    generator: torch.Generator,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    distillpp_lambda: float = DEFAULT_DISTILLPP_LAMBDA,
+) -> torch.Tensor:
+    """Images (B, 3, 32, 32) in [0, 1] of ``labels`` for one yardstick row (not ``real``), from latent ``noise``."""
+    from .teacher import decode_latents
+
+    unet, schedule = model.pipe.unet, model.schedule
+    embeds = model.digit_embeds[labels]
+    teacher = unet_denoiser(unet, schedule, embeds, model.uncond_embeds, guidance_scale)
+    if row in TEACHER_ROWS:
+        latents = sample_ddim(teacher, noise, ddim_timesteps(TEACHER_ROWS[row], schedule.num_train_timesteps), schedule)
+    elif row in STUDENT_ROWS or row == "student_distillpp":
+        if model.student is None:
+            raise ValueError(f"row {row} needs a student LoRA")
+        student = unet_denoiser(unet, schedule, embeds, lora=True)
+        if row in STUDENT_ROWS:
+            timesteps = model.student.timesteps_for(STUDENT_ROWS[row])
+            latents = sample_few_step(student, noise, timesteps, schedule, generator)
+        else:
+            # The paper's setting: the student's multi-step grid (4 steps for a 1-step student), 1 guided step.
+            timesteps = model.student.timesteps_for(model.student.num_steps if model.student.num_steps > 1 else 4)
+            latents = sample_distillpp(student, teacher, noise, timesteps, schedule, distillpp_lambda, 1, generator)
+    else:
+        raise ValueError(f"unknown row {row!r}; use one of {', '.join(ROWS[1:])}")
+    return decode_latents(model.pipe.vae, latents)
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+def balanced_labels(n: int) -> torch.Tensor:
+    """0, 1, …, 9, 0, 1, … (n/10 of each digit)."""
+    if n < 10 or n % 10:
+        raise ValueError(f"n must be a positive multiple of 10 (n/10 images per digit), got {n}")
+    return torch.arange(n) % 10
+
+
+def _real_row(classifier: DigitClassifier, n: int, seed: int, reference: torch.Tensor) -> dict:
+    """n/10 real train images per digit vs the held-out split; accuracy = the classifier's held-out accuracy."""
+    data = load_digits_split()
+    generator = torch.Generator().manual_seed(seed)
+    picks = []
+    for digit in range(10):
+        pool = (data.train_labels == digit).nonzero().flatten()
+        picks.append(pool[torch.randperm(len(pool), generator=generator)[: n // 10]])
+    features, _ = classifier.embed(data.train_images[torch.cat(picks)] / 2 + 0.5)
+    _, predicted = classifier.embed(data.test_images / 2 + 0.5)
+    return {"fd": frechet_distance(features, reference), "acc": (predicted == data.test_labels).float().mean().item()}
+
+
+def evaluate(
+    teacher_dir: str | Path,
+    lora: str | Path | None = None,
+    n: int = 500,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    rows: list[str] | None = None,
+    distillpp_lambda: float = DEFAULT_DISTILLPP_LAMBDA,
+    batch_size: int = 100,
+    classifier: DigitClassifier | None = None,
+    progress: bool = True,
+) -> dict:
+    """The yardstick table as a dict: ``{"rows": {name: {"fd", "acc", "seconds"}}, "n", "seed", ...}``.
+
+    ``guidance_scale`` defaults to the student run's (its ``config.yaml``), else 2.0. ``rows`` defaults to every
+    row that applies (the student rows only with ``lora``).
+    """
+    from tqdm import tqdm
+
+    labels = balanced_labels(n)
+    model = load_digits_model(teacher_dir, lora)
+    student_scale = model.student.guidance_scale if model.student is not None else None
+    scale = float(guidance_scale if guidance_scale is not None else student_scale or DEFAULT_GUIDANCE_SCALE)
+    rows = list(rows or [r for r in ROWS if model.student is not None or not r.startswith("student")])
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown row(s) {', '.join(unknown)}; use any of {', '.join(ROWS)}")
+    classifier = classifier or digit_classifier(progress=progress)
+    reference, _ = classifier.embed(load_digits_split().test_images / 2 + 0.5)
+
+    shape = (n, model.pipe.unet.config.in_channels, IMAGE_SIZE // model.pipe.vae_scale_factor, IMAGE_SIZE // model.pipe.vae_scale_factor)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    results: dict[str, dict] = {}
+    for row in rows:
+        started = time.perf_counter()
+        if row == "real":
+            results[row] = _real_row(classifier, n, seed, reference)
+        else:
+            generator = torch.Generator().manual_seed(seed + 1)  # the fresh noise of multi-step rows
+            images = []
+            for start in tqdm(range(0, n, batch_size), desc=f"eval {row}", unit="batch", disable=not progress, leave=False):
+                chunk = slice(start, start + batch_size)
+                images.append(sample_digits(model, row, labels[chunk], noise[chunk], generator, scale, distillpp_lambda))
+            features, predicted = classifier.embed(torch.cat(images))
+            results[row] = {
+                "fd": frechet_distance(features, reference),
+                "acc": (predicted == labels).float().mean().item(),
+            }
+        results[row]["seconds"] = round(time.perf_counter() - started, 2)
+    return {
+        "rows": results,
+        "n": n,
+        "seed": seed,
+        "guidance_scale": scale,
+        "distillpp_lambda": distillpp_lambda,
+        "teacher": str(teacher_dir),
+        "lora": str(model.student.lora) if model.student is not None else None,
+    }
+
+
+ROW_TITLES = {
+    "real": "real train vs held-out (floor)",
+    "teacher_50": "teacher 50-step DDIM",
+    "teacher_4": "teacher 4-step DDIM",
+    "teacher_1": "teacher 1-step DDIM",
+    "student_1": "student 1-step",
+    "student_4": "student 4-step",
+    "student_distillpp": "student + Distillation++",
+}
+
+
+def format_table(result: dict) -> str:
+    """The result of :func:`evaluate` as a fixed-width table."""
+    lines = [
+        f"yardstick: n={result['n']} ({result['n'] // 10} per digit), CFG {result['guidance_scale']:g}, seed {result['seed']}",
+        f"{'row':<20}{'':<32}{'FD ↓':>9}{'acc ↑':>8}{'seconds':>9}",
+    ]
+    for name, row in result["rows"].items():
+        lines.append(f"{name:<20}{ROW_TITLES.get(name, ''):<32}{row['fd']:>9.2f}{row['acc']:>8.3f}{row['seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def save_digits_grid(
+    model: DigitsModel,
+    rows: list[str],
+    path: str | Path,
+    seed: int = 0,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+    distillpp_lambda: float = DEFAULT_DISTILLPP_LAMBDA,
+) -> Path:
+    """A sample grid: one image row per digit, one column per yardstick row (same noise across columns)."""
+    from .images import save_grid
+
+    labels = torch.arange(10)
+    shape = (10, model.pipe.unet.config.in_channels, *(2 * [IMAGE_SIZE // model.pipe.vae_scale_factor]))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    columns = [
+        sample_digits(model, row, labels, noise, torch.Generator().manual_seed(seed + 1), guidance_scale, distillpp_lambda)
+        for row in rows
+    ]
+    save_grid(list(torch.stack(columns, dim=1)), path)
+    return Path(path)
