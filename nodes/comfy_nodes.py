@@ -1,0 +1,224 @@
+"""fewstep's ComfyUI nodes (V3 schema): each is a schema plus a short ``execute`` calling fewstep.
+
+Imports ComfyUI; the pack's ``comfy_entrypoint`` (the repository root's ``__init__.py``) imports this module.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .comfy_sampling import (
+    FewStepKSAMPLER,
+    Guider_DistillationPP,
+    fewstep_sigmas,
+    model_schedule,
+    sample_latent,
+    student_guider,
+)
+from .sigma_space import scheduler_timesteps
+
+CATEGORY = "sampling/fewstep"
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def _steps_input() -> io.Int.Input:
+    return io.Int.Input(
+        "steps", default=4, min=1, max=1000,
+        tooltip="Student steps at DMD2's spacing: 1 → 999; 2 → 999, 499; 4 → 999, 749, 499, 249; "
+        "8 → 999, 874, …, 124. Use the step count the model was distilled for.",
+    )  # fmt: skip
+
+
+def _first_timestep_input() -> io.Int.Input:
+    return io.Int.Input(
+        "first_timestep", default=999, min=0, max=999,
+        tooltip="The first (conditioning) timestep. 999 for most students; 399 for DMD2's SDXL one-step model. "
+        "Below 999 the steps are spaced evenly under it (4 steps from 399 → 399, 299, 199, 99).",
+    )  # fmt: skip
+
+
+def _timesteps_problem(steps, first_timestep, timesteps="") -> bool | str:
+    """Validation shared by the nodes that pick timesteps: True, or the one-line reason they are invalid."""
+    if steps is None or first_timestep is None or timesteps is None:
+        return True  # linked from another node: checked when the node runs
+    try:
+        scheduler_timesteps(steps, first_timestep, timesteps)
+    except ValueError as error:
+        return str(error)
+    return True
+
+
+def _sigmas(model, steps: int, first_timestep: int, timesteps: str = ""):
+    num_train_timesteps = model_schedule(model).num_train_timesteps
+    return fewstep_sigmas(model, scheduler_timesteps(steps, first_timestep, timesteps, num_train_timesteps))
+
+
+class FewStepScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepScheduler",
+            display_name="FewStep Scheduler",
+            category=CATEGORY,
+            description="The exact timesteps a few-step student (DMD2, fewstep) was trained on, as SIGMAS through "
+            "the model's own noise schedule. Feed FewStep Sampler through SamplerCustom(Advanced).",
+            inputs=[
+                io.Model.Input("model", tooltip="The student (or its base model): its noise schedule gives σ."),
+                _steps_input(),
+                _first_timestep_input(),
+                io.String.Input(
+                    "timesteps", default="", multiline=False, placeholder="e.g. 999,749,499,249",
+                    tooltip="Custom timesteps, comma-separated, strictly descending, each in [0, 999]. "
+                    "When filled, steps and first_timestep are ignored.",
+                ),  # fmt: skip
+            ],
+            outputs=[io.Sigmas.Output(tooltip="σ of each timestep, then 0.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, steps, first_timestep, timesteps) -> bool | str:
+        return _timesteps_problem(steps, first_timestep, timesteps)
+
+    @classmethod
+    def execute(cls, model, steps, first_timestep, timesteps) -> io.NodeOutput:
+        return io.NodeOutput(_sigmas(model, steps, first_timestep, timesteps))
+
+
+class FewStepSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepSampler",
+            display_name="FewStep Sampler",
+            category=CATEGORY,
+            description="DMD2's few-step rule: predict x0, then re-noise it to the next timestep with seeded noise. "
+            "Starts from pure noise on an empty latent, also at a shifted first timestep. Use with FewStep Scheduler.",
+            inputs=[],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(FewStepKSAMPLER())
+
+
+class FewStepKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepKSampler",
+            display_name="FewStep KSampler",
+            category=CATEGORY,
+            description="One-node few-step sampling for DMD2/fewstep students (a LoRA on its base checkpoint, or a "
+            "distilled checkpoint): FewStep Scheduler + FewStep Sampler at CFG 1.",
+            inputs=[
+                io.Model.Input("model", tooltip="The few-step student, e.g. the checkpoint with the fewstep LoRA."),
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                             tooltip="Seeds the initial noise and the noise added between steps."),
+                _steps_input(),
+                _first_timestep_input(),
+                io.Conditioning.Input("positive", tooltip="The prompt."),
+                io.Latent.Input("latent_image", tooltip="An Empty Latent Image (text-to-image)."),
+                io.Conditioning.Input(
+                    "negative", optional=True,
+                    tooltip="Not used: distilled students run at CFG 1. Here so KSampler graphs wire up.",
+                ),
+            ],  # fmt: skip
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, steps, first_timestep) -> bool | str:
+        return _timesteps_problem(steps, first_timestep)
+
+    @classmethod
+    def execute(cls, model, seed, steps, first_timestep, positive, latent_image, negative=None) -> io.NodeOutput:
+        sigmas = _sigmas(model, steps, first_timestep)
+        guider = student_guider(model, positive)
+        return io.NodeOutput(sample_latent(guider, FewStepKSAMPLER(), sigmas, latent_image, seed))
+
+
+def _distillpp_inputs() -> list[io.Input]:
+    return [
+        io.Model.Input("student", tooltip="The few-step student: the teacher + a fewstep LoRA, or a distilled model."),
+        io.Model.Input("teacher", tooltip="The base model the student was distilled from (same family: SD1.5, SDXL)."),
+        io.Conditioning.Input("positive", tooltip="The prompt, for the student and the teacher."),
+        io.Conditioning.Input("negative", tooltip="The teacher's negative prompt (its CFG)."),
+        io.Float.Input(
+            "teacher_guidance", default=0.05, min=0.0, max=1.0, step=0.01,
+            tooltip="λ: x0 ← (1 − λ)·student + λ·teacher on the guided steps. 0 = the student alone. "
+            "The paper's DMD2 settings are 0.01–0.1.",
+        ),
+        io.Int.Input("guided_steps", default=1, min=0, max=1000,
+                     tooltip="How many of the first steps the teacher refines (1–2 in the paper)."),
+        io.Float.Input("teacher_cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="The teacher's CFG scale."),
+    ]  # fmt: skip
+
+
+def _distillpp_guider(student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg):
+    guider = Guider_DistillationPP(student, teacher, teacher_guidance, guided_steps, teacher_cfg)
+    guider.set_conds(positive, negative)
+    return guider
+
+
+class DistillationPPGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DistillationPPGuider",
+            display_name="Distillation++ Guider",
+            category=CATEGORY,
+            description="Distillation++ (Park et al. 2024): on the first steps the teacher, with CFG, refines the "
+            "student's x0. Runs the teacher's own weights even when the student is the teacher + a LoRA. "
+            "Use with FewStep Sampler and FewStep Scheduler in SamplerCustomAdvanced.",
+            inputs=_distillpp_inputs(),
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(
+        cls, student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg
+    ) -> io.NodeOutput:
+        guider = _distillpp_guider(student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg)
+        return io.NodeOutput(guider)
+
+
+class DistillationPPKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DistillationPPKSampler",
+            display_name="Distillation++ KSampler",
+            category=CATEGORY,
+            description="One-node Distillation++: FewStep KSampler with the teacher refining the first steps.",
+            inputs=[
+                *_distillpp_inputs(),
+                io.Latent.Input("latent_image", tooltip="An Empty Latent Image (text-to-image)."),
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                             tooltip="Seeds the initial noise and all noise added later."),
+                _steps_input(),
+                _first_timestep_input(),
+            ],  # fmt: skip
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, steps, first_timestep) -> bool | str:
+        return _timesteps_problem(steps, first_timestep)
+
+    @classmethod
+    def execute(
+        cls, student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, latent_image, seed,
+        steps, first_timestep,
+    ) -> io.NodeOutput:  # fmt: skip
+        guider = _distillpp_guider(student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg)
+        sigmas = _sigmas(student, steps, first_timestep)
+        return io.NodeOutput(sample_latent(guider, FewStepKSAMPLER(), sigmas, latent_image, seed))
+
+
+NODES = [FewStepScheduler, FewStepSampler, FewStepKSampler, DistillationPPGuider, DistillationPPKSampler]
+
+
+class FewStepExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
