@@ -1,0 +1,136 @@
+"""``fewstep sample``: images from a distilled student (a fewstep run or a LoRA file), optionally with Distillation++."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..cli import UserError, out_dir
+
+ORDER = 30
+
+
+def run_config(lora: str) -> dict:
+    """The training config of the fewstep run a LoRA comes from (``RUN_DIR/config.yaml``), or {}.
+
+    ``lora`` may be the run directory, its ``lora/`` folder or a file in it.
+    """
+    import yaml
+
+    path = Path(lora).expanduser()
+    folder = path.parent if path.is_file() else path
+    run_dir = folder.parent if folder.name == "lora" else folder
+    config_file = run_dir / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    return config if isinstance(config, dict) else {}
+
+
+def student_settings(args: argparse.Namespace, config: dict) -> tuple[int, list[int] | None]:
+    """(steps, timesteps): the command line wins, then the run's training config, then one step at t = 999."""
+    from ..core.schedule import parse_timesteps
+
+    if args.timesteps is not None:
+        timesteps = parse_timesteps(args.timesteps)
+        return len(timesteps), timesteps
+    if args.steps is not None:
+        if args.steps < 1:
+            raise UserError(f"--steps must be ≥ 1, got {args.steps}")
+        return args.steps, None
+    if config.get("timesteps"):
+        return len(config["timesteps"]), [int(t) for t in config["timesteps"]]
+    return int(config.get("num_steps") or 1), None
+
+
+def load_pipeline(teacher: str, device: str, dtype_name: str):
+    """The teacher as fewstep's few-step pipeline of its family (SD1.5 or SDXL)."""
+    import torch
+
+    from ..training.teacher import load_teacher
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
+    base, family = load_teacher(teacher)
+    if family == "sdxl":
+        from ..pipelines.fewstep_sdxl import FewStepSDXLPipeline as pipeline_class
+    else:
+        from ..pipelines.fewstep_sd import FewStepSDPipeline as pipeline_class
+    pipe = pipeline_class.from_pipe(base)
+    if dtype != pipe.unet.dtype:
+        pipe.to(dtype=dtype)
+    return pipe.to(device)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..pipelines.common import check_teacher_inputs, looks_like_path, lora_file_of
+
+    if looks_like_path(args.lora):
+        lora_file_of(args.lora)  # a missing or empty LoRA source fails before the teacher is loaded
+    config = run_config(args.lora)
+    teacher = args.teacher or config.get("teacher")
+    if not teacher:
+        raise UserError(f"--teacher is needed: {args.lora} is not a fewstep run whose config names its teacher")
+    steps, timesteps = student_settings(args, config)
+    check_teacher_inputs(args.distillpp, args.distillpp_steps, args.teacher_guidance_scale)
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be ≥ 1, got {args.num_images}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    out = out_dir(args.out)
+
+    pipe = load_pipeline(teacher, device, dtype)
+    pipe.load_lora_weights(args.lora)
+    resolution = args.resolution or config.get("resolution")
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    result = pipe(
+        list(args.prompt),
+        height=resolution,
+        width=resolution,
+        num_inference_steps=steps,
+        timesteps=timesteps,
+        negative_prompt=[args.negative_prompt] * len(args.prompt) if args.negative_prompt else None,
+        num_images_per_prompt=args.num_images,
+        generator=generator,
+        teacher_guidance=args.distillpp,
+        teacher_guided_steps=args.distillpp_steps,
+        teacher_guidance_scale=args.teacher_guidance_scale,
+    )
+    described = f"timesteps {timesteps}" if timesteps else f"{steps} step(s)"
+    if args.distillpp > 0:
+        described += (
+            f", Distillation++ λ={args.distillpp} on {args.distillpp_steps} step(s), "
+            f"teacher CFG {args.teacher_guidance_scale}"
+        )
+    print(f"fewstep sample: {len(result.images)} image(s), {described}, seed {args.seed}")
+    for index, image in enumerate(result.images):
+        prompt_index, image_index = divmod(index, args.num_images)
+        path = out / f"sample-s{args.seed}-p{prompt_index:02d}-{image_index:02d}.png"
+        image.save(path)
+        print(path)
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "sample",
+        help="generate images with a distilled student (optionally Distillation++)",
+        description="Sample a fewstep student: the teacher's pipeline with the run's LoRA, DMD2's few-step rule, "
+        "and optionally Distillation++ (the teacher refines the first steps).",
+    )
+    parser.add_argument("--teacher", help="teacher Hub id or diffusers folder (default: the run's config)")
+    parser.add_argument("--lora", required=True, help="fewstep run directory, its lora/ folder or a .safetensors file")
+    parser.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    parser.add_argument("--negative-prompt", help="negative prompt (used by the teacher's CFG under --distillpp)")
+    parser.add_argument("--steps", type=int, help="student steps 1/2/4/8 (default: the run's, else 1)")
+    parser.add_argument("--timesteps", help="explicit student timesteps, e.g. 999,499 or 399 (overrides --steps)")
+    parser.add_argument("--distillpp", type=float, default=0.0, help="Distillation++ λ in [0, 1] (default 0 = off)")
+    parser.add_argument("--distillpp-steps", type=int, default=1, help="teacher-guided steps K (default %(default)s)")
+    parser.add_argument("--teacher-guidance-scale", type=float, default=7.5, help="teacher CFG w (default %(default)s)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, help="image size (default: the run's, else the model's)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda, float32 on cpu"
+    )
+    parser.add_argument("--out", default="fewstep-samples", help="output directory (default: %(default)s)")
+    parser.set_defaults(func=cmd_sample)
