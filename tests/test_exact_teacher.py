@@ -9,7 +9,7 @@ import torch
 
 from fewstep.toy.exact_teacher import ExactTeacherConfig, biased_student_distillpp, train_exact_teacher
 
-torch.set_num_threads(2)
+
 
 
 def report(name, result):

@@ -81,6 +81,26 @@ def _remove(directory: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_builds(root: Path, name: str) -> None:
+    """Delete temporary folders left by builds whose process died without cleaning up (SIGKILL, SIGTERM)."""
+    for tmp in root.glob(f".tmp-{name}-*"):
+        pid = tmp.name.removeprefix(f".tmp-{name}-").split("-")[-2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+    for trash in root.glob(f".trash-{name}-*"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def cached_build(
     name: str,
     version: int,
@@ -98,6 +118,7 @@ def cached_build(
             return final
         log(f"fewstep: rebuilding the cached {name} at {final}: {problem}")
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(root, final.name)
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -75,7 +75,10 @@ def write_digits_folder(directory: str | Path, split: str = "train") -> Path:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     data = load_digits_split()
-    images, labels = (data.train_images, data.train_labels) if split == "train" else (data.test_images, data.test_labels)
+    if split == "train":
+        images, labels = data.train_images, data.train_labels
+    else:
+        images, labels = data.test_images, data.test_labels
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -93,15 +96,21 @@ class DigitsTeacherConfig:
     """How the digits teacher is built. Recorded in ``fewstep_teacher.json``; the cache key hashes all of it."""
 
     seed: int = field(default=0, metadata={"help": "random seed of every stage (the data split is fixed)"})
-    vae_blocks: list[int] = field(default_factory=lambda: [32, 64, 64], metadata={"help": "VAE block widths (3 → 8×8 latents)"})
+    vae_blocks: list[int] = field(
+        default_factory=lambda: [32, 64, 64], metadata={"help": "VAE block widths (3 blocks: 32 px → 8×8 latents)"}
+    )
     vae_iterations: int = field(default=300, metadata={"help": "VAE training iterations"})
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE AdamW learning rate"})
-    vae_kl_weight: float = field(default=1e-6, metadata={"help": "VAE KL weight (small: a near-deterministic autoencoder)"})
+    vae_kl_weight: float = field(default=1e-6, metadata={"help": "VAE KL weight (small: near-deterministic latents)"})
     text_hidden: int = field(default=64, metadata={"help": "CLIP text encoder width (frozen at random init)"})
     text_layers: int = field(default=2, metadata={"help": "CLIP text encoder layers"})
-    unet_blocks: list[int] = field(default_factory=lambda: [64, 128], metadata={"help": "UNet block widths (cross-attention in the last and the mid block)"})
+    unet_blocks: list[int] = field(
+        default_factory=lambda: [64, 128], metadata={"help": "UNet block widths (cross-attention: last and mid block)"}
+    )
     unet_layers_per_block: int = field(default=1, metadata={"help": "resnets per UNet block"})
-    unet_iterations: int = field(default=1400, metadata={"help": "UNet training iterations (prompt-following appears after ~1,100)"})
+    unet_iterations: int = field(
+        default=1400, metadata={"help": "UNet training iterations (prompt-following appears after ~1,100)"}
+    )
     batch_size: int = field(default=64, metadata={"help": "batch size of both stages"})
     lr: float = field(default=5e-4, metadata={"help": "UNet AdamW learning rate"})
     warmup: int = field(default=100, metadata={"help": "UNet linear learning-rate warm-up iterations"})
@@ -294,7 +303,8 @@ def build_digits_teacher(config: DigitsTeacherConfig, directory: str | Path, pro
     scaling_factor = float(1.0 / (latent_mean + latent_std * torch.randn(latent_mean.shape, generator=generator)).std())
     vae.register_to_config(scaling_factor=scaling_factor)
 
-    tokenizer = write_offline_clip_tokenizer(directory / "tokenizer", extra_words=["a", "handwritten", "digit", *DIGIT_WORDS])
+    words = ["a", "handwritten", "digit", *DIGIT_WORDS]
+    tokenizer = write_offline_clip_tokenizer(directory / "tokenizer", extra_words=words)
     torch.manual_seed(config.seed + 1)
     text_encoder = _text_encoder(config, tokenizer)
     with torch.no_grad():
@@ -303,9 +313,8 @@ def build_digits_teacher(config: DigitsTeacherConfig, directory: str | Path, pro
 
     torch.manual_seed(config.seed + 2)
     unet = _unet(config, latent_size=IMAGE_SIZE // 4)
-    unet = _train_unet(
-        unet, latent_mean * scaling_factor, latent_std * scaling_factor, data.train_labels, text, config, generator, progress
-    )
+    latent_mean, latent_std = latent_mean * scaling_factor, latent_std * scaling_factor
+    unet = _train_unet(unet, latent_mean, latent_std, data.train_labels, text, config, generator, progress)
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -323,7 +332,12 @@ def build_digits_teacher(config: DigitsTeacherConfig, directory: str | Path, pro
         "version": VERSION,
         "config_hash": config_hash(config),
         "config": dataclasses.asdict(config),
-        "split": {"seed": SPLIT_SEED, "test_fraction": TEST_FRACTION, "train": len(data.train_labels), "test": len(data.test_labels)},
+        "split": {
+            "seed": SPLIT_SEED,
+            "test_fraction": TEST_FRACTION,
+            "train": len(data.train_labels),
+            "test": len(data.test_labels),
+        },
         "build_seconds": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
     }

@@ -32,7 +32,7 @@ from ..core.distillpp import sample_distillpp
 from ..core.sampling import Denoiser, cfg, ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from .cache import cached_build
-from .digits import DIGIT_WORDS, IMAGE_SIZE, caption, load_digits_split
+from .digits import IMAGE_SIZE, caption, load_digits_split
 
 CLASSIFIER_VERSION = 1
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -50,16 +50,16 @@ class DigitClassifierConfig:
     """How the yardstick's classifier is trained (on the train split only)."""
 
     seed: int = field(default=0, metadata={"help": "random seed"})
-    width: int = field(default=32, metadata={"help": "channels of the first conv block (doubled in the second)"})
+    width: int = field(default=16, metadata={"help": "channels of the first conv block (doubled in the second)"})
     features: int = field(default=128, metadata={"help": "penultimate feature size (the FD feature space)"})
-    epochs: int = field(default=30, metadata={"help": "passes over the train split"})
+    epochs: int = field(default=20, metadata={"help": "passes over the train split"})
     batch_size: int = field(default=128, metadata={"help": "batch size"})
     lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (cosine-decayed)"})
     max_shift: int = field(default=2, metadata={"help": "random translation augmentation, in pixels"})
 
 
 class DigitClassifier(nn.Module):
-    """conv-conv-pool ×2 → linear → ReLU (the FD features) → linear (10 logits). Input: (B, 3, 32, 32) in [0, 1]."""
+    """(conv-conv-pool)×2 → linear → ReLU (the FD features) → linear (10 logits); input (B, 3, 32, 32) in [0, 1]."""
 
     def __init__(self, width: int = 32, features: int = 128):
         super().__init__()
@@ -145,8 +145,8 @@ def digit_classifier(
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """FD between Gaussians fitted to two (N, D) feature sets (float64).
 
-    tr((Σ₁Σ₂)^½) is computed as Σ√λ of the symmetric PSD matrix Σ₁^½ Σ₂ Σ₁^½ (same eigenvalues), which stays
-    real and exact where a general matrix square root would not; FD(a, a) is 0 up to round-off.
+    tr((Σ₁Σ₂)^½) is computed as Σ√λ of the symmetric PSD matrix Σ₁^½ Σ₂ Σ₁^½ (same eigenvalues), which
+    stays real and exact where a general matrix square root would not; FD(a, a) is 0 up to round-off.
     """
     a, b = features_a.double(), features_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
@@ -194,13 +194,14 @@ def _resolve_lora(lora: str | Path) -> tuple[Path, Path | None]:
     path = Path(lora).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"--lora {path} is not a .safetensors file")
+            raise ValueError(f"LoRA {path} is not a .safetensors file")
         return path, path.parent.parent if path.parent.name == "lora" else None
-    for candidate, run_dir in ((path / "lora" / DIFFUSERS_LORA_WEIGHT_NAME, path), (path / DIFFUSERS_LORA_WEIGHT_NAME, None)):
-        if candidate.is_file():
-            return candidate, run_dir if run_dir is not None else (path.parent if path.name == "lora" else None)
+    if (path / "lora" / DIFFUSERS_LORA_WEIGHT_NAME).is_file():
+        return path / "lora" / DIFFUSERS_LORA_WEIGHT_NAME, path
+    if (path / DIFFUSERS_LORA_WEIGHT_NAME).is_file():
+        return path / DIFFUSERS_LORA_WEIGHT_NAME, path.parent if path.name == "lora" else None
     raise ValueError(
-        f"--lora {path} is neither a run directory (with lora/{DIFFUSERS_LORA_WEIGHT_NAME}), a LoRA directory nor a "
+        f"LoRA {path} is neither a run directory (with lora/{DIFFUSERS_LORA_WEIGHT_NAME}), a LoRA directory nor a "
         ".safetensors file"
     )
 
@@ -224,17 +225,17 @@ def load_digits_model(teacher_dir: str | Path, lora: str | Path | None = None) -
     """Load the teacher with diffusers and, if given, the student LoRA (``pipe.load_lora_weights``) on its UNet."""
     from .teacher import encode_prompts, load_teacher, teacher_schedule
 
+    weights, run_dir = _resolve_lora(lora) if lora is not None else (None, None)
     pipe, family = load_teacher(str(teacher_dir))
     image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if family != "sd15" or image_size != IMAGE_SIZE:
         raise ValueError(
-            f"teacher {teacher_dir} makes {family} {image_size}px images; the yardstick needs the {IMAGE_SIZE}px digits "
-            "teacher (`fewstep teacher digits`)"
+            f"teacher {teacher_dir} makes {family} {image_size}px images; the yardstick needs the {IMAGE_SIZE}px "
+            "digits teacher (`fewstep teacher digits`)"
         )
     pipe.set_progress_bar_config(disable=True)
     student = None
-    if lora is not None:
-        weights, run_dir = _resolve_lora(lora)
+    if weights is not None:
         pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="student")
         student = _student_info(weights, run_dir)
     embeds = encode_prompts(pipe, family, [caption(d) for d in range(10)] + [""], IMAGE_SIZE).prompt_embeds
@@ -249,7 +250,10 @@ def _adapters(unet, enabled: bool):
             raise ValueError("no student LoRA is loaded; pass lora=... to load_digits_model")
         yield
         return
-    unet.enable_adapters() if enabled else unet.disable_adapters()
+    if enabled:
+        unet.enable_adapters()
+    else:
+        unet.disable_adapters()
     try:
         yield
     finally:
@@ -264,7 +268,7 @@ def unet_denoiser(
     guidance_scale: float = 1.0,
     lora: bool = False,
 ) -> Denoiser:
-    """A diffusers UNet as the core samplers' ``denoise(x_t, t) -> x0``, with CFG (one batched pass) if a scale ≠ 1."""
+    """A diffusers UNet as the core samplers' ``denoise(x_t, t) -> x0``; CFG in one batched pass if the scale ≠ 1."""
     guided = uncond_embeds is not None and guidance_scale != 1.0
 
     def denoise(x_t: torch.Tensor, t: int) -> torch.Tensor:
@@ -321,6 +325,11 @@ def balanced_labels(n: int) -> torch.Tensor:
     return torch.arange(n) % 10
 
 
+def _latent_shape(model: DigitsModel, n: int) -> tuple[int, int, int, int]:
+    size = IMAGE_SIZE // model.pipe.vae_scale_factor
+    return (n, model.pipe.unet.config.in_channels, size, size)
+
+
 def _real_row(classifier: DigitClassifier, n: int, seed: int, reference: torch.Tensor) -> dict:
     """n/10 real train images per digit vs the held-out split; accuracy = the classifier's held-out accuracy."""
     data = load_digits_split()
@@ -364,8 +373,7 @@ def evaluate(
     classifier = classifier or digit_classifier(progress=progress)
     reference, _ = classifier.embed(load_digits_split().test_images / 2 + 0.5)
 
-    shape = (n, model.pipe.unet.config.in_channels, IMAGE_SIZE // model.pipe.vae_scale_factor, IMAGE_SIZE // model.pipe.vae_scale_factor)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(_latent_shape(model, n), generator=torch.Generator().manual_seed(seed))
     results: dict[str, dict] = {}
     for row in rows:
         started = time.perf_counter()
@@ -374,9 +382,12 @@ def evaluate(
         else:
             generator = torch.Generator().manual_seed(seed + 1)  # the fresh noise of multi-step rows
             images = []
-            for start in tqdm(range(0, n, batch_size), desc=f"eval {row}", unit="batch", disable=not progress, leave=False):
+            batches = tqdm(range(0, n, batch_size), desc=f"eval {row}", unit="batch", disable=not progress, leave=False)
+            for start in batches:
                 chunk = slice(start, start + batch_size)
-                images.append(sample_digits(model, row, labels[chunk], noise[chunk], generator, scale, distillpp_lambda))
+                images.append(
+                    sample_digits(model, row, labels[chunk], noise[chunk], generator, scale, distillpp_lambda)
+                )
             features, predicted = classifier.embed(torch.cat(images))
             results[row] = {
                 "fd": frechet_distance(features, reference),
@@ -408,11 +419,13 @@ ROW_TITLES = {
 def format_table(result: dict) -> str:
     """The result of :func:`evaluate` as a fixed-width table."""
     lines = [
-        f"yardstick: n={result['n']} ({result['n'] // 10} per digit), CFG {result['guidance_scale']:g}, seed {result['seed']}",
+        f"yardstick: n={result['n']} ({result['n'] // 10} per digit), CFG {result['guidance_scale']:g}, "
+        f"seed {result['seed']}",
         f"{'row':<20}{'':<32}{'FD ↓':>9}{'acc ↑':>8}{'seconds':>9}",
     ]
     for name, row in result["rows"].items():
-        lines.append(f"{name:<20}{ROW_TITLES.get(name, ''):<32}{row['fd']:>9.2f}{row['acc']:>8.3f}{row['seconds']:>9.1f}")
+        title = ROW_TITLES.get(name, "")
+        lines.append(f"{name:<20}{title:<32}{row['fd']:>9.2f}{row['acc']:>8.3f}{row['seconds']:>9.1f}")
     return "\n".join(lines)
 
 
@@ -428,11 +441,10 @@ def save_digits_grid(
     from .images import save_grid
 
     labels = torch.arange(10)
-    shape = (10, model.pipe.unet.config.in_channels, *(2 * [IMAGE_SIZE // model.pipe.vae_scale_factor]))
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    columns = [
-        sample_digits(model, row, labels, noise, torch.Generator().manual_seed(seed + 1), guidance_scale, distillpp_lambda)
-        for row in rows
-    ]
+    noise = torch.randn(_latent_shape(model, 10), generator=torch.Generator().manual_seed(seed))
+    columns = []
+    for row in rows:
+        generator = torch.Generator().manual_seed(seed + 1)
+        columns.append(sample_digits(model, row, labels, noise, generator, guidance_scale, distillpp_lambda))
     save_grid(list(torch.stack(columns, dim=1)), path)
     return Path(path)

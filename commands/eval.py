@@ -1,0 +1,64 @@
+"""``fewstep eval``: the quality yardstick (FD and prompt accuracy) on the digits teacher and a student LoRA."""
+
+from __future__ import annotations
+
+import argparse
+
+ORDER = 40
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from ..cli import UserError
+    from ..training.digits import digits_teacher
+    from ..training.yardstick import balanced_labels, evaluate, format_table
+
+    balanced_labels(args.n)  # validate before loading anything
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None and json_path.is_dir():
+        raise UserError(f"--json {json_path} is a directory; give a file name")
+    if args.teacher is None:
+        args.teacher = str(digits_teacher())
+    result = evaluate(
+        args.teacher,
+        lora=args.lora,
+        n=args.n,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        distillpp_lambda=args.distillpp_lambda,
+    )
+    print(format_table(result))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {json_path}")
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "eval",
+        help="the quality yardstick: FD and accuracy of teacher and student on the digits teacher",
+        description=(
+            "Generate N digits per row (N/10 per digit) and score them with a digit classifier trained on real "
+            "digits: FD (Fréchet distance of classifier features to the held-out real digits; lower is better) "
+            "and accuracy (fraction read as the prompted digit). Rows: real (the floor), teacher 50/4/1-step DDIM "
+            "and, with --lora, student 1/4-step and student + Distillation++."
+        ),
+    )
+    parser.add_argument("--teacher", help="digits teacher folder (default: the cached one, built if missing)")
+    parser.add_argument("--lora", help="student: a run directory, its lora/ directory or a .safetensors file")
+    parser.add_argument("--n", type=int, default=500, help="images per row, a multiple of 10 (default: %(default)s)")
+    parser.add_argument(
+        "--guidance-scale", type=float, default=None, help="teacher CFG scale (default: the student run's, else 2.0)"
+    )
+    parser.add_argument(
+        "--distillpp-lambda",
+        type=float,
+        default=0.1,
+        help="Distillation++ interpolation weight λ (default: %(default)s)",
+    )
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    parser.set_defaults(func=cmd_eval)

@@ -1,0 +1,48 @@
+"""``fewstep demo`` end to end with a tiny budget: files, schema and finite numbers (quality is a benchmark)."""
+
+import json
+import math
+
+import pytest
+
+from fewstep.cli import main
+
+ROWS = {"real", "teacher_50", "teacher_4", "teacher_1", "student_1", "student_4", "student_distillpp"}
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "cache"
+
+
+def test_quick_digits_demo_writes_grid_metrics_and_lora_files(private_cache, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["rows"]) == ROWS
+    for row in metrics["rows"].values():
+        assert math.isfinite(row["fd"]) and 0.0 <= row["acc"] <= 1.0 and row["seconds"] >= 0
+    assert metrics["n"] > 0 and "seed" in metrics
+    assert (out / "samples.png").stat().st_size > 0
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "lora" / "fewstep_comfyui.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "[1/3]" in printed and "[3/3]" in printed and "student_1" in printed
+
+
+def test_quick_exact_demo_writes_scatter_and_metrics(tmp_path):
+    out = tmp_path / "exact"
+    assert main(["demo", "--exact", "--quick", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(metrics["swd_student"]) and metrics["modes_covered"] >= 0
+    assert (out / "samples.png").stat().st_size > 0
+
+
+def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert main(["demo", "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file" in err

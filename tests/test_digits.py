@@ -1,0 +1,228 @@
+"""The digits teacher, its cache and the yardstick, on tiny budgets (the full build is a benchmark, not a test)."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from fewstep.cli import main
+from fewstep.training import cache, digits, yardstick
+from fewstep.training.digits import DigitsTeacherConfig, build_digits_teacher, digits_teacher
+
+# A few seconds to build: every stage runs, at toy sizes.
+TINY = DigitsTeacherConfig(
+    vae_blocks=[8, 8, 8], vae_iterations=2, text_hidden=16, text_layers=1, unet_blocks=[16, 32],
+    unet_layers_per_block=1, unet_iterations=3, batch_size=8, warmup=1,
+)  # fmt: skip
+TINY_CLASSIFIER = yardstick.DigitClassifierConfig(width=4, features=16, epochs=1, batch_size=256)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Toy-sized ops gain nothing from intra-op threads, and on a busy machine idle threads spin at every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Every test gets its own cache root, never the user's."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("FEWSTEP_CACHE", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    return build_digits_teacher(TINY, tmp_path_factory.mktemp("teacher"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier():
+    model, _ = yardstick.train_classifier(TINY_CLASSIFIER, progress=False)
+    return model
+
+
+@pytest.fixture
+def count_builds(tiny_teacher, monkeypatch):
+    """Count teacher builds; each one copies the tiny teacher instead of training again (the cache is under test)."""
+    calls = []
+
+    def copying_build(config, directory, progress=True):
+        calls.append(1)
+        shutil.copytree(tiny_teacher, directory, dirs_exist_ok=True)
+
+    monkeypatch.setattr(digits, "build_digits_teacher", copying_build)
+    return calls
+
+
+def test_split_is_fixed_stratified_and_disjoint():
+    data = digits.load_digits_split()
+    assert data.train_images.shape == (1437, 3, 32, 32) and data.test_images.shape == (360, 3, 32, 32)
+    assert data.train_images.min() >= -1 and data.train_images.max() <= 1
+    test_share = torch.bincount(data.test_labels, minlength=10) / torch.bincount(
+        torch.cat([data.train_labels, data.test_labels]), minlength=10
+    )
+    assert torch.allclose(test_share, torch.full((10,), 0.2), atol=0.01)
+    train_rows = {tuple(x.flatten()[::7].tolist()) for x in data.train_images}
+    assert not any(tuple(x.flatten()[::7].tolist()) in train_rows for x in data.test_images)
+
+
+def test_tiny_teacher_is_a_stable_diffusion_folder(tiny_teacher):
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.training.teacher import load_teacher
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured on the latents, not SD's constant
+    assert len(pipe.tokenizer("a handwritten digit seven").input_ids) == 6  # one token per word + bos/eos
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a handwritten digit seven", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and math.isfinite(float(image.sum()))
+    _, family = load_teacher(str(tiny_teacher))
+    assert family == "sd15"
+    record = json.loads((tiny_teacher / digits.TEACHER_CONFIG_FILE).read_text())
+    assert digits.read_teacher_config(tiny_teacher) == TINY and record["version"] == digits.VERSION
+
+
+def test_build_is_deterministic_for_a_seed(tiny_teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    again = build_digits_teacher(TINY, tmp_path / "again", progress=False)
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        first, second = load_file(tiny_teacher / weights), load_file(again / weights)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_cache_is_reused(count_builds):
+    entry = digits_teacher(TINY, progress=False)
+    stamp = (entry / "model_index.json").stat().st_mtime_ns
+    assert digits_teacher(TINY, progress=False) == entry
+    assert len(count_builds) == 1 and (entry / "model_index.json").stat().st_mtime_ns == stamp
+    assert entry.name.startswith(f"digits-teacher-v{digits.VERSION}-seed0-")
+    digits_teacher(TINY, force=True, progress=False)
+    assert len(count_builds) == 2
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "no_manifest"])
+def test_corrupted_cache_entry_is_rebuilt(count_builds, damage):
+    from diffusers import StableDiffusionPipeline
+
+    entry = digits_teacher(TINY, progress=False)
+    weights = entry / "unet" / "diffusion_pytorch_model.safetensors"
+    if damage == "delete":
+        weights.unlink()
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (entry / cache.MANIFEST).unlink()
+    assert cache.check_entry(entry) is not None
+    assert digits_teacher(TINY, progress=False) == entry
+    assert len(count_builds) == 2 and cache.check_entry(entry) is None
+    StableDiffusionPipeline.from_pretrained(entry)
+
+
+def test_interrupted_build_leaves_nothing_reusable(cache_dir, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C after the VAE and the tokenizer were written
+
+    monkeypatch.setattr(digits, "_train_unet", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        digits_teacher(TINY, progress=False)
+    assert list(cache_dir.iterdir()) == []  # no entry and no temporary folder
+
+
+def test_unfinished_entry_is_not_reused(cache_dir, count_builds):
+    """A folder under the entry's name without the manifest (e.g. the process was killed) is rebuilt."""
+    unfinished = cache_dir / cache.entry_name("digits-teacher", digits.VERSION, TINY)
+    unfinished.mkdir(parents=True)
+    (unfinished / "model_index.json").write_text("{}")
+    assert digits_teacher(TINY, progress=False) == unfinished
+    assert len(count_builds) == 1 and cache.check_entry(unfinished) is None
+
+
+def test_leftovers_of_killed_builds_are_removed(cache_dir, count_builds):
+    """SIGKILL skips all cleanup: the next build deletes the dead process's temporary folder."""
+    name = cache.entry_name("digits-teacher", digits.VERSION, TINY)
+    leftover = cache_dir / f".tmp-{name}-99999999-0123abcd"  # no process has this id
+    leftover.mkdir(parents=True)
+    digits_teacher(TINY, progress=False)
+    assert not leftover.exists()
+
+
+def test_classifier_is_cached(monkeypatch):
+    calls = []
+    train = yardstick.train_classifier
+    monkeypatch.setattr(yardstick, "train_classifier", lambda *a, **k: calls.append(1) or train(*a, **k))
+    first = yardstick.digit_classifier(TINY_CLASSIFIER, progress=False)
+    second = yardstick.digit_classifier(TINY_CLASSIFIER, progress=False)
+    assert len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_frechet_distance():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 8, generator=generator)
+    assert yardstick.frechet_distance(a, a) < 1e-8
+    noise = torch.randn(a.shape, generator=generator)
+    small, large = (yardstick.frechet_distance(a, a + scale * noise) for scale in (0.1, 1.0))
+    assert 0 < small < large
+    # Two unit Gaussians whose means differ by 3 along one axis: FD → 9.
+    b = torch.randn(20000, 8, generator=generator)
+    c = torch.randn(20000, 8, generator=generator) + torch.tensor([3.0] + [0.0] * 7)
+    assert yardstick.frechet_distance(b, c) == pytest.approx(9.0, abs=0.2)
+
+
+def _student_run(teacher_dir, run_dir):
+    """A fake DMD2 run: a random generator LoRA on the teacher's UNet, saved as the trainer saves it."""
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.training.lora_io import save_diffusers_lora
+    from fewstep.training.networks import lora_config
+
+    unet = StableDiffusionPipeline.from_pretrained(teacher_dir).unet
+    torch.manual_seed(0)
+    unet.add_adapter(lora_config(4, 4, init_lora_weights=False), adapter_name="generator")
+    save_diffusers_lora(unet, "generator", run_dir / "lora")
+    (run_dir / "config.yaml").write_text("num_steps: 1\nguidance_scale: 1.5\n")
+    return run_dir
+
+
+def test_eval_json_schema(tiny_teacher, tiny_classifier, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(yardstick, "digit_classifier", lambda **kwargs: tiny_classifier)
+    run_dir = _student_run(tiny_teacher, tmp_path / "run")
+    out = tmp_path / "out" / "eval.json"
+    argv = ["eval", "--teacher", str(tiny_teacher), "--lora", str(run_dir), "--n", "10", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == set(yardstick.ROWS)
+    assert result["n"] == 10 and result["seed"] == 0 and result["guidance_scale"] == 1.5  # from the run config
+    for row in result["rows"].values():
+        assert set(row) == {"fd", "acc", "seconds"} and all(math.isfinite(v) for v in row.values())
+        assert 0.0 <= row["acc"] <= 1.0
+    assert "teacher_50" in capsys.readouterr().out
+
+
+def test_student_differs_from_teacher_and_teacher_is_restored(tiny_teacher, tmp_path):
+    model = yardstick.load_digits_model(tiny_teacher, _student_run(tiny_teacher, tmp_path / "run"))
+    plain = yardstick.load_digits_model(tiny_teacher)
+    labels, noise = torch.arange(10), torch.randn(10, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sample = lambda m, row: yardstick.sample_digits(m, row, labels, noise, torch.Generator().manual_seed(1))
+    teacher = sample(model, "teacher_1")
+    assert not torch.allclose(sample(model, "student_1"), teacher)
+    assert torch.allclose(sample(model, "teacher_1"), teacher)  # the LoRA is off again for the teacher
+    assert torch.allclose(sample(plain, "teacher_1"), teacher, atol=1e-5)
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, capsys):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    assert main(["teacher", "digits", "--out", str(not_a_dir)]) == 2
+    assert main(["eval", "--n", "15"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "is a file" in errors[0] and "multiple of 10" in errors[1]
