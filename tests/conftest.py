@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Nothing in the test suite may reach the network.
@@ -10,3 +11,20 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # The test models are tiny: one thread is as fast, and several threads busy-waiting on a shared 2-core machine
 # were measured 3–100× slower.
 torch.set_num_threads(1)
+
+
+# Fabricated base pipelines and run directories shared by the pipeline and push tests (see fake_runs.py).
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    from fake_runs import FAMILIES, make_base_dir
+
+    return {family: make_base_dir(family, tmp_path_factory.mktemp(f"base-{family}")) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, bases):
+    from fake_runs import FAMILIES, make_run_dir
+
+    return {
+        family: make_run_dir(family, tmp_path_factory.mktemp(f"run-{family}"), str(bases[family])) for family in FAMILIES
+    }

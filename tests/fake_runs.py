@@ -16,6 +16,8 @@ import yaml
 from fewstep.training.lora_io import save_diffusers_lora, save_kohya_lora
 from fewstep.training.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
 
+FAMILIES = ["sd15", "sdxl"]
+
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = {"sd15": REPO / "pipelines" / "fewstep_sd.py", "sdxl": REPO / "pipelines" / "fewstep_sdxl.py"}
 PIPELINE_CLASSES = {"sd15": "FewStepSDPipeline", "sdxl": "FewStepSDXLPipeline"}

@@ -19,15 +19,6 @@ TINY = DigitsTeacherConfig(
 TINY_CLASSIFIER = yardstick.DigitClassifierConfig(width=4, features=16, epochs=1, batch_size=256)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Toy-sized ops gain nothing from intra-op threads, and on a busy machine idle threads spin at every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     """Every test gets its own cache root, never the user's."""

@@ -5,7 +5,6 @@ reproduced; the same runs are available as ``fewstep demo --exact``.
 """
 
 import pytest
-import torch
 
 from fewstep.toy.exact_teacher import ExactTeacherConfig, biased_student_distillpp, train_exact_teacher
 

@@ -70,14 +70,6 @@ def _unet_output(unet):
     return unet(sample, torch.tensor([500]), context, added_cond_kwargs=added).sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: the tiny models gain nothing from more, and with a busy 2-core machine OpenMP's
-    spinning threads made each UNet call ~100x slower (1.3 s instead of 0.012 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from fake_runs import (
     add_random_lora,
     build_tiny,
     make_base_dir,
-    make_run_dir,
 )
 
 from fewstep.cli import main
@@ -23,24 +22,7 @@ FAMILIES = ["sd15", "sdxl"]
 PROMPT = "a photo of a cat"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    return {family: make_base_dir(family, tmp_path_factory.mktemp(f"base-{family}")) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, bases):
-    return {
-        family: make_run_dir(family, tmp_path_factory.mktemp(f"run-{family}"), str(bases[family])) for family in FAMILIES
-    }
 
 
 def load(base, family, **components):

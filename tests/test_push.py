@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fake_runs import PIPELINE_CLASSES, PIPELINE_FILES, make_base_dir, make_run_dir
+from fake_runs import PIPELINE_CLASSES, PIPELINE_FILES, make_run_dir
 
 from fewstep.cli import main
 
@@ -22,24 +22,7 @@ REPO_ID = "alice/tiny-dmd2"
 TOKEN = "hf_fewstepTestTokenThatMustNeverBePrinted"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    return {family: make_base_dir(family, tmp_path_factory.mktemp(f"base-{family}")) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, bases):
-    return {
-        family: make_run_dir(family, tmp_path_factory.mktemp(f"run-{family}"), str(bases[family])) for family in FAMILIES
-    }
 
 
 def dry_run(run, folder, capsys, *extra):

@@ -1,6 +1,5 @@
 """DMD2 on one shared base UNet, end to end on tiny SD1.5- and SDXL-shaped teachers saved to disk."""
 
-import json
 
 import pytest
 import torch
@@ -15,12 +14,6 @@ from fewstep.training.teacher import encode_prompts, teacher_schedule, unconditi
 from fewstep.training.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads cost more than they give
-    yield
-    torch.set_num_threads(previous)
 
 
 BUILDERS = {"sd15": build_tiny_sd15_pipeline, "sdxl": build_tiny_sdxl_pipeline}

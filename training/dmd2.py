@@ -11,7 +11,6 @@ import dataclasses
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
