@@ -20,7 +20,7 @@ from ..core.sampling import ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import student_timesteps, validate_timesteps
 from .config import build_config, load_yaml, save_yaml
 from .dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
-from .networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, TextConditioning, attach_adapters
+from .networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
 
 # Per-family defaults from the DMD2 reference (dmd2.md); every one can be overridden.
 FAMILY_DEFAULTS = {
@@ -315,20 +315,12 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     # 6. The loop --------------------------------------------------------------------------------
     def next_batch() -> DMD2Batch:
         idx = torch.randint(0, prompt_cond.prompt_embeds.shape[0], (config.batch_size,), generator=data_rng)
-        cond = TextConditioning(
-            prompt_cond.prompt_embeds[idx],
-            None if prompt_cond.pooled_prompt_embeds is None else prompt_cond.pooled_prompt_embeds[idx],
-            None if prompt_cond.time_ids is None else prompt_cond.time_ids[idx],
-        ).to(device)
+        cond = prompt_cond.select(idx).to(device)
         batch = DMD2Batch(shape=(config.batch_size, *latent_shape), cond=cond)
         if real_latents is not None:
             ridx = torch.randint(0, real_latents.shape[0], (config.batch_size,), generator=data_rng)
             batch.real_x0 = real_latents[ridx].to(device)
-            batch.real_cond = TextConditioning(
-                real_cond.prompt_embeds[ridx],
-                None if real_cond.pooled_prompt_embeds is None else real_cond.pooled_prompt_embeds[ridx],
-                None if real_cond.time_ids is None else real_cond.time_ids[ridx],
-            ).to(device)
+            batch.real_cond = real_cond.select(ridx).to(device)
         return batch
 
     writer = _tensorboard(run_dir) if accelerator.is_main_process else None

@@ -41,8 +41,7 @@ def export_run(run_dir, fmt: str = "all", checkpoint: str | None = None, out: st
     family = (path / "family").read_text().strip()
     teacher = config["teacher"]
     try:
-        subfolder = "unet"
-        unet = UNet2DConditionModel.from_pretrained(teacher, subfolder=subfolder)
+        unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
     except (OSError, ValueError) as error:
         raise TeacherError(f"cannot load the run's teacher UNet from {teacher!r}: {str(error).splitlines()[0]}") from None
     unet.requires_grad_(False)

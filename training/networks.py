@@ -39,9 +39,21 @@ class TextConditioning:
     pooled_prompt_embeds: torch.Tensor | None = None  # SDXL: (B, P)
     time_ids: torch.Tensor | None = None  # SDXL: (B, 6) original size, crop, target size
 
+    def map(self, fn) -> "TextConditioning":
+        """Apply ``fn`` to every tensor present (the SDXL-only fields may be None)."""
+        apply = lambda x: None if x is None else fn(x)
+        return TextConditioning(apply(self.prompt_embeds), apply(self.pooled_prompt_embeds), apply(self.time_ids))
+
     def to(self, device, dtype=None) -> "TextConditioning":
-        move = lambda x: None if x is None else x.to(device=device, dtype=dtype or x.dtype)
-        return TextConditioning(move(self.prompt_embeds), move(self.pooled_prompt_embeds), move(self.time_ids))
+        return self.map(lambda x: x.to(device=device, dtype=dtype or x.dtype))
+
+    def select(self, index: torch.Tensor) -> "TextConditioning":
+        """The rows ``index`` of every field (a training batch out of the cached prompts)."""
+        return self.map(lambda x: x[index])
+
+    def repeat_to(self, batch_size: int) -> "TextConditioning":
+        """Broadcast a single (1, ...) conditioning (e.g. the unconditional one) to ``batch_size``."""
+        return self.map(lambda x: x.expand(batch_size, *x.shape[1:]))
 
     @staticmethod
     def cat(items: list["TextConditioning"]) -> "TextConditioning":
@@ -51,11 +63,6 @@ class TextConditioning:
             join([c.pooled_prompt_embeds for c in items]),
             join([c.time_ids for c in items]),
         )
-
-    def repeat_to(self, batch_size: int) -> "TextConditioning":
-        """Broadcast a single (1, ...) conditioning (e.g. the unconditional one) to ``batch_size``."""
-        rep = lambda x: None if x is None else x.expand(batch_size, *x.shape[1:])
-        return TextConditioning(rep(self.prompt_embeds), rep(self.pooled_prompt_embeds), rep(self.time_ids))
 
     def unet_kwargs(self) -> dict:
         kwargs: dict[str, Any] = {"encoder_hidden_states": self.prompt_embeds}
