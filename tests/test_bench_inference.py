@@ -12,6 +12,7 @@ from fewstep.cli import main
 SECONDS = {
     "text_encoder": 0.5, "text_encoder_cfg": 0.8, "unet_student": 8.0, "unet_teacher_cfg": 14.0, "vae_decode": 19.0,
     "pipeline_1_step": 28.5, "pipeline_4_steps": 52.0, "pipeline_4_steps_distillpp_1": 67.0,
+    "vae_decode_tiny": 0.25, "pipeline_1_step_tiny_vae": 9.0,
 }  # fmt: skip
 
 
@@ -26,6 +27,9 @@ def test_overhead_and_speedup_definitions():
     assert result["one_step_overhead"] == pytest.approx(28.5 / (0.5 + 8.0 + 19.0) - 1)
     assert result["speedup_vs_teacher_50"] == pytest.approx(720.0 / 28.5)
     assert result["overhead"]["4_steps_distillpp_1"] == pytest.approx(67.0 / (0.8 + 4 * 8.0 + 14.0 + 19.0) - 1)
+    assert result["speedup_vs_teacher_50_tiny_vae"] == pytest.approx(720.0 / 9.0)
+    assert result["overhead"]["1_step_tiny_vae"] == pytest.approx(9.0 / (0.5 + 8.0 + 0.25) - 1)
+    assert result["speedup_bound_same_vae"] == pytest.approx(720.0 / (0.5 + 19.0))
     assert result["setup"]["teacher_extrapolated"] is False
     table = format_table(result)
     assert "one_step_overhead = +3.6%" in table and "speedup_vs_teacher_50 = 25.3×" in table

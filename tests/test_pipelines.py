@@ -111,6 +111,24 @@ def test_pipeline_equals_math_layer_sampler(students, family, steps):
     assert (images - reference).abs().max().item() <= 1e-5
 
 
+def test_decodes_with_a_tiny_autoencoder(bases, runs):
+    """``vae=AutoencoderTiny(...)`` (TAESD-style fast decoding) is used as given, scaling factor included."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1), scaling_factor=1.0,
+    ).eval()  # fmt: skip
+    pipe = load(bases["sd15"], "sd15", vae=tiny)
+    pipe.load_lora_weights(str(runs["sd15"]))
+    assert pipe.vae_scale_factor == 2
+    images = pipe(PROMPT, generator=seeded(), output_type="pt").images
+    reference = direct_sample(pipe, "sd15", student_timesteps(1))
+    assert images.shape == reference.shape == (1, 3, 32, 32)
+    assert (images - reference).abs().max().item() <= 1e-5
+
+
 def test_lora_changes_the_output(bases, students):
     base = load(bases["sd15"], "sd15")
     plain = base(PROMPT, generator=seeded(), output_type="pt").images
