@@ -82,7 +82,9 @@ def run(args: argparse.Namespace) -> dict:
         teacher.to(dtype=dtype)
     teacher.to(device)
     student = FewStepSDPipeline(**teacher.components, requires_safety_checker=False)
-    tiny_vae = AutoencoderTiny().eval().to(device, dtype)  # TAESD's architecture, random weights
+    tiny_vae = AutoencoderTiny().eval().to(device)  # TAESD's architecture, random weights
+    if dtype != torch.float32:
+        tiny_vae.to(dtype=dtype)
     student_tiny_vae = FewStepSDPipeline(**{**teacher.components, "vae": tiny_vae}, requires_safety_checker=False)
     for pipe in (teacher, student, student_tiny_vae):
         pipe.set_progress_bar_config(disable=True)
