@@ -12,6 +12,8 @@ import tempfile
 
 import torch
 
+from ..core.schedule import SD_TRAINING_SCHEDULE
+
 SD15_UNET = dict(
     sample_size=64,
     in_channels=4,
@@ -54,33 +56,20 @@ SD15_TEXT_ENCODER = dict(
     hidden_act="quick_gelu",
     layer_norm_eps=1e-5,
 )
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+SD15_SCHEDULER = dict(**SD_TRAINING_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 def build_random_sd15_pipeline(seed: int = 0):
     """A ``StableDiffusionPipeline`` (DDIM scheduler, no safety checker) at SD1.5's real size, random weights."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    from ..training.tiny_models import write_offline_clip_tokenizer
+    from ..training.tiny_models import clip_text_config, write_offline_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as directory:
         tokenizer = write_offline_clip_tokenizer(directory)
     torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        **SD15_TEXT_ENCODER,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text_config = clip_text_config(tokenizer, **SD15_TEXT_ENCODER)
     return StableDiffusionPipeline(
         vae=AutoencoderKL(**SD15_VAE).eval(),
         text_encoder=CLIPTextModel(text_config).eval(),

@@ -15,6 +15,9 @@ import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# The training noise schedule of SD1.5 and SDXL (their scheduler configs' beta fields).
+SD_TRAINING_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                        "beta_end": 0.012}  # fmt: skip
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:

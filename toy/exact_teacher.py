@@ -16,11 +16,10 @@ from torch import nn
 
 from ..core.distillpp import sample_distillpp
 from ..core.sampling import ddim_timesteps, sample_ddim, sample_few_step
-from ..core.schedule import NoiseSchedule, student_timesteps
+from ..core.schedule import SD_TRAINING_SCHEDULE, NoiseSchedule, student_timesteps
 from ..training.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from .gmm import GaussianMixture, sliced_wasserstein
 
-SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 
 
 @dataclass
@@ -155,7 +154,7 @@ def train_exact_teacher(config: ExactTeacherConfig, progress=None) -> ExactTeach
     torch.manual_seed(config.seed)
     # The networks return x0; the prediction type only sets the fake score's loss weight: v-MSE = (SNR + 1)·x0-MSE,
     # which fits both the sharp low-noise and the smooth high-noise denoisers (x0-MSE underweights low noise).
-    schedule = NoiseSchedule.from_config({**SD_SCHEDULE, "prediction_type": "v_prediction"})
+    schedule = NoiseSchedule.from_config({**SD_TRAINING_SCHEDULE, "prediction_type": "v_prediction"})
     mixture = GaussianMixture.ring(config.num_modes, config.radius, config.mode_std)
     networks = ExactTeacherNetworks(mixture, schedule, config.hidden, config.seed)
     timesteps = student_timesteps(config.num_steps)
@@ -216,7 +215,7 @@ def biased_student_distillpp(
     The student is the exact denoiser scaled by 0.8 (a shrunken, blurred ring: the typical distilled-student
     error). Same noise for every λ, so only λ changes.
     """
-    schedule = NoiseSchedule.from_config({**SD_SCHEDULE, "prediction_type": "v_prediction"})
+    schedule = NoiseSchedule.from_config({**SD_TRAINING_SCHEDULE, "prediction_type": "v_prediction"})
     mixture = GaussianMixture.ring(std=ExactTeacherConfig.mode_std)
     timesteps = student_timesteps(num_steps)
     data = mixture.sample(n, torch.Generator().manual_seed(seed + 100))

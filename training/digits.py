@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..core.schedule import SD_TRAINING_SCHEDULE
 from .cache import cached_build, config_hash
 
 VERSION = 1  # bump when the build procedure changes, so old cache entries are not reused
@@ -151,19 +152,14 @@ def _vae(config: DigitsTeacherConfig):
 
 
 def _text_encoder(config: DigitsTeacherConfig, tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    text_config = CLIPTextConfig(
-        hidden_size=config.text_hidden,
-        intermediate_size=4 * config.text_hidden,
-        num_attention_heads=4,
+    from .tiny_models import clip_text_config
+
+    text_config = clip_text_config(
+        tokenizer, hidden_size=config.text_hidden, intermediate_size=4 * config.text_hidden, num_attention_heads=4,
         num_hidden_layers=config.text_layers,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    )  # fmt: skip
     return CLIPTextModel(text_config).eval().requires_grad_(False)
 
 
@@ -190,16 +186,9 @@ def _scheduler():
 
     # SD1.5's training schedule; "trailing" spacing so that the stock pipeline's 1-step sampling starts at t = 999.
     return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type="epsilon",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
+        **SD_TRAINING_SCHEDULE, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
         timestep_spacing="trailing",
-    )
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -14,6 +14,8 @@ from typing import Iterable
 
 import torch
 
+from ..core.schedule import SD_TRAINING_SCHEDULE
+
 # Every prompt word the tests, benchmarks and the digits teacher use; each becomes one token so that prompts
 # stay short and the tiny text encoder sees whole words rather than letters.
 PROMPT_WORDS = (
@@ -104,22 +106,29 @@ def _tiny_tokenizer():
         return write_offline_clip_tokenizer(directory)
 
 
-def _tiny_text_encoder(tokenizer, with_projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def clip_text_config(tokenizer, **sizes):
+    """A ``CLIPTextConfig`` of the given sizes whose special-token ids match ``tokenizer``.
 
-    config = CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        projection_dim=32,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
+    ``vocab_size`` and ``max_position_embeddings`` default to the tokenizer's; pass them to override.
+    """
+    from transformers import CLIPTextConfig
+
+    defaults = dict(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length)
+    return CLIPTextConfig(
+        **{**defaults, **sizes},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        hidden_act="gelu",
     )
+
+
+def _tiny_text_encoder(tokenizer, with_projection: bool = False):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    config = clip_text_config(
+        tokenizer, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        projection_dim=32, hidden_act="gelu",
+    )  # fmt: skip
     model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return model_class(config).eval()
 
@@ -142,16 +151,7 @@ def _tiny_vae():
 def _tiny_scheduler(prediction_type: str):
     from diffusers import DDPMScheduler
 
-    # SD1.5's and SDXL's training schedule.
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type=prediction_type,
-        clip_sample=False,
-        steps_offset=1,
-    )
+    return DDPMScheduler(**SD_TRAINING_SCHEDULE, prediction_type=prediction_type, clip_sample=False, steps_offset=1)
 
 
 def _tiny_unet(**family_kwargs):
