@@ -22,11 +22,14 @@ from .config import build_config, load_yaml, save_yaml
 from .dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from .networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
 
-# Per-family defaults from the DMD2 reference (dmd2.md); every one can be overridden.
+# Per-family defaults (docs/defaults.md sets each beside the DMD2 reference's value); every one can be overridden.
 FAMILY_DEFAULTS = {
-    "sd15": dict(guidance_scale=1.75, dfake_gen_update_ratio=10, gan_weight=1e-3),
-    "sdxl": dict(guidance_scale=8.0, dfake_gen_update_ratio=5, gan_weight=5e-3),
+    "sd15": dict(guidance_scale=1.75, dfake_gen_update_ratio=10, gan_weight=1e-3, gradient_checkpointing=False),
+    "sdxl": dict(guidance_scale=8.0, dfake_gen_update_ratio=5, gan_weight=5e-3, gradient_checkpointing=True),
 }
+# The reference's effective batch (per-GPU batch × 64 GPUs); far below it the DM gradient is much noisier.
+REFERENCE_EFFECTIVE_BATCH = {"sd15": 32 * 64, "sdxl": 2 * 64}
+FAR_BELOW_REFERENCE = 16  # warn when the effective batch is under 1/16 of the reference's
 
 
 class TrainingError(RuntimeError):
@@ -54,10 +57,15 @@ class DMD2TrainConfig:
     max_steps: int = field(default=1000, metadata={"help": "training iterations (fake-score updates)"})
     num_steps: int = field(default=1, metadata={"help": "student sampling steps: 1 = [999], 4 = [999,749,499,249]"})
     timesteps: list[int] | None = field(default=None, metadata={"help": "custom student timesteps, e.g. 999,499"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of both adapters (and the GAN head)"})
-    warmup_steps: int = field(default=500, metadata={"help": "linear warm-up, in updates of each optimizer"})
+    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate of the generator adapter"})
+    fake_lr: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate of the fake-score adapter and the GAN head (default: --lr)"}
+    )
+    warmup_steps: int = field(
+        default=100, metadata={"help": "linear learning-rate warm-up of both optimizers, in iterations"}
+    )
     lr_schedule: str = field(
-        default="constant", metadata={"help": "after warm-up: constant (reference) or cosine decay to 0",
+        default="constant", metadata={"help": "after warm-up: constant (reference) or cosine decay to 0 at --max-steps",
                                       "choices": ["constant", "cosine"]},
     )  # fmt: skip
     ema_decay: float = field(
@@ -72,16 +80,22 @@ class DMD2TrainConfig:
     gen_rank: int = field(default=64, metadata={"help": "generator LoRA rank"})
     gen_alpha: float = field(default=8.0, metadata={"help": "generator LoRA alpha"})
     fake_rank: int = field(default=64, metadata={"help": "fake-score LoRA rank"})
-    fake_alpha: float = field(default=8.0, metadata={"help": "fake-score LoRA alpha"})
+    fake_alpha: float | None = field(
+        default=None, metadata={"help": "fake-score LoRA alpha (default: --fake-rank, i.e. LoRA scale 1)"}
+    )
     gan_weight: float | None = field(
         default=None, metadata={"help": "generator GAN loss weight (sd15 1e-3, sdxl 5e-3; 0 = no GAN)"}
     )
     disc_weight: float = field(default=1e-2, metadata={"help": "discriminator loss weight"})
     backward_simulation: bool = field(default=True, metadata={"help": "multi-step: train on the student's own inputs"})
     mixed_precision: str = field(
-        default="no", metadata={"help": "base UNet precision (LoRA stays fp32)", "choices": ["no", "fp16", "bf16"]}
+        default="auto",
+        metadata={"help": "base UNet precision and autocast, LoRA stays fp32: auto = bf16 on a GPU that has it, else "
+                          "no; fp16 scales its losses", "choices": ["auto", "no", "fp16", "bf16"]},
+    )  # fmt: skip
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "trade compute for activation memory (sd15 off, sdxl on)"}
     )
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
     checkpoint_every: int = field(default=500, metadata={"help": "iterations between checkpoints"})
     checkpoints_total_limit: int = field(default=3, metadata={"help": "checkpoints kept (oldest deleted)"})
     validate_every: int = field(default=500, metadata={"help": "iterations between validation grids (0 = off)"})
@@ -90,9 +104,65 @@ class DMD2TrainConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
 
     def resolved(self, family: str) -> "DMD2TrainConfig":
+        """Every "None = default" filled in: the family's defaults, then the ones derived from other options."""
         defaults = FAMILY_DEFAULTS[family]
         fills = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.fake_lr is None:
+            fills["fake_lr"] = self.lr
+        if self.fake_alpha is None:
+            fills["fake_alpha"] = float(self.fake_rank)
+        if self.mixed_precision == "auto":
+            fills["mixed_precision"] = auto_mixed_precision()
         return dataclasses.replace(self, **fills)
+
+
+def auto_mixed_precision() -> str:
+    """bf16 (autocast over a bf16 base, fp32 adapters) on a GPU that supports it; full precision elsewhere."""
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def lr_factor(iteration: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """The learning-rate multiplier at ``iteration`` (0-based), for both optimizers.
+
+    Linear warm-up ``min(1, (k + 1) / warmup_steps)``; then constant, or cosine ``½(1 + cos(π·p))`` with
+    p = (k − warmup_steps) / (max_steps − warmup_steps). Counted in iterations, as the reference steps both of
+    its schedulers every iteration, so a generator that updates every 10th iteration still leaves warm-up.
+    """
+    warm = min(1.0, (iteration + 1) / max(1, warmup_steps))
+    if schedule == "constant":
+        return warm
+    progress = min(1.0, max(0, iteration - warmup_steps) / max(1, max_steps - warmup_steps))
+    return warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_option_combinations(config: "DMD2TrainConfig", use_gan: bool, num_steps: int) -> None:
+    """Refuse combinations that are known-bad or that nothing tests, before any model loads."""
+    if use_gan and config.disc_weight <= 0:
+        raise TrainingError(
+            f"--gan-weight {config.gan_weight} with --disc-weight {config.disc_weight}: the generator would chase an "
+            "untrained discriminator; set --disc-weight > 0 (default 1e-2) or --gan-weight 0"
+        )
+    if num_steps > 1 and not config.backward_simulation and not use_gan:
+        raise TrainingError(
+            "a multi-step student without --backward-simulation trains on noised real images; give --images DIR "
+            "or keep backward simulation on (the default)"
+        )
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise TrainingError(f"--ema-decay {config.ema_decay} must be in [0, 1) (e.g. 0.99; 0 = off)")
+
+
+def effective_batch_warning(config: "DMD2TrainConfig", family: str, num_processes: int) -> str | None:
+    """A one-line warning when the effective batch is far below what the reference validated."""
+    effective = config.batch_size * config.gradient_accumulation_steps * num_processes
+    reference = REFERENCE_EFFECTIVE_BATCH[family]
+    if effective * FAR_BELOW_REFERENCE >= reference:
+        return None
+    return (
+        f"fewstep: warning: effective batch {effective} (batch {config.batch_size} × accumulation "
+        f"{config.gradient_accumulation_steps} × {num_processes} process(es)) is far below the DMD2 reference's "
+        f"{reference} for {family}; expect noisier distribution-matching gradients: raise --gradient-accumulation-steps "
+        "or --batch-size, or lower --lr (docs/defaults.md)"
+    )
 
 
 def make_config(cli: dict, config_file: str | None = None) -> DMD2TrainConfig:
@@ -161,7 +231,11 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     real_items = read_image_folder(config.images) if config.images else []
     if not prompts:
         prompts = [item.caption for item in real_items]
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    if config.mixed_precision == "auto":
+        config = dataclasses.replace(config, mixed_precision=auto_mixed_precision())
+    # Mixed precision is ours, not accelerate's: autocast below, and the loop's per-optimizer GradScalers for fp16
+    # (accelerate's scaler needs accelerator.backward, which cannot do the loop's staged backward).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     pipe, family = teachers.load_teacher(config.teacher, config.model_type)
     if checkpoint is not None:
         saved_family = (checkpoint / "family").read_text().strip()
@@ -180,6 +254,10 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     if config.gan_weight > 0 and not real_items:
         print("fewstep: no --images given, training without the GAN loss (DMD2 stage 1)")
     use_gan = config.gan_weight > 0 and bool(real_items)
+    check_option_combinations(config, use_gan, len(timesteps))
+    warning = effective_batch_warning(config, family, accelerator.num_processes)
+    if warning:
+        accelerator.print(warning)
     device = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
 
@@ -215,23 +293,17 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     gan_head = GANHead(unet.config.block_out_channels[-1]).to(device) if use_gan else None
     networks = SharedUNetNetworks(unet, schedule, uncond, config.guidance_scale, gan_head)
 
-    def adamw(params):
-        return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
+    def adamw(params, lr):
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
 
-    def lr_scheduler(optimizer, total_updates: int):
-        def factor(update: int) -> float:
-            warm = min(1.0, (update + 1) / max(1, config.warmup_steps))
-            if config.lr_schedule == "constant":
-                return warm
-            progress = min(1.0, max(0, update - config.warmup_steps) / max(1, total_updates - config.warmup_steps))
-            return warm * 0.5 * (1 + math.cos(math.pi * progress))
-
+    def lr_scheduler(optimizer):  # stepped once per iteration by the loop, for both optimizers
+        factor = lambda iteration: lr_factor(iteration, config.warmup_steps, config.max_steps, config.lr_schedule)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    generator_optimizer = adamw(networks.generator_parameters())
-    fake_score_optimizer = adamw(networks.fake_score_parameters())
-    generator_scheduler = lr_scheduler(generator_optimizer, math.ceil(config.max_steps / config.dfake_gen_update_ratio))
-    fake_score_scheduler = lr_scheduler(fake_score_optimizer, config.max_steps)
+    generator_optimizer = adamw(networks.generator_parameters(), config.lr)
+    fake_score_optimizer = adamw(networks.fake_score_parameters(), config.fake_lr)
+    generator_scheduler = lr_scheduler(generator_optimizer)
+    fake_score_scheduler = lr_scheduler(fake_score_optimizer)
     ema = AdapterEMA(networks.generator_parameters(), config.ema_decay) if config.ema_decay > 0 else None
 
     world = accelerator.num_processes
@@ -272,6 +344,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
         clip_grad_norm=clip_grad_norm,
         all_finite=all_finite,
         device=device,
+        fp16_loss_scaling=config.mixed_precision == "fp16",
     )
     data_rng = torch.Generator().manual_seed(config.seed * 1000 + 17 + accelerator.process_index)
 
@@ -318,8 +391,8 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
         cond = prompt_cond.select(idx).to(device)
         batch = DMD2Batch(shape=(config.batch_size, *latent_shape), cond=cond)
         if real_latents is not None:
-            ridx = torch.randint(0, real_latents.shape[0], (config.batch_size,), generator=data_rng)
-            batch.real_x0 = real_latents[ridx].to(device)
+            ridx = torch.randint(0, len(real_latents), (config.batch_size,), generator=data_rng)
+            batch.real_x0 = real_latents.sample(ridx, data_rng).to(device)
             batch.real_cond = real_cond.select(ridx).to(device)
         return batch
 
@@ -332,7 +405,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     stopped = False
     shown: dict[str, str] = {}
     while loop.step < config.max_steps and not stopped:
-        with accelerator.autocast():
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=config.mixed_precision != "no"):
             metrics = loop.train_step([next_batch() for _ in range(config.gradient_accumulation_steps)])
         if ema is not None and "loss_dm" in metrics:
             ema.update()

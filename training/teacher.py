@@ -6,6 +6,7 @@ training needs only the UNet (and the VAE decoder for validation images).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -117,18 +118,40 @@ def unconditional(pipe, family: str, resolution: int) -> TextConditioning:
     return encode_prompts(pipe, family, [""], resolution)
 
 
+@dataclass
+class LatentPosteriors:
+    """The VAE posteriors N(mean, std²) of the real images, times the scaling factor (computed once, on the CPU).
+
+    Real latents are drawn from them fresh each time (:meth:`sample`), as a Stable Diffusion teacher was trained —
+    the digits teacher and the DMD2 reference alike — not as posterior means, which are smoother than the latents
+    the teacher (and so the fake score and the GAN) learned to denoise.
+    """
+
+    mean: torch.Tensor  # (N, C, h, w)
+    std: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, std = self.mean[index], self.std[index]
+        return mean + std * torch.randn(mean.shape, generator=generator)
+
+
 @torch.no_grad()
-def encode_images(pipe, images: list, resolution: int, batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (mean of the posterior, times the scaling factor) of the real images, computed once."""
+def encode_images(pipe, images: list, resolution: int, batch_size: int = 8) -> LatentPosteriors:
+    """The VAE posteriors of the real images (scaled by the VAE's scaling factor), computed once."""
     from .data import load_image_tensor
 
     vae = pipe.vae
-    latents = []
+    scale = vae.config.scaling_factor
+    means, stds = [], []
     for start in range(0, len(images), batch_size):
         pixels = torch.stack([load_image_tensor(item.path, resolution) for item in images[start : start + batch_size]])
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        latents.append((posterior.mean * vae.config.scaling_factor).float().cpu())
-    return torch.cat(latents)
+        means.append((posterior.mean * scale).float().cpu())
+        stds.append((posterior.std * scale).float().cpu())
+    return LatentPosteriors(torch.cat(means), torch.cat(stds))
 
 
 @torch.no_grad()
