@@ -37,7 +37,9 @@ class TrainingError(RuntimeError):
 class DMD2TrainConfig:
     """``fewstep train --method dmd2`` options. None means "the teacher family's default"."""
 
-    teacher: str = field(default="", metadata={"help": "Hub id or local diffusers folder of the teacher"})
+    teacher: str = field(
+        default="", metadata={"help": "Hub id, local diffusers folder or single-file .safetensors checkpoint"}
+    )
     output: str = field(default="", metadata={"help": "run directory (config, checkpoints, samples, lora)"})
     model_type: str | None = field(
         default=None, metadata={"help": "override the detected family", "choices": ["sd15", "sdxl"]}
@@ -88,6 +90,31 @@ class DMD2TrainConfig:
     num_validation_prompts: int = field(default=4, metadata={"help": "prompts in each validation grid"})
     max_nan_steps: int = field(default=10, metadata={"help": "skipped non-finite steps before the run stops"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    # Issue 15: single-file and styled teachers, datasets, trackers.
+    teacher_config: str | None = field(
+        default=None, metadata={"help": "with a single-file --teacher (.safetensors): a diffusers folder or Hub id of "
+                                        "the same architecture, for the component configs and tokenizers"},
+    )  # fmt: skip
+    teacher_lora: list[str] | None = field(
+        default=None, metadata={"help": "style LoRA FILE[:SCALE] fused into the teacher before distillation "
+                                        "(kohya or diffusers format; repeatable)"},
+    )  # fmt: skip
+    dataset: str | None = field(
+        default=None, metadata={"help": "a Hugging Face dataset: a local folder, a saved dataset or a Hub id"}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "dataset image column (default: 'image')"})
+    caption_column: str | None = field(
+        default=None, metadata={"help": "dataset caption column (default: 'text', 'caption' or 'prompt')"}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "dataset split"})
+    streaming: bool = field(default=False, metadata={"help": "stream the dataset (large ones): read --max-train-samples"})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "use at most this many dataset examples (streaming default: 10000)"}
+    )
+    report_to: str | None = field(
+        default=None, metadata={"help": "experiment tracker (default: tensorboard when installed)",
+                                "choices": ["none", "tensorboard", "wandb"]},
+    )  # fmt: skip
 
     def resolved(self, family: str) -> "DMD2TrainConfig":
         defaults = FAMILY_DEFAULTS[family]
@@ -162,7 +189,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     if not prompts:
         prompts = [item.caption for item in real_items]
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    pipe, family = teachers.load_teacher(config.teacher, config.model_type)
+    pipe, family = teachers.load_teacher(config.teacher, config.model_type, config.teacher_config, config.teacher_lora)
     if checkpoint is not None:
         saved_family = (checkpoint / "family").read_text().strip()
         if saved_family != family:
