@@ -21,6 +21,7 @@ from ..core.schedule import student_timesteps, validate_timesteps
 from .config import build_config, load_yaml, save_yaml
 from .dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from .networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
+from .trackers import open_run_logger, resolve_report_to
 
 # Per-family defaults from the DMD2 reference (dmd2.md); every one can be overridden.
 FAMILY_DEFAULTS = {
@@ -174,6 +175,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
         raise TrainingError("--teacher is required (a Hub id or a local diffusers folder)")
     if not config.output:
         raise TrainingError("--output is required (the run directory)")
+    resolve_report_to(config.report_to)  # an unusable tracker fails before the teacher loads
     run_dir = Path(config.output)
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"--output {run_dir} is a file; give a directory")
@@ -350,7 +352,8 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
             batch.real_cond = real_cond.select(ridx).to(device)
         return batch
 
-    writer = _tensorboard(run_dir) if accelerator.is_main_process else None
+    optimizers = {"generator": generator_optimizer, "fake_score": fake_score_optimizer}
+    writer = open_run_logger(config.report_to, run_dir, config, optimizers) if accelerator.is_main_process else None
     bar = tqdm(
         total=config.max_steps, initial=loop.step, desc="DMD2", unit="it", disable=not accelerator.is_main_process
     )
@@ -447,14 +450,6 @@ def _check_replicas_agree(networks: SharedUNetNetworks, accelerator) -> None:
     if spread != 0.0:
         raise TrainingError(f"adapter weights differ across processes (max |Δ| of parameter sums {spread:g})")
     accelerator.print(f"fewstep: adapter weights identical on all {accelerator.num_processes} processes")
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "logs"))
 
 
 class _Validator:
