@@ -168,7 +168,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     from tqdm import tqdm
 
     from . import teacher as teachers
-    from .data import read_image_folder, read_prompts
+    from .hf_dataset import read_training_data
     from .lora_io import save_diffusers_lora, save_kohya_lora
 
     if not config.teacher:
@@ -184,12 +184,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
         raise TrainingError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
 
     # 1. Data first (cheap to check), then the teacher, its family and the family's defaults -----------
-    if not config.prompts and not config.images:
-        raise TrainingError("give --prompts FILE (and optionally --images DIR with captioned real images)")
-    prompts = read_prompts(config.prompts) if config.prompts else []
-    real_items = read_image_folder(config.images) if config.images else []
-    if not prompts:
-        prompts = [item.caption for item in real_items]
+    prompts, real_items = read_training_data(config, run_dir)  # --prompts, --images, --dataset
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     pipe, family = teachers.load_teacher(config.teacher, config.model_type, config.teacher_config, config.teacher_lora)
     if checkpoint is not None:
