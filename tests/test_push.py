@@ -113,7 +113,7 @@ def test_pushed_pipeline_file_loads_as_custom_pipeline(bases, runs, tmp_path, ca
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--repo-id", REPO_ID], "is a local folder, not a Hub id; pass --base-model"),
+        (["--repo-id", REPO_ID], "is a local folder or file, not a Hub id; pass --base-model"),
         (["--repo-id", "no-owner", "--base-model", BASE_MODELS["sd15"]], "--repo-id 'no-owner' must look like USER/NAME"),
         (["--repo-id", REPO_ID, "--base-model", "./local"], "--base-model './local' is not a Hub model id"),
     ],

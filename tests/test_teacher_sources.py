@@ -141,13 +141,33 @@ def test_style_lora_scale_scales_the_fused_change(files, tmp_path):
     torch.testing.assert_close(full[key] - base[key], 2 * (half[key] - base[key]), rtol=1e-4, atol=1e-6)
 
 
-def test_styled_run_records_the_style_lora(files, prompts, tmp_path, capsys):
+def test_styled_run_records_the_style_lora_and_its_card_names_it(files, prompts, tmp_path, capsys):
     lora = style_lora("sd15", tmp_path / "style.safetensors")
     run = tmp_path / "run"
     code = main(["train", "--teacher", str(files["sd15"]["config"]), "--teacher-lora", f"{lora}:0.7",
                  "--output", str(run), "--prompts", str(prompts), *TRAIN])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert yaml.safe_load((run / "config.yaml").read_text())["teacher_lora"] == [f"{lora}:0.7"]
+    assert main(["push", str(run), "--repo-id", "alice/styled", "--base-model", "owner/base", "--dry-run",
+                 "--folder", str(tmp_path / "upload")]) == 0  # fmt: skip
+    card = (tmp_path / "upload" / "README.md").read_text()
+    assert "| style LoRAs fused into the teacher | `style.safetensors` at scale 0.7 |" in card
+
+
+def test_diffusers_format_style_lora_also_fuses(files, tmp_path):
+    from peft import LoraConfig
+
+    from fewstep.training.lora_io import save_diffusers_lora
+
+    unet = BUILDERS["sd15"](seed=3).unet
+    torch.manual_seed(2)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"]),
+                     adapter_name="style")  # fmt: skip
+    lora = save_diffusers_lora(unet, "style", tmp_path / "style", family="sd15")
+    lora = lora if lora.is_file() else lora / "pytorch_lora_weights.safetensors"
+    base = load_teacher(str(files["sd15"]["config"]))[0].unet.state_dict()
+    styled = load_teacher(str(files["sd15"]["config"]), style_loras=[str(lora)])[0].unet.state_dict()
+    assert any(not torch.equal(base[k], styled[k]) for k in base if k.endswith("to_q.weight"))
 
 
 def test_sdxl_style_lora_on_an_sd15_teacher_is_one_line(files, prompts, tmp_path, capsys):

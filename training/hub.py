@@ -94,7 +94,7 @@ def base_model_of(run: Run, override: str | None = None) -> str:
     if looks_like_hub_id(teacher):
         return teacher
     raise PublishError(
-        f"the run's teacher {teacher!r} is a local folder, not a Hub id; pass --base-model OWNER/NAME "
+        f"the run's teacher {teacher!r} is a local folder or file, not a Hub id; pass --base-model OWNER/NAME "
         "(the Hub model it was saved from)"
     )
 
