@@ -2,8 +2,9 @@
 
 The fast test runs this interpreter in isolated mode (``-I``: no PYTHONPATH, no user site, no current folder)
 with ``import fewstep`` made to fail (plain_diffusers_child.py ``--block-fewstep``), and a fresh diffusers module
-cache, so only what the pushed folder holds can be used. The slow test builds a real venv with torch, diffusers,
-transformers, safetensors and peft only (``pytest -m slow tests/test_pushed_repo.py``).
+cache, so only what the pushed folder holds can be used. The slow test (deselected by default) builds a real venv with
+torch, diffusers, transformers, safetensors and peft only (``pytest -m slow tests/test_pushed_repo.py``; about a minute
+with a warm pip cache).
 """
 
 import ast
