@@ -91,7 +91,7 @@ class DMD2TrainConfig:
     num_validation_prompts: int = field(default=4, metadata={"help": "prompts in each validation grid"})
     max_nan_steps: int = field(default=10, metadata={"help": "skipped non-finite steps before the run stops"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    # Issue 15: single-file and styled teachers, datasets, trackers.
+    # Teachers from single files and style LoRAs, Hugging Face datasets, experiment trackers.
     teacher_config: str | None = field(
         default=None, metadata={"help": "with a single-file --teacher (.safetensors): a diffusers folder or Hub id of "
                                         "the same architecture, for the component configs and tokenizers"},
@@ -172,7 +172,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     from .lora_io import save_diffusers_lora, save_kohya_lora
 
     if not config.teacher:
-        raise TrainingError("--teacher is required (a Hub id or a local diffusers folder)")
+        raise TrainingError("--teacher is required (a Hub id, a local diffusers folder or a .safetensors file)")
     if not config.output:
         raise TrainingError("--output is required (the run directory)")
     resolve_report_to(config.report_to)  # an unusable tracker fails before the teacher loads
