@@ -138,11 +138,7 @@ def _comfyui_section(recipe: SamplingRecipe, styles: list[StyleLora]) -> list[st
         fewstep_nodes = (
             f"**FewStep Scheduler** with timesteps `{custom}` + **FewStep Sampler** in **SamplerCustom** (cfg 1.0)."
         )
-    lines = [
-        "## Use in ComfyUI",
-        f"Put `{KOHYA_WEIGHT_NAME}` in `ComfyUI/models/loras/`. {chain}",
-        "- With the fewstep nodes (ComfyUI-Manager: *fewstep*; they need only ComfyUI): " + fewstep_nodes,
-    ]
+    lines = ["- With the fewstep nodes (ComfyUI-Manager: *fewstep*; they need only ComfyUI): " + fewstep_nodes]
     stock = recipe.comfyui_stock_scheduler
     if stock is not None:
         lines.append(
@@ -155,15 +151,13 @@ def _comfyui_section(recipe: SamplingRecipe, styles: list[StyleLora]) -> list[st
             "scaled by that timestep's σ instead of pure noise. Use the fewstep nodes above."
         )
     else:
-        lines.append(
-            "- No stock ComfyUI scheduler hits these timesteps; use the fewstep nodes above."
-        )
+        lines.append("- No stock ComfyUI scheduler hits these timesteps; use the fewstep nodes above.")
     lines.append(
         f"- Do not use schedulers {', '.join(f'`{s}`' for s in COMFYUI_WRONG_SCHEDULERS)} (they miss the trained "
         "timesteps), CFG above 1, or **ModelSamplingDiscrete** with sampling `lcm` (LCM's own parameterisation, "
         "which snaps the timesteps to a 50-step grid)."
     )
-    return ["\n".join(lines[:2]), "\n".join(lines[2:])]
+    return ["## Use in ComfyUI", f"Put `{KOHYA_WEIGHT_NAME}` in `ComfyUI/models/loras/`. {chain}", "\n".join(lines)]
 
 
 def _a1111_section(recipe: SamplingRecipe, styles: list[StyleLora]) -> list[str]:

@@ -114,7 +114,9 @@ def load_single_file_teacher(path: str | Path, config: str | None = None):
     if config:
         _check_config(str(config), family, path)
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    kwargs = {"config": str(Path(config).expanduser()) if Path(config).expanduser().exists() else config} if config else {}
+    kwargs = {}
+    if config:  # a local folder (with ~ expanded) or a Hub id
+        kwargs["config"] = str(Path(config).expanduser()) if Path(config).expanduser().exists() else config
     try:
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except Exception as error:  # diffusers/huggingface_hub raise OSError, ValueError, HTTP and offline errors here

@@ -94,9 +94,11 @@ def test_fewstep_node_recipe_of_the_card_runs_headless(comfyui, timesteps):
     assert student_timesteps(int(steps), first_timestep=int(first_timestep)) == timesteps
 
 
-def test_sgm_uniform_lands_within_one_timestep_as_the_card_says():
-    got = timesteps_of(cached_family("sd15").model, "sgm_uniform", 4)
-    assert max(abs(a - b) for a, b in zip(got, [999, 749, 499, 249])) <= 1
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_sgm_uniform_lands_within_one_timestep_as_the_card_says(steps):
+    assert "`sgm_uniform` lands within one timestep" in card_text("sd15", student_timesteps(steps))
+    got = timesteps_of(cached_family("sd15").model, "sgm_uniform", steps)
+    assert max(abs(a - b) for a, b in zip(got, student_timesteps(steps))) <= 1
 
 
 @pytest.mark.parametrize("scheduler", ["normal", "karras", "exponential"])
