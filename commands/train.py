@@ -44,5 +44,9 @@ def register(sub) -> None:
     train.add_argument("--method", choices=["dmd2"], default="dmd2", help="distillation method (default: dmd2)")
     train.add_argument("--config", default=None, help="YAML file of options (keys as below, - or _)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    add_dataclass_arguments(train, DMD2TrainConfig)
+    add_dataclass_arguments(train, DMD2TrainConfig, skip=("teacher_lora",))
+    train.add_argument(
+        "--teacher-lora", action="append", default=argparse.SUPPRESS, metavar="FILE[:SCALE]", dest="teacher_lora",
+        help=DMD2TrainConfig.__dataclass_fields__["teacher_lora"].metadata["help"],
+    )
     train.set_defaults(func=cmd_train)

@@ -21,6 +21,7 @@ from ..core.schedule import student_timesteps, validate_timesteps
 from .config import build_config, load_yaml, save_yaml
 from .dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from .networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
+from .trackers import open_run_logger, resolve_report_to
 
 # Per-family defaults (docs/defaults.md sets each beside the DMD2 reference's value); every one can be overridden.
 FAMILY_DEFAULTS = {
@@ -40,7 +41,9 @@ class TrainingError(RuntimeError):
 class DMD2TrainConfig:
     """``fewstep train --method dmd2`` options. None means "the teacher family's default"."""
 
-    teacher: str = field(default="", metadata={"help": "Hub id or local diffusers folder of the teacher"})
+    teacher: str = field(
+        default="", metadata={"help": "Hub id, local diffusers folder or single-file .safetensors checkpoint"}
+    )
     output: str = field(default="", metadata={"help": "run directory (config, checkpoints, samples, lora)"})
     model_type: str | None = field(
         default=None, metadata={"help": "override the detected family", "choices": ["sd15", "sdxl"]}
@@ -102,6 +105,31 @@ class DMD2TrainConfig:
     num_validation_prompts: int = field(default=4, metadata={"help": "prompts in each validation grid"})
     max_nan_steps: int = field(default=10, metadata={"help": "skipped non-finite steps before the run stops"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    # Teachers from single files and style LoRAs, Hugging Face datasets, experiment trackers.
+    teacher_config: str | None = field(
+        default=None, metadata={"help": "with a single-file --teacher (.safetensors): a diffusers folder or Hub id of "
+                                        "the same architecture, for the component configs and tokenizers"},
+    )  # fmt: skip
+    teacher_lora: list[str] | None = field(
+        default=None, metadata={"help": "style LoRA FILE[:SCALE] fused into the teacher before distillation "
+                                        "(kohya or diffusers format; repeatable)"},
+    )  # fmt: skip
+    dataset: str | None = field(
+        default=None, metadata={"help": "a Hugging Face dataset: a local folder, a saved dataset or a Hub id"}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "dataset image column (default: 'image')"})
+    caption_column: str | None = field(
+        default=None, metadata={"help": "dataset caption column (default: 'text', 'caption' or 'prompt')"}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "dataset split"})
+    streaming: bool = field(default=False, metadata={"help": "stream the dataset (large ones): read --max-train-samples"})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "use at most this many dataset examples (streaming default: 10000)"}
+    )
+    report_to: str | None = field(
+        default=None, metadata={"help": "experiment tracker (default: tensorboard when installed)",
+                                "choices": ["none", "tensorboard", "wandb"]},
+    )  # fmt: skip
 
     def resolved(self, family: str) -> "DMD2TrainConfig":
         """Every "None = default" filled in: the family's defaults, then the ones derived from other options."""
@@ -210,13 +238,14 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     from tqdm import tqdm
 
     from . import teacher as teachers
-    from .data import read_image_folder, read_prompts
+    from .hf_dataset import read_training_data
     from .lora_io import save_diffusers_lora, save_kohya_lora
 
     if not config.teacher:
-        raise TrainingError("--teacher is required (a Hub id or a local diffusers folder)")
+        raise TrainingError("--teacher is required (a Hub id, a local diffusers folder or a .safetensors file)")
     if not config.output:
         raise TrainingError("--output is required (the run directory)")
+    resolve_report_to(config.report_to)  # an unusable tracker fails before the teacher loads
     run_dir = Path(config.output)
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainingError(f"--output {run_dir} is a file; give a directory")
@@ -225,18 +254,13 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
         raise TrainingError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
 
     # 1. Data first (cheap to check), then the teacher, its family and the family's defaults -----------
-    if not config.prompts and not config.images:
-        raise TrainingError("give --prompts FILE (and optionally --images DIR with captioned real images)")
-    prompts = read_prompts(config.prompts) if config.prompts else []
-    real_items = read_image_folder(config.images) if config.images else []
-    if not prompts:
-        prompts = [item.caption for item in real_items]
+    prompts, real_items = read_training_data(config, run_dir)  # --prompts, --images, --dataset
     if config.mixed_precision == "auto":
         config = dataclasses.replace(config, mixed_precision=auto_mixed_precision())
     # Mixed precision is ours, not accelerate's: autocast below, and the loop's per-optimizer GradScalers for fp16
     # (accelerate's scaler needs accelerator.backward, which cannot do the loop's staged backward).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    pipe, family = teachers.load_teacher(config.teacher, config.model_type)
+    pipe, family = teachers.load_teacher(config.teacher, config.model_type, config.teacher_config, config.teacher_lora)
     if checkpoint is not None:
         saved_family = (checkpoint / "family").read_text().strip()
         if saved_family != family:
@@ -396,7 +420,8 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
             batch.real_cond = real_cond.select(ridx).to(device)
         return batch
 
-    writer = _tensorboard(run_dir) if accelerator.is_main_process else None
+    optimizers = {"generator": generator_optimizer, "fake_score": fake_score_optimizer}
+    writer = open_run_logger(config.report_to, run_dir, config, optimizers) if accelerator.is_main_process else None
     bar = tqdm(
         total=config.max_steps, initial=loop.step, desc="DMD2", unit="it", disable=not accelerator.is_main_process
     )
@@ -493,14 +518,6 @@ def _check_replicas_agree(networks: SharedUNetNetworks, accelerator) -> None:
     if spread != 0.0:
         raise TrainingError(f"adapter weights differ across processes (max |Δ| of parameter sums {spread:g})")
     accelerator.print(f"fewstep: adapter weights identical on all {accelerator.num_processes} processes")
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "logs"))
 
 
 class _Validator:
