@@ -56,9 +56,9 @@ def run_one(
     """Distil with the demo's settings + ``overrides`` (or ``external``) at ``seed``; the student's row at n images."""
     from ..commands.demo import DigitsDemoSettings
     from ..training.cache import cache_root
-    from ..training.digits import caption, write_digits_folder
+    from ..digits.teacher import caption, write_digits_folder
     from ..training.dmd2 import train_dmd2
-    from ..training.yardstick import evaluate
+    from ..digits.yardstick import evaluate
 
     settings = dataclasses.replace(DigitsDemoSettings(), **overrides)
     run_dir = out / "runs" / f"{name.replace(' ', '_').replace('/', '-')}-seed{seed}"
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         job = json.loads(args.one)
         if job["variant"] == "teacher":
-            from ..training.yardstick import evaluate
+            from ..digits.yardstick import evaluate
 
             result = evaluate(job["teacher"], n=job["n"], seed=job["seed"], rows=[job["row"]], progress=False,
                               device=job["device"], guidance_scale=job["guidance_scale"])  # fmt: skip
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..commands.demo import DigitsDemoSettings
     from ..training.cache import cache_root
-    from ..training.digits import caption, digits_teacher, write_digits_folder
-    from ..training.yardstick import digit_classifier
+    from ..digits.teacher import caption, digits_teacher, write_digits_folder
+    from ..digits.yardstick import digit_classifier
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -83,9 +83,9 @@ class _Stages:
 
 def _demo_digits(args: argparse.Namespace) -> None:
     from ..training.cache import cache_root
-    from ..training.digits import DigitsTeacherConfig, caption, digits_teacher, write_digits_folder
+    from ..digits.teacher import DigitsTeacherConfig, caption, digits_teacher, write_digits_folder
     from ..training.dmd2 import train_dmd2
-    from ..training.yardstick import digit_classifier, evaluate, format_table, load_digits_model, save_digits_grid
+    from ..digits.yardstick import digit_classifier, evaluate, format_table, load_digits_model, save_digits_grid
 
     out = out_dir(args.out)
     settings = DigitsDemoSettings(**(QUICK if args.quick else {}))

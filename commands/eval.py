@@ -12,8 +12,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ..cli import UserError
-    from ..training.digits import digits_teacher
-    from ..training.yardstick import balanced_labels, evaluate, format_table
+    from ..digits.teacher import digits_teacher
+    from ..digits.yardstick import balanced_labels, evaluate, format_table
 
     balanced_labels(args.n)  # validate before loading anything
     json_path = Path(args.json) if args.json else None

@@ -12,7 +12,7 @@ def cmd_teacher_digits(args: argparse.Namespace) -> None:
     import time
 
     from ..cli import out_dir
-    from ..training.digits import digits_teacher, teacher_config_from_file
+    from ..digits.teacher import digits_teacher, teacher_config_from_file
 
     # Check --out before a build of several minutes, not after.
     out = out_dir(args.out) if args.out else None

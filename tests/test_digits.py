@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fewstep.cli import main
-from fewstep.training import cache, digits, yardstick
-from fewstep.training.digits import DigitsTeacherConfig, build_digits_teacher, digits_teacher
+from fewstep.training import cache
+from fewstep.digits import teacher as digits, yardstick
+from fewstep.digits.teacher import DigitsTeacherConfig, build_digits_teacher, digits_teacher
 
 # A few seconds to build: every stage runs, at toy sizes.
 TINY = DigitsTeacherConfig(

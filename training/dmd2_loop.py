@@ -21,8 +21,6 @@ non-reentrant checkpointing also needs (it checks that recomputation saves the s
 from __future__ import annotations
 
 import contextlib
-import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
@@ -36,6 +34,7 @@ from ..core.losses import (
 )
 from ..core.sampling import sample_few_step
 from ..core.schedule import NoiseSchedule
+from .update_loop import AdapterUpdateLoop, default_clip
 
 
 class DMD2Networks(Protocol):
@@ -106,14 +105,10 @@ def frozen(params: Iterable[torch.nn.Parameter]):
             p.requires_grad_(True)
 
 
-def _default_clip(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-
 GENERATOR, FAKE_SCORE = "generator", "fake_score"  # the roles :meth:`DMD2Networks.activate` takes
 
 
-class DMD2Loop:
+class DMD2Loop(AdapterUpdateLoop):
     """Runs DMD2 iterations over :class:`DMD2Networks`; owns the RNGs so a run is reproducible and resumable.
 
     ``clip_grad_norm`` defaults to plain torch; the SD trainer passes one that also averages gradients across
@@ -132,39 +127,28 @@ class DMD2Loop:
         rank: int = 0,
         generator_lr_scheduler=None,
         fake_score_lr_scheduler=None,
-        clip_grad_norm: Callable[[list, float], torch.Tensor] = _default_clip,
+        clip_grad_norm: Callable[[list, float], torch.Tensor] = default_clip,
         all_finite: Callable[[torch.Tensor], bool] = lambda loss: bool(torch.isfinite(loss)),
         device: torch.device | str = "cpu",
         fp16_loss_scaling: bool = False,
     ):
         if config.dfake_gen_update_ratio < 1:
             raise ValueError(f"dfake_gen_update_ratio must be ≥ 1, got {config.dfake_gen_update_ratio}")
+        super().__init__(
+            {GENERATOR: generator_optimizer, FAKE_SCORE: fake_score_optimizer},
+            {GENERATOR: generator_lr_scheduler, FAKE_SCORE: fake_score_lr_scheduler},
+            seed=seed,
+            rank=rank,
+            max_grad_norm=config.max_grad_norm,
+            clip_grad_norm=clip_grad_norm,
+            all_finite=all_finite,
+            device=device,
+            fp16_loss_scaling=fp16_loss_scaling,
+        )
         self.networks = networks
         self.generator_optimizer = generator_optimizer
         self.fake_score_optimizer = fake_score_optimizer
-        self.generator_lr_scheduler = generator_lr_scheduler
-        self.fake_score_lr_scheduler = fake_score_lr_scheduler
         self.config = config
-        self.clip_grad_norm = clip_grad_norm
-        self.all_finite = all_finite  # multi-process runs must agree on skipping, or they deadlock
-        self.skipped_steps = 0  # updates skipped because the loss was NaN/inf
-        self.device = torch.device(device)
-        self.grad_scalers = (
-            {role: torch.amp.GradScaler(self.device.type) for role in (GENERATOR, FAKE_SCORE)}
-            if fp16_loss_scaling
-            else {}
-        )
-        self.step = 0
-        # Noise and timesteps differ per process; the backward-simulation step index is the same on all ranks.
-        self.rng = torch.Generator().manual_seed(seed * 1000 + rank)
-        self.shared_rng = torch.Generator().manual_seed(seed)
-
-    # ---------------------------------------------------------------- randomness
-    def _randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.rng).to(self.device)
-
-    def _randint(self, low: int, high: int, n: int) -> torch.Tensor:
-        return torch.randint(low, high, (n,), generator=self.rng).to(self.device)
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -251,10 +235,6 @@ class DMD2Loop:
         return loss, metrics
 
     # ---------------------------------------------------------------- staged backward, one micro-batch each
-    def _scaled(self, loss: torch.Tensor, role: str) -> torch.Tensor:
-        scaler = self.grad_scalers.get(role)
-        return scaler.scale(loss) if scaler is not None else loss
-
     def _generator_backward(self, x: torch.Tensor, cond: Any, weight: float) -> tuple[bool, dict]:
         """Generator loss of one micro-batch, backpropagated in two stages (module docstring); → (finite, metrics).
 
@@ -281,41 +261,6 @@ class DMD2Loop:
             self.networks.activate(FAKE_SCORE)
             self._scaled(loss * weight, FAKE_SCORE).backward()
         return True, metrics
-
-    def _update(self, role: str, micro_steps, params, optimizer) -> tuple[torch.Tensor, dict]:
-        """Run the micro-batch backwards (each right after its forward), then clip and step.
-
-        ``micro_steps`` yields ``(finite, metrics)`` per micro-batch, its gradient already accumulated (each loss
-        weighted by 1/num_micro_batches). An update with a non-finite loss is skipped whole (counted
-        in ``skipped_steps``): the optimizer never steps on NaN. With fp16 loss scaling, an overflow in the scaled
-        gradients skips the step too (the scaler then lowers its scale), as torch's GradScaler does.
-        """
-        optimizer.zero_grad(set_to_none=True)
-        metrics: dict = {}
-        finite = True
-        count = 0
-        for micro_finite, micro_metrics in micro_steps:
-            count += 1
-            for name, value in micro_metrics.items():
-                metrics[name] = metrics.get(name, 0.0) + value.detach().float()
-            finite = finite and micro_finite
-        metrics = {name: value / count for name, value in metrics.items()}
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            return torch.tensor(float("nan")), metrics
-        scaler = self.grad_scalers.get(role)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = self.clip_grad_norm(params, self.config.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-            metrics[f"grad_scale_{role}"] = torch.tensor(scaler.get_scale())
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm, metrics
 
     # ---------------------------------------------------------------- one iteration
     def is_generator_turn(self, step: int | None = None) -> bool:
@@ -372,30 +317,4 @@ class DMD2Loop:
                 samples.append((x, cond, batch))
         if self.config.use_fake_score:
             metrics.update(self.fake_score_update(samples))
-        for name, scheduler in ((GENERATOR, self.generator_lr_scheduler), (FAKE_SCORE, self.fake_score_lr_scheduler)):
-            if scheduler is not None:
-                metrics[f"lr_{name}"] = scheduler.get_last_lr()[0]  # the rate this iteration used
-                with warnings.catch_warnings():  # a skipped (NaN / fp16 overflow) or off-turn update is expected
-                    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-                    scheduler.step()
-        self.step += 1
-        return {name: float(value) for name, value in metrics.items()}
-
-    # ---------------------------------------------------------------- resumable state
-    def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-            "rng": self.rng.get_state(),
-            "shared_rng": self.shared_rng.get_state(),
-            "grad_scalers": {role: scaler.state_dict() for role, scaler in self.grad_scalers.items()},
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.rng.set_state(state["rng"])
-        self.shared_rng.set_state(state["shared_rng"])
-        for role, scaler_state in state.get("grad_scalers", {}).items():
-            if role in self.grad_scalers:
-                self.grad_scalers[role].load_state_dict(scaler_state)
+        return self._end_iteration(metrics)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.schedule import SD_TRAINING_SCHEDULE
-from .cache import cached_build, config_hash
+from ..training.cache import cached_build, config_hash
 
 VERSION = 1  # bump when the build procedure changes, so old cache entries are not reused
 TEACHER_CONFIG_FILE = "fewstep_teacher.json"
@@ -71,7 +71,7 @@ def load_digits_split() -> DigitsSplit:
 
 def write_digits_folder(directory: str | Path, split: str = "train") -> Path:
     """PNG files plus ``metadata.jsonl`` captions (``fewstep.training.data.read_image_folder``'s format)."""
-    from .images import to_pil
+    from ..training.images import to_pil
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -154,7 +154,7 @@ def _vae(config: DigitsTeacherConfig):
 def _text_encoder(config: DigitsTeacherConfig, tokenizer):
     from transformers import CLIPTextModel
 
-    from .tiny_models import clip_text_config
+    from ..training.tiny_models import clip_text_config
 
     text_config = clip_text_config(
         tokenizer, hidden_size=config.text_hidden, intermediate_size=4 * config.text_hidden, num_attention_heads=4,
@@ -282,7 +282,7 @@ def build_digits_teacher(
     """Train the digits teacher and save it as a ``StableDiffusionPipeline`` folder (plus its build config)."""
     from diffusers import StableDiffusionPipeline
 
-    from .tiny_models import save_tiny_pipeline, write_offline_clip_tokenizer
+    from ..training.tiny_models import save_tiny_pipeline, write_offline_clip_tokenizer
 
     started = time.perf_counter()
     directory = Path(directory)
@@ -352,7 +352,7 @@ def read_teacher_config(directory: str | Path) -> DigitsTeacherConfig:
 
 def teacher_config_from_file(path: str | Path | None = None, seed: int | None = None) -> DigitsTeacherConfig:
     """A config from a YAML file of fields or a recorded ``fewstep_teacher.json`` (unknown keys rejected)."""
-    from .config import build_config, load_yaml
+    from ..training.config import build_config, load_yaml
 
     fields = {}
     if path is not None:
