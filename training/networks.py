@@ -118,6 +118,7 @@ class SharedUNetNetworks:
         uncond: TextConditioning,
         guidance_scale: float,
         gan_head: GANHead | None = None,
+        second_adapter: str = FAKE_SCORE,
     ):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -128,9 +129,10 @@ class SharedUNetNetworks:
         self.gan_head = gan_head
         self._tuner_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         self._generator_params = [p for n, p in unet.named_parameters() if f".{GENERATOR}." in n]
-        self._fake_params = [p for n, p in unet.named_parameters() if f".{FAKE_SCORE}." in n]
+        self.second_adapter = second_adapter  # "fake_score" (DMD, DMD2) or "previous" (Progressive Distillation)
+        self._fake_params = [p for n, p in unet.named_parameters() if f".{second_adapter}." in n]
         if not self._generator_params or not self._fake_params:
-            raise ValueError("the UNet needs both LoRA adapters, 'generator' and 'fake_score', before training")
+            raise ValueError(f"the UNet needs both LoRA adapters, 'generator' and {second_adapter!r}, before training")
         if gan_head is not None:
             self._fake_params += list(gan_head.parameters())
         self._mid_features: torch.Tensor | None = None
@@ -152,8 +154,10 @@ class SharedUNetNetworks:
 
     def activate(self, network: str) -> None:
         """Route the UNet through ``network``'s adapter, so checkpointed blocks recompute with it in backward."""
-        if network not in (GENERATOR, FAKE_SCORE):
-            raise ValueError(f"unknown network {network!r}; use {GENERATOR!r} or {FAKE_SCORE!r}")
+        if network == FAKE_SCORE:
+            network = self.second_adapter
+        if network not in (GENERATOR, self.second_adapter):
+            raise ValueError(f"unknown network {network!r}; use {GENERATOR!r} or {self.second_adapter!r}")
         self.use_adapter(network)
 
     def _unet_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
@@ -178,7 +182,8 @@ class SharedUNetNetworks:
         return cfg(x0_uncond, x0_cond, self.guidance_scale)
 
     def fake_score(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
-        self.use_adapter(FAKE_SCORE)
+        """The second adapter's x0: the fake score (DMD, DMD2) or the previous round's student (PD)."""
+        self.use_adapter(self.second_adapter)
         return self._unet_x0(x_t, t, cond)
 
     def _capture_mid_block(self, module, inputs, output):
@@ -215,16 +220,20 @@ def attach_adapters(
     fake_rank: int,
     fake_alpha: float,
     init_lora_weights: bool | str = True,
+    second_adapter: str = FAKE_SCORE,
 ) -> None:
-    """Freeze the base UNet and add the ``generator`` and ``fake_score`` LoRA adapters (kept in fp32)."""
+    """Freeze the base UNet and add the ``generator`` and ``fake_score`` (or ``second_adapter``) LoRA adapters.
+
+    Adapters are kept in fp32 and trainable; a method that freezes one (PD's previous student) says so itself.
+    """
     import warnings
 
     unet.requires_grad_(False)
     with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         unet.add_adapter(lora_config(gen_rank, gen_alpha, init_lora_weights), adapter_name=GENERATOR)
-        unet.add_adapter(lora_config(fake_rank, fake_alpha, init_lora_weights), adapter_name=FAKE_SCORE)
+        unet.add_adapter(lora_config(fake_rank, fake_alpha, init_lora_weights), adapter_name=second_adapter)
     for name, param in unet.named_parameters():
-        if f".{GENERATOR}." in name or f".{FAKE_SCORE}." in name:
+        if f".{GENERATOR}." in name or f".{second_adapter}." in name:
             param.data = param.data.float()
             param.requires_grad_(True)
