@@ -218,6 +218,7 @@ class MethodRun:
     ema_parameters: list[torch.nn.Parameter] | None = None  # averaged when --ema-decay > 0
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # checkpointed extras (the GAN head)
     updated_generator: Callable[[dict], bool] = lambda metrics: "loss_dm" in metrics  # when the EMA updates
+    on_finish: Callable[[], None] | None = None  # after the final LoRA files (PD: the last round's own folder)
 
 
 class Method(Protocol):
@@ -465,6 +466,8 @@ def train(method: Method, config, resume: bool = False, on_step=None) -> Path:
         lora_dir = run_dir / "lora"
         with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # users get the EMA weights
             export_lora(GENERATOR, lora_dir, run.recipe())
+            if run.on_finish is not None:
+                run.on_finish()
         accelerator.print(f"fewstep: wrote {lora_dir}/pytorch_lora_weights.safetensors and fewstep_comfyui.safetensors")
     if writer is not None:
         writer.close()
