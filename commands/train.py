@@ -1,28 +1,61 @@
-"""``fewstep train``: distil a teacher into a few-step student."""
+"""``fewstep train``: distil a teacher into a few-step student with DMD2, DMD or Progressive Distillation."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 ORDER = 10
 
+DESCRIPTION = """\
+Distil a Stable Diffusion teacher into a LoRA student on one shared base UNet (the frozen base is the teacher).
+Methods:
+  dmd2         DMD2: distribution matching, fake score (adapter 'fake_score') on two time scales, GAN on --images.
+  dmd          DMD: distribution matching + regression on teacher ODE pairs cached in RUN_DIR/pairs; one step,
+               no GAN, both networks updated every iteration.
+  progressive  Progressive Distillation: rounds that halve the DDIM steps (--start-steps → --end-steps); the
+               previous round's student is a frozen adapter; every round's LoRA goes to RUN_DIR/lora/steps-N/.
+Every option can also be set in --config FILE.yaml; the command line wins. An option of another method is refused.
+"""
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from ..training.config import load_yaml
-    from ..training.dmd2 import DMD2TrainConfig, TrainingError, make_config, train_dmd2
+
+def _method_fields() -> dict[str, set[str]]:
+    from ..training.methods import METHOD_NAMES, get_method
+
+    return {name: {f.name for f in dataclasses.fields(get_method(name).config_class)} for name in METHOD_NAMES}
+
+
+def refuse_other_methods_options(method: str, given: set[str]) -> None:
+    """One line naming an option that ``method`` does not have, and the method(s) that do."""
     from ..cli import UserError
 
-    cli = {k: v for k, v in vars(args).items() if k in DMD2TrainConfig.__dataclass_fields__}
+    fields = _method_fields()
+    for name in sorted(given - fields[method]):
+        owners = [m for m, names in fields.items() if name in names]
+        flag = "--" + name.replace("_", "-")
+        raise UserError(f"{flag} is an option of --method {' / '.join(owners)}, not of --method {method}; drop it")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..cli import UserError
+    from ..training.config import load_yaml
+    from ..training.methods import get_method
+    from ..training.trainer import TrainingError, make_config, train
+
+    method = get_method(args.method)
+    all_fields = set().union(*_method_fields().values())
+    cli = {k: v for k, v in vars(args).items() if k in all_fields}
+    refuse_other_methods_options(args.method, set(cli))
     if args.resume and args.config is None and cli.get("output"):
         # A resumed run keeps its saved options; the command line may still change some (e.g. --max-steps).
-        from pathlib import Path
-
         saved = Path(cli["output"]) / "config.yaml"
         if saved.is_file():
             cli = {**load_yaml(saved), **cli}
     try:
-        config = make_config(cli, args.config)
-        run_dir = train_dmd2(config, resume=args.resume)
+        config = make_config(method.config_class, cli, args.config)
+        run_dir = train(method, config, resume=args.resume)
     except TrainingError as error:
         raise UserError(str(error)) from None
     print(f"fewstep: run finished: {run_dir}")
@@ -30,23 +63,37 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     from ..training.config import add_dataclass_arguments
-    from ..training.dmd2 import DMD2TrainConfig
+    from ..training.methods.dmd import DMDTrainConfig
+    from ..training.methods.dmd2 import DMD2TrainConfig
+    from ..training.methods.progressive import ProgressiveTrainConfig
 
     train = sub.add_parser(
         "train",
-        help="distil a Stable Diffusion teacher into a few-step LoRA student",
-        description=(
-            "DMD2 on one shared base UNet: the frozen base is the teacher, LoRA adapter 'generator' the student, "
-            "adapter 'fake_score' (+ a GAN head) the fake score. Every option can also be set in --config FILE.yaml; "
-            "the command line wins."
-        ),
+        help="distil a Stable Diffusion teacher into a few-step LoRA student (dmd2, dmd, progressive)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--method", choices=["dmd2"], default="dmd2", help="distillation method (default: dmd2)")
+    train.add_argument(
+        "--method", choices=["dmd2", "dmd", "progressive"], default="dmd2", help="distillation method (default: dmd2)"
+    )
     train.add_argument("--config", default=None, help="YAML file of options (keys as below, - or _)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    add_dataclass_arguments(train, DMD2TrainConfig, skip=("teacher_lora",))
-    train.add_argument(
-        "--teacher-lora", action="append", default=argparse.SUPPRESS, metavar="FILE[:SCALE]", dest="teacher_lora",
-        help=DMD2TrainConfig.__dataclass_fields__["teacher_lora"].metadata["help"],
-    )
+    names = lambda cls: {f.name for f in dataclasses.fields(cls)}
+    common = names(DMD2TrainConfig) & names(DMDTrainConfig) & names(ProgressiveTrainConfig)
+    distribution_matching = (names(DMD2TrainConfig) & names(DMDTrainConfig)) - common
+    groups = [
+        ("options of every method", DMD2TrainConfig, common),
+        ("dmd2 and dmd (DMD defaults: --gan-weight 0, --dfake-gen-update-ratio 1)", DMD2TrainConfig,
+         distribution_matching),
+        ("dmd only", DMDTrainConfig, names(DMDTrainConfig) - common - distribution_matching),
+        ("progressive only", ProgressiveTrainConfig, names(ProgressiveTrainConfig) - common),
+    ]  # fmt: skip
+    for title, cls, fields in groups:
+        group = train.add_argument_group(title)
+        add_dataclass_arguments(group, cls, skip=tuple(names(cls) - fields) + ("teacher_lora",))
+        if "teacher_lora" in fields:
+            group.add_argument(
+                "--teacher-lora", action="append", default=argparse.SUPPRESS, metavar="FILE[:SCALE]",
+                dest="teacher_lora", help=DMD2TrainConfig.__dataclass_fields__["teacher_lora"].metadata["help"],
+            )  # fmt: skip
     train.set_defaults(func=cmd_train)

@@ -7,3 +7,18 @@
 Everything they share (teacher loading, caches, accelerate, adapters, checkpoints and resume, EMA, validation,
 export, progress, NaN handling) is in :mod:`fewstep.training.trainer`.
 """
+
+METHOD_NAMES = ("dmd2", "dmd", "progressive")
+
+
+def get_method(name: str):
+    """The method called ``name`` (``fewstep train --method NAME``); its ``config_class`` holds its options."""
+    if name == "dmd2":
+        from .dmd2 import DMD2 as method
+    elif name == "dmd":
+        from .dmd import DMD as method
+    elif name == "progressive":
+        from .progressive import Progressive as method
+    else:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}")
+    return method()

@@ -39,8 +39,9 @@ PREVIOUS = "previous"  # the previous round's student: a frozen adapter, the tea
 class ProgressiveTrainConfig(TeacherPairOptions, TrainConfig):
     """``fewstep train --method progressive`` options (``--max-steps`` is split evenly over the rounds)."""
 
-    start_steps: int = field(default=32, metadata={"help": "sampling steps of round 0's teacher is 2 × this; "
-                                                           "round 0's student samples in this many steps"})
+    start_steps: int = field(
+        default=32, metadata={"help": "round 0's student steps (its teacher, the base UNet, takes twice as many)"}
+    )
     end_steps: int = field(default=1, metadata={"help": "the last round's student steps (start / end a power of 2)"})
 
 
