@@ -44,25 +44,46 @@ class DigitsDemoSettings:
     fake_lr: float | None = None  # None: lr
     mixed_precision: str = "no"  # the digits UNet is tiny: full precision on any device
     eval_n: int = 500
+    num_pairs: int = 500  # teacher ODE pairs of DMD and progressive distillation
+    pair_steps: int = 25
 
-    def train_config(self, teacher_dir, run_dir, prompts, real_dir, num_steps: int, seed: int):
-        """The ``fewstep train`` options of the demo's distillation."""
-        from ..training.dmd2 import DMD2TrainConfig
+    def train_config(self, teacher_dir, run_dir, prompts, real_dir, num_steps: int, seed: int, method: str = "dmd2"):
+        """The ``fewstep train --method METHOD`` options of the demo's distillation."""
+        from ..training.methods.dmd import DMDTrainConfig
+        from ..training.methods.dmd2 import DMD2TrainConfig
+        from ..training.methods.progressive import ProgressiveTrainConfig
 
+        common = dict(
+            teacher=str(teacher_dir), output=str(run_dir), prompts=str(prompts), batch_size=self.batch_size,
+            max_steps=self.max_steps, lr=self.lr, warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule,
+            guidance_scale=self.guidance_scale, gen_rank=self.rank, gen_alpha=float(self.rank),
+            checkpoint_every=max(1, self.max_steps // 4), validate_every=0, seed=seed,
+            mixed_precision=self.mixed_precision,
+        )  # fmt: skip
+        pairs = dict(num_pairs=self.num_pairs, pair_steps=self.pair_steps)  # teacher ODE pairs (DMD, PD)
+        if method == "progressive":  # rounds from 8 steps down to num_steps, at least one iteration each
+            common["max_steps"] = max(self.max_steps, 4)
+            return ProgressiveTrainConfig(start_steps=8, end_steps=num_steps, **pairs, **common)
         fake_rank = self.fake_rank or self.rank
+        fake = dict(fake_rank=fake_rank, fake_alpha=float(self.fake_alpha or fake_rank), fake_lr=self.fake_lr or self.lr)
+        if method == "dmd":  # DMD: no GAN, no EMA, both networks every iteration
+            return DMDTrainConfig(dfake_gen_update_ratio=1, **fake, **pairs, **common)
         return DMD2TrainConfig(
-            teacher=str(teacher_dir), output=str(run_dir), prompts=str(prompts),
-            images=str(real_dir) if self.gan_weight else None, batch_size=self.batch_size, max_steps=self.max_steps,
-            num_steps=num_steps, lr=self.lr, fake_lr=self.fake_lr or self.lr, warmup_steps=self.warmup_steps,
-            lr_schedule=self.lr_schedule, guidance_scale=self.guidance_scale,
-            dfake_gen_update_ratio=self.dfake_gen_update_ratio, gen_rank=self.rank, gen_alpha=float(self.rank),
-            fake_rank=fake_rank, fake_alpha=float(self.fake_alpha or fake_rank), gan_weight=self.gan_weight,
-            disc_weight=self.disc_weight, ema_decay=self.ema_decay, checkpoint_every=max(1, self.max_steps // 4),
-            validate_every=0, seed=seed, mixed_precision=self.mixed_precision,
+            images=str(real_dir) if self.gan_weight else None, num_steps=num_steps,
+            dfake_gen_update_ratio=self.dfake_gen_update_ratio, gan_weight=self.gan_weight,
+            disc_weight=self.disc_weight, ema_decay=self.ema_decay, **fake, **common,
         )  # fmt: skip
 
 
-QUICK = dict(max_steps=2, batch_size=4, rank=4, eval_n=20, warmup_steps=1)
+METHOD_TITLES = {"dmd2": "DMD2", "dmd": "DMD", "progressive": "Progressive Distillation"}
+# DMD2 keeps the demo's full table; DMD and PD students are measured at their own recipe (PD: DDIM, its steps).
+DEMO_ROWS = {
+    "dmd2": None,
+    "dmd": ["real", "teacher_50", "teacher_4", "teacher_1", "student"],
+    "progressive": ["real", "teacher_50", "teacher_4", "teacher_1", "student"],
+}
+
+QUICK = dict(max_steps=2, batch_size=4, rank=4, eval_n=20, warmup_steps=1, num_pairs=8, pair_steps=2)
 
 
 class _Stages:
@@ -84,7 +105,8 @@ class _Stages:
 def _demo_digits(args: argparse.Namespace) -> None:
     from ..training.cache import cache_root
     from ..digits.teacher import DigitsTeacherConfig, caption, digits_teacher, write_digits_folder
-    from ..training.dmd2 import train_dmd2
+    from ..training.methods import get_method
+    from ..training.trainer import train
     from ..digits.yardstick import digit_classifier, evaluate, format_table, load_digits_model, save_digits_grid
 
     out = out_dir(args.out)
@@ -102,7 +124,8 @@ def _demo_digits(args: argparse.Namespace) -> None:
     stages = _Stages({"teacher": 0, "distill": 30 if args.quick else 540, "eval": 60 if args.quick else 150})
     print(
         f"fewstep demo: distil the digits teacher (a tiny Stable Diffusion) into a {args.num_steps}-step student "
-        f"with DMD2 on one shared UNet{' + GAN on the real digits' if settings.gan_weight else ''}; outputs in {out}"
+        f"with {METHOD_TITLES[args.method]} on one shared UNet"
+        f"{' + GAN on the real digits' if settings.gan_weight and args.method == 'dmd2' else ''}; outputs in {out}"
     )
 
     stages.begin("teacher", "digits teacher: reuse the cached one or build it (first run only)")
@@ -115,22 +138,24 @@ def _demo_digits(args: argparse.Namespace) -> None:
     prompts.write_text("\n".join(caption(d) for d in range(10)) + "\n")
     stages.end()
 
-    stages.begin("distill", f"DMD2 distillation: {settings.max_steps} iterations")
+    stages.begin("distill", f"{METHOD_TITLES[args.method]} distillation: {settings.max_steps} iterations")
     run_dir = out / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a demo always starts fresh; real runs use `fewstep train --resume`
-    train_dmd2(settings.train_config(teacher_dir, run_dir, prompts, real_dir, args.num_steps, args.seed))
+    config = settings.train_config(teacher_dir, run_dir, prompts, real_dir, args.num_steps, args.seed, args.method)
+    train(get_method(args.method), config)
     stages.end()
 
     stages.begin("eval", f"the yardstick: FD and accuracy of {settings.eval_n} images per row")
     metrics = evaluate(
         teacher_dir, lora=run_dir, n=settings.eval_n, guidance_scale=settings.guidance_scale, seed=args.seed,
-        classifier=classifier, device=args.device,
+        classifier=classifier, device=args.device, rows=DEMO_ROWS[args.method],
     )  # fmt: skip
     metrics["settings"] = {**settings.__dict__, "num_steps": args.num_steps}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     model = load_digits_model(teacher_dir, run_dir)
-    save_digits_grid(model, ["teacher_50", "teacher_1", "student_1", "student_4"], out / "samples.png", seed=args.seed)
+    grid_rows = ["teacher_50", "teacher_1", "student_1", "student_4"] if args.method == "dmd2" else ["teacher_50", "teacher_1", "student"]
+    save_digits_grid(model, grid_rows, out / "samples.png", seed=args.seed)
     lora_out = out / "lora"
     if lora_out.exists():
         shutil.rmtree(lora_out)
@@ -191,6 +216,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.num_steps < 1:
         raise UserError(f"--num-steps must be ≥ 1, got {args.num_steps}")
+    if args.exact and args.method != "dmd2":
+        raise UserError(f"--exact runs DMD2 on the Gaussian-mixture teacher; drop --method {args.method}")
+    if args.method == "dmd" and args.num_steps != 1:
+        raise UserError(f"--method dmd trains a one-step student; drop --num-steps {args.num_steps}")
+    if args.method == "progressive" and (args.num_steps > 8 or 8 % args.num_steps):
+        raise UserError(f"--method progressive halves 8 steps: --num-steps must be 8, 4, 2 or 1, got {args.num_steps}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
@@ -207,6 +238,11 @@ def register(sub) -> None:
     )
     demo.add_argument("--out", default="fewstep-demo", help="output directory (default: %(default)s)")
     demo.add_argument("--exact", action="store_true", help="the exact Gaussian-mixture teacher instead of the digits")
+    demo.add_argument(
+        "--method", choices=["dmd2", "dmd", "progressive"], default="dmd2",
+        help="distillation method (default: %(default)s; dmd is one-step; progressive halves 8 steps down to "
+        "--num-steps)",
+    )  # fmt: skip
     demo.add_argument("--num-steps", type=int, default=1, help="student sampling steps (default: %(default)s)")
     demo.add_argument("--no-gan", action="store_true", help="distil without the GAN loss on real digits")
     demo.add_argument("--max-steps", type=int, default=None, help="distillation iterations (default: the demo's)")

@@ -10,7 +10,9 @@ generated images (N/10 per digit, prompt "a handwritten digit <word>") are score
 Rows: ``real`` (N real train images vs the held-out ones: the floor; its accuracy is the classifier's held-out
 accuracy, the ceiling), ``teacher_50``/``teacher_4``/``teacher_1`` (DDIM, "trailing" timesteps, with CFG), and with
 a student LoRA ``student_1``/``student_4`` (DMD2's few-step rule, no CFG) and ``student_distillpp``
-(Distillation++: the LoRA-disabled base refines the student's first step). All sampling goes through
+(Distillation++: the LoRA-disabled base refines the student's first step), and ``student``: the student at the
+timesteps and with the sampler its LoRA's ``fewstep_recipe.json`` records (deterministic DDIM for Progressive
+Distillation's students, whose one step is trained to equal two DDIM steps). All sampling goes through
 ``fewstep.core``; every row starts from the same initial noise.
 """
 
@@ -41,7 +43,7 @@ DEFAULT_GUIDANCE_SCALE = 2.0  # the scale DMD2 distils the digits teacher at
 DEFAULT_DISTILLPP_LAMBDA = 0.1
 TEACHER_ROWS = {"teacher_50": 50, "teacher_4": 4, "teacher_1": 1}
 STUDENT_ROWS = {"student_1": 1, "student_4": 4}
-ROWS = ("real", *TEACHER_ROWS, *STUDENT_ROWS, "student_distillpp")
+ROWS = ("real", *TEACHER_ROWS, *STUDENT_ROWS, "student_distillpp", "student")
 
 
 # ----------------------------------------------------------------------------------------------- classifier
@@ -168,6 +170,15 @@ class StudentInfo:
     num_steps: int = 1
     timesteps: list[int] | None = None
     guidance_scale: float | None = None
+    # From the LoRA's ``fewstep_recipe.json``: how it samples. "few_step" = DMD2's re-noising rule (DMD, DMD2);
+    # "ddim" = deterministic DDIM (Progressive Distillation trains one student step to equal two DDIM steps).
+    sampler: str = "few_step"
+    recipe_timesteps: list[int] | None = None
+
+    def sample(self, denoise: Denoiser, noise, timesteps: list[int], schedule, generator):
+        if self.sampler == "ddim":
+            return sample_ddim(denoise, noise, timesteps, schedule)
+        return sample_few_step(denoise, noise, timesteps, schedule, generator)
 
     def timesteps_for(self, num_steps: int) -> list[int]:
         """The run's own timesteps when it trained for ``num_steps`` steps with a custom list, else DMD2's."""
@@ -211,6 +222,11 @@ def _student_info(weights: Path, run_dir: Path | None) -> StudentInfo:
     import yaml
 
     info = StudentInfo(lora=weights)
+    recipe_path = weights.parent / "fewstep_recipe.json"
+    if recipe_path.is_file():
+        recipe = json.loads(recipe_path.read_text())
+        info.sampler = recipe.get("sampler", "few_step")
+        info.recipe_timesteps = recipe.get("timesteps")
     config_path = run_dir / "config.yaml" if run_dir is not None else None
     if config_path is not None and config_path.is_file():
         config = yaml.safe_load(config_path.read_text()) or {}
@@ -303,13 +319,18 @@ def sample_digits(
     teacher = unet_denoiser(unet, schedule, embeds, model.uncond_embeds, guidance_scale)
     if row in TEACHER_ROWS:
         latents = sample_ddim(teacher, noise, ddim_timesteps(TEACHER_ROWS[row], schedule.num_train_timesteps), schedule)
+    elif row == "student":  # at the steps, timesteps and sampler the student was trained for
+        if model.student is None or not model.student.recipe_timesteps:
+            raise ValueError("row student needs a student LoRA with a fewstep_recipe.json (written by fewstep train)")
+        student = unet_denoiser(unet, schedule, embeds, lora=True)
+        latents = model.student.sample(student, noise, model.student.recipe_timesteps, schedule, generator)
     elif row in STUDENT_ROWS or row == "student_distillpp":
         if model.student is None:
             raise ValueError(f"row {row} needs a student LoRA")
         student = unet_denoiser(unet, schedule, embeds, lora=True)
         if row in STUDENT_ROWS:
             timesteps = model.student.timesteps_for(STUDENT_ROWS[row])
-            latents = sample_few_step(student, noise, timesteps, schedule, generator)
+            latents = model.student.sample(student, noise, timesteps, schedule, generator)
         else:
             # The paper's setting: the student's multi-step grid (4 steps for a 1-step student), 1 guided step.
             timesteps = model.student.timesteps_for(model.student.num_steps if model.student.num_steps > 1 else 4)
@@ -369,7 +390,7 @@ def evaluate(
     model = load_digits_model(teacher_dir, lora, device)
     student_scale = model.student.guidance_scale if model.student is not None else None
     scale = float(guidance_scale if guidance_scale is not None else student_scale or DEFAULT_GUIDANCE_SCALE)
-    rows = list(rows or [r for r in ROWS if model.student is not None or not r.startswith("student")])
+    rows = list(rows or [r for r in ROWS[:-1] if model.student is not None or not r.startswith("student")])
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; use any of {', '.join(ROWS)}")
@@ -416,6 +437,7 @@ ROW_TITLES = {
     "student_1": "student 1-step",
     "student_4": "student 4-step",
     "student_distillpp": "student + Distillation++",
+    "student": "student at its own recipe",
 }
 
 

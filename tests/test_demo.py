@@ -32,6 +32,17 @@ def test_quick_digits_demo_writes_grid_metrics_and_lora_files(private_cache, tmp
     assert "[1/3]" in printed and "[3/3]" in printed and "student_1" in printed
 
 
+@pytest.mark.parametrize("method,num_steps", [("progressive", "2")])  # dmd: same path, tests/test_train_methods.py
+def test_quick_demo_of_another_method_measures_its_student_at_its_own_recipe(private_cache, tmp_path, method, num_steps):
+    out = tmp_path / method
+    assert main(["demo", "--quick", "--method", method, "--num-steps", num_steps, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["rows"]) == {"real", "teacher_50", "teacher_4", "teacher_1", "student"}
+    recipe = json.loads((out / "lora" / "fewstep_recipe.json").read_text())
+    assert recipe["method"] == method and len(recipe["timesteps"]) == int(num_steps)
+    assert recipe["sampler"] == ("ddim" if method == "progressive" else "few_step")
+
+
 def test_quick_exact_demo_writes_scatter_and_metrics(tmp_path):
     out = tmp_path / "exact"
     assert main(["demo", "--exact", "--quick", "--out", str(out)]) == 0

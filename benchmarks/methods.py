@@ -1,0 +1,183 @@
+"""``fewstep bench methods``: DMD2, DMD and Progressive Distillation on the digits teacher, one yardstick.
+
+Each method distils the cached digits teacher at the same wall-clock training budget (``--budget`` seconds per
+run, teacher-pair generation included; PD gets as many iterations as DMD2 1-step made in its budget, split over
+its rounds). Every student is then sampled at the steps, timesteps and sampler it was trained for (its LoRA's
+``fewstep_recipe.json``) and measured with the yardstick (FD, accuracy) at ``--n`` images. Writes
+``OUT/methods.json`` and ``OUT/fd_vs_steps.png`` (FD against sampling steps, one line per method).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+HELP = "DMD2, DMD and progressive distillation of the digits teacher at a matched budget (FD, accuracy, seconds)"
+TEACHER_ROWS = {"teacher_50": 50, "teacher_4": 4, "teacher_1": 1}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="fewstep-bench-methods", help="output folder (default: %(default)s)")
+    parser.add_argument("--budget", type=float, default=300.0, help="training seconds per run (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=500, help="images per yardstick row (default: %(default)s)")
+    parser.add_argument("--pd-start-steps", type=int, default=8, help="PD's first round (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--teacher", help="a built digits teacher folder (default: the cached one)")
+    parser.add_argument("--quick", action="store_true", help="tiny budget and teacher: checks the path, no quality")
+
+
+def _common(settings, teacher_dir, prompts, seed: int) -> dict:
+    """The options every method shares: the digits demo's tuned values (commands/demo.py)."""
+    return dict(
+        teacher=str(teacher_dir), prompts=str(prompts), batch_size=settings.batch_size, lr=settings.lr,
+        warmup_steps=settings.warmup_steps, guidance_scale=settings.guidance_scale, gen_rank=settings.rank,
+        gen_alpha=float(settings.rank), checkpoint_every=0, validate_every=0, seed=seed,
+        mixed_precision=settings.mixed_precision, max_steps=1_000_000,
+    )  # fmt: skip
+
+
+def _train(method_name: str, config, budget: float) -> tuple[Path, float, int]:
+    """Train until the budget is spent (pairs included); → (run dir, training seconds, iterations)."""
+    from ..training.methods import get_method
+    from ..training.trainer import train
+
+    started = time.perf_counter()
+    seen = []
+
+    def on_step(step, metrics):
+        seen.append(step)
+        return time.perf_counter() - started >= budget
+
+    run_dir = train(get_method(method_name), config, on_step=on_step)
+    return run_dir, round(time.perf_counter() - started, 1), len(seen)
+
+
+def run(args) -> dict:
+    import dataclasses
+    import shutil
+
+    from ..commands.demo import QUICK, DigitsDemoSettings
+    from ..digits.teacher import DigitsTeacherConfig, caption, digits_teacher, write_digits_folder
+    from ..digits.yardstick import digit_classifier, evaluate
+    from ..training.cache import cache_root
+    from ..training.methods.dmd import DMDTrainConfig
+    from ..training.methods.dmd2 import DMD2TrainConfig
+    from ..training.methods.progressive import ProgressiveTrainConfig, round_step_counts
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = DigitsDemoSettings(**(QUICK if args.quick else {}))
+    budget, n = (5.0, 20) if args.quick else (args.budget, args.n)
+    teacher_config = (
+        DigitsTeacherConfig(vae_iterations=2, unet_iterations=2, batch_size=8) if args.quick else DigitsTeacherConfig()
+    )
+    teacher_dir = Path(args.teacher) if args.teacher else digits_teacher(teacher_config)
+    classifier = digit_classifier()
+    real_dir = cache_root() / "digits-train-images"
+    if not (real_dir / "metadata.jsonl").is_file():
+        write_digits_folder(real_dir, "train")
+    prompts = out / "prompts.txt"
+    prompts.write_text("\n".join(caption(d) for d in range(10)) + "\n")
+    common = _common(settings, teacher_dir, prompts, args.seed)
+    pairs = dict(num_pairs=20 if args.quick else 500, pair_steps=4 if args.quick else 25)
+    fake = dict(fake_rank=settings.rank, fake_alpha=float(settings.rank), fake_lr=settings.lr,
+                dfake_gen_update_ratio=settings.dfake_gen_update_ratio)  # fmt: skip
+    measure = dict(n=n, seed=args.seed, classifier=classifier, progress=False, guidance_scale=settings.guidance_scale)
+
+    rows = []
+    teacher = evaluate(teacher_dir, rows=list(TEACHER_ROWS), **measure)["rows"]
+    for row, steps in TEACHER_ROWS.items():
+        rows.append(dict(method="teacher (DDIM, CFG)", steps=steps, **_scores(teacher[row]), train_seconds=0.0))
+
+    def measured(label: str, lora: Path, train_seconds: float, iterations: int) -> dict:
+        result = evaluate(teacher_dir, lora=lora, rows=["student"], **measure)["rows"]["student"]
+        recipe = json.loads((lora / "fewstep_recipe.json").read_text())
+        return dict(method=label, steps=len(recipe["timesteps"]), **_scores(result), train_seconds=train_seconds,
+                    iterations=iterations, timesteps=recipe["timesteps"])  # fmt: skip
+
+    runs = out / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    dmd2_iterations = 0
+    for label, num_steps in (("DMD2", 1), ("DMD2 (backward simulation)", 4)):
+        config = DMD2TrainConfig(
+            output=str(runs / f"dmd2-{num_steps}"), num_steps=num_steps, images=str(real_dir),
+            gan_weight=settings.gan_weight, disc_weight=settings.disc_weight, **fake, **pairs, **common,
+        )  # fmt: skip
+        run_dir, seconds, iterations = _train("dmd2", config, budget)
+        dmd2_iterations = dmd2_iterations or iterations
+        rows.append(measured(label, run_dir / "lora", seconds, iterations))
+    config = DMDTrainConfig(output=str(runs / "dmd"), **{**fake, "dfake_gen_update_ratio": 1}, **pairs, **common)
+    run_dir, seconds, iterations = _train("dmd", config, budget)
+    rows.append(measured("DMD", run_dir / "lora", seconds, iterations))
+    rounds = round_step_counts(args.pd_start_steps, 1)
+    pd_common = {**common, "max_steps": max(len(rounds), dmd2_iterations)}
+    config = ProgressiveTrainConfig(
+        output=str(runs / "progressive"), start_steps=args.pd_start_steps, end_steps=1, **pairs, **pd_common
+    )
+    run_dir, seconds, iterations = _train("progressive", config, float("inf"))
+    for steps in rounds:
+        rows.append(measured("PD", run_dir / "lora" / f"steps-{steps}", seconds, iterations))
+
+    result = {"rows": rows, "n": n, "budget_seconds": budget, "seed": args.seed,
+              "settings": dataclasses.asdict(settings), "teacher": str(teacher_dir)}  # fmt: skip
+    (out / "methods.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_fd_vs_steps(rows, out / "fd_vs_steps.png")
+    print(f"wrote {out / 'methods.json'} and {out / 'fd_vs_steps.png'}")
+    return result
+
+
+def _scores(row: dict) -> dict:
+    return {"fd": round(row["fd"], 2), "acc": round(row["acc"], 3), "sample_seconds": row["seconds"]}
+
+
+def format_table(result: dict) -> str:
+    header = f"{'method':28}{'steps':>6}{'FD':>9}{'acc':>7}{'train s':>9}{'sample s':>10}"
+    lines = [header, "-" * len(header)]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['method']:28}{r['steps']:>6}{r['fd']:>9.2f}{r['acc']:>7.3f}{r['train_seconds']:>9.0f}"
+            f"{r['sample_seconds']:>10.1f}"
+        )
+    lines.append(f"({result['n']} images per row; training budget {result['budget_seconds']:.0f} s per run)")
+    return "\n".join(lines)
+
+
+COLORS = [(40, 40, 40), (31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+
+
+def plot_fd_vs_steps(rows: list[dict], path: Path, size: tuple[int, int] = (640, 420)) -> None:
+    """FD against sampling steps (log2 axis), one line per method, drawn with Pillow (no plotting dependency)."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        key = "DMD2" if r["method"].startswith("DMD2") else r["method"]
+        lines.setdefault(key, []).append((r["steps"], r["fd"]))
+    width, height = size
+    left, right, top, bottom = 60, 150, 20, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    max_steps = max(s for points in lines.values() for s, _ in points)
+    max_fd = max(fd for points in lines.values() for _, fd in points) * 1.05 or 1.0
+    x_of = lambda s: left + (width - left - right) * math.log2(s) / max(1.0, math.log2(max_steps))
+    y_of = lambda fd: top + (height - top - bottom) * (1 - fd / max_fd)
+    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
+    for s in sorted({s for points in lines.values() for s, _ in points}):
+        draw.text((x_of(s) - 4, height - bottom + 6), str(s), fill="black")
+    for k in range(5):
+        fd = max_fd * k / 4
+        draw.text((8, y_of(fd) - 6), f"{fd:.0f}", fill="black")
+    draw.text((width // 2 - 60, height - 16), "sampling steps (log scale)", fill="black")
+    draw.text((8, 2), "FD (lower is better)", fill="black")
+    for i, (name, points) in enumerate(lines.items()):
+        color = COLORS[i % len(COLORS)]
+        xy = [(x_of(s), y_of(fd)) for s, fd in sorted(points)]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for x, y in xy:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        draw.text((width - right + 10, top + 16 * i), name, fill=color)
+    image.save(path)
