@@ -36,6 +36,18 @@ def refuse_other_methods_options(method: str, given: set[str]) -> None:
         raise UserError(f"{flag} is an option of --method {' / '.join(owners)}, not of --method {method}; drop it")
 
 
+def _method_name(args: argparse.Namespace) -> str:
+    """--method as given; on --resume without it, the method the run was started with (RUN_DIR/method)."""
+    from pathlib import Path
+
+    if args.method is not None:
+        return args.method
+    saved = Path(args.output) / "method" if getattr(args, "output", None) else None
+    if args.resume and saved is not None and saved.is_file():
+        return saved.read_text().strip()
+    return "dmd2"
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -44,10 +56,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from ..training.methods import get_method
     from ..training.trainer import TrainingError, make_config, train
 
-    method = get_method(args.method)
+    method = get_method(_method_name(args))
     all_fields = set().union(*_method_fields().values())
     cli = {k: v for k, v in vars(args).items() if k in all_fields}
-    refuse_other_methods_options(args.method, set(cli))
+    refuse_other_methods_options(method.key, set(cli))
     if args.resume and args.config is None and cli.get("output"):
         # A resumed run keeps its saved options; the command line may still change some (e.g. --max-steps).
         saved = Path(cli["output"]) / "config.yaml"
@@ -74,7 +86,8 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument(
-        "--method", choices=["dmd2", "dmd", "progressive"], default="dmd2", help="distillation method (default: dmd2)"
+        "--method", choices=["dmd2", "dmd", "progressive"], default=None,
+        help="distillation method (default: dmd2; with --resume: the run's own)",
     )
     train.add_argument("--config", default=None, help="YAML file of options (keys as below, - or _)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")

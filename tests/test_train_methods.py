@@ -212,3 +212,11 @@ def test_generator_gradients_with_checkpointing_equal_those_without(method):
     checkpointed = _generator_gradient(method, checkpointing=True)
     assert plain.norm() > 0
     assert float((checkpointed - plain).norm() / plain.norm()) <= 1e-5
+
+
+def test_resume_from_the_cli_finds_the_runs_method(teachers, prompts, tmp_path):
+    run = tmp_path / "run"
+    train_progressive(config("progressive", teachers["sd15", "epsilon"], run, prompts, max_steps=2))
+    assert (run / "method").read_text().strip() == "progressive"
+    assert main(["train", "--output", str(run), "--resume", "--max-steps", "3"]) == 0  # no --method: the run's own
+    assert (run / "checkpoints" / "step-0000003").is_dir()

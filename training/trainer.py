@@ -225,6 +225,7 @@ class Method(Protocol):
     """A distillation method, chosen by name (``fewstep train --method NAME``)."""
 
     name: str  # progress-bar label
+    key: str  # its --method name, recorded in RUN_DIR/method so that --resume finds it
     config_class: type
 
     def check(self, config, family: str, use_gan: bool, num_processes: int) -> None:
@@ -319,6 +320,13 @@ def train(method: Method, config, resume: bool = False, on_step=None) -> Path:
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    saved_method = run_dir / METHOD_FILE
+    if checkpoint is not None and saved_method.is_file() and saved_method.read_text().strip() != method.key:
+        raise TrainingError(
+            f"{run_dir} is a --method {saved_method.read_text().strip()} run; resume it with that method or start a "
+            "new --output"
+        )
+    saved_method.write_text(method.key + "\n")
     save_yaml(config, run_dir / "config.yaml")
 
     # 2. Cached encodings; then only the UNet (and the VAE decoder) stay --------------------------
@@ -475,6 +483,7 @@ def train(method: Method, config, resume: bool = False, on_step=None) -> Path:
 
 
 RECIPE_FILE = "fewstep_recipe.json"
+METHOD_FILE = "method"
 
 
 def write_recipe(directory: Path, recipe: dict) -> None:

@@ -120,11 +120,11 @@ def teacher_pairs(ctx: TrainingContext, teacher_x0) -> TeacherPairs:
     return load_teacher_pairs(pairs_dir, config.num_pairs)
 
 
-def build_with_pairs(ctx: TrainingContext, use_gan: bool, regression_weight: float) -> MethodRun:
+def build_with_pairs(ctx: TrainingContext, use_gan: bool, regression_weight: float, method_key: str) -> MethodRun:
     """DMD's networks and loop (also DMD2's with a warm start): teacher ODE pairs made or resumed, then loaded."""
     config = ctx.config
     run, networks = build_distribution_matching(
-        ctx, use_gan, loop_class=DMDLoop, regression_weight=regression_weight,
+        ctx, use_gan, method_key, loop_class=DMDLoop, regression_weight=regression_weight,
         init_regression_steps=config.init_regression_steps, regression_kind=config.regression_loss,
     )  # fmt: skip
     pairs = teacher_pairs(ctx, networks.real_score)
@@ -149,6 +149,7 @@ class DMD:
     """``--method dmd``."""
 
     name = "DMD"
+    key = "dmd"  # fewstep train --method KEY
     config_class = DMDTrainConfig
 
     def wants_real_images(self, config) -> bool:
@@ -167,7 +168,7 @@ class DMD:
         check_option_combinations(config, use_gan, 1)
 
     def build(self, ctx: TrainingContext) -> MethodRun:
-        return build_with_pairs(ctx, use_gan=False, regression_weight=ctx.config.regression_weight)
+        return build_with_pairs(ctx, use_gan=False, regression_weight=ctx.config.regression_weight, method_key=self.key)
 
 
 def train_dmd(config: DMDTrainConfig, resume: bool = False, on_step=None):

@@ -116,7 +116,9 @@ def student_timesteps_of(config) -> list[int]:
     return validate_timesteps(config.timesteps) if config.timesteps else student_timesteps(config.num_steps)
 
 
-def build_distribution_matching(ctx: TrainingContext, use_gan: bool, loop_class=DMD2Loop, loop_config=None, **loop_kwargs):
+def build_distribution_matching(
+    ctx: TrainingContext, use_gan: bool, method_key: str = "dmd2", loop_class=DMD2Loop, loop_config=None, **loop_kwargs
+):
     """The adapters, GAN head, optimizers and loop of DMD2 — and of DMD, which passes its own loop class."""
     config = ctx.config
     unet = ctx.unet
@@ -173,21 +175,18 @@ def build_distribution_matching(ctx: TrainingContext, use_gan: bool, loop_class=
         next_batch=next_batch,
         sample_student=sample_student,
         teacher=networks.real_score,
-        recipe=lambda: {"method": config_method_name(config), "timesteps": timesteps, "sampler": "few_step"},
+        recipe=lambda: {"method": method_key, "timesteps": timesteps, "sampler": "few_step"},
         ema_parameters=networks.generator_parameters(),
         modules={"gan_head": gan_head} if gan_head is not None else {},
     )
     return run, networks
 
 
-def config_method_name(config) -> str:
-    return "dmd" if type(config).__name__ == "DMDTrainConfig" else "dmd2"
-
-
 class DMD2:
     """``--method dmd2``."""
 
     name = "DMD2"
+    key = "dmd2"  # fewstep train --method KEY
     config_class = DMD2TrainConfig
 
     def wants_real_images(self, config) -> bool:
@@ -206,7 +205,7 @@ class DMD2:
             return build_distribution_matching(ctx, use_gan)[0]
         from .dmd import build_with_pairs
 
-        return build_with_pairs(ctx, use_gan, regression_weight=0.0)
+        return build_with_pairs(ctx, use_gan, regression_weight=0.0, method_key=self.key)
 
 
 def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None):

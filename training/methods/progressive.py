@@ -169,6 +169,7 @@ class Progressive:
     """``--method progressive``."""
 
     name = "PD"
+    key = "progressive"  # fewstep train --method KEY
     config_class = ProgressiveTrainConfig
 
     def wants_real_images(self, config) -> bool:
