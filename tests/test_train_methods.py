@@ -111,7 +111,13 @@ def test_progressive_exports_every_round_with_its_timesteps_and_diffusers_loads_
         base.load_lora_weights(run / "lora" / "steps-2")
         with_lora = base.unet(x, t, encoder_hidden_states=emb).sample
     assert (with_lora - plain).abs().max() > 1e-5
-    assert (run / "lora" / "steps-1" / "fewstep_comfyui.safetensors").is_file()
+    # The ComfyUI (kohya) file of the last round holds exactly the final generator adapter.
+    from fewstep.training.lora_io import kohya_lora_to_peft
+
+    kohya, alphas = kohya_lora_to_peft(run / "lora" / "steps-1" / "fewstep_comfyui.safetensors")
+    final = load_file(run / "checkpoints" / "step-0000004" / "generator.safetensors")
+    assert set(kohya) == set(final) and all(torch.equal(kohya[k], final[k]) for k in final)
+    assert set(alphas.values()) == {2.0}
 
 
 def test_pairs_made_for_another_cfg_are_refused_in_one_line(teachers, prompts, tmp_path, capsys):
