@@ -196,5 +196,7 @@ def register(sub) -> None:
     demo.add_argument("--no-gan", action="store_true", help="distil without the GAN loss on real digits")
     demo.add_argument("--max-steps", type=int, default=None, help="distillation iterations (default: the demo's)")
     demo.add_argument("--quick", action="store_true", help="a tiny budget to check the whole path (CI); no quality")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of the teacher build, training and sampling (default: %(default)s)"
+    )
     demo.set_defaults(func=cmd_demo)

@@ -8,9 +8,14 @@ ORDER = 20
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..cli import write_failures
     from ..training.export import export_run
 
-    for path in export_run(args.run_dir, args.format, args.checkpoint, args.out):
+    with write_failures(Path(args.out) if args.out else Path(args.run_dir) / "lora"):
+        written = export_run(args.run_dir, args.format, args.checkpoint, args.out)
+    for path in written:
         print(f"fewstep: wrote {path}")
 
 

@@ -7,7 +7,8 @@ The folder holds everything a user needs in each of the three places a LoRA is l
 * ``pytorch_lora_weights.safetensors`` (diffusers/PEFT) and ``fewstep_comfyui.safetensors`` (kohya: ComfyUI, A1111);
 * ``pipeline.py``: fewstep's pipeline file for the run's family, so that
   ``DiffusionPipeline.from_pretrained(BASE, custom_pipeline="USER/NAME", trust_remote_code=True)`` works;
-* ``config.yaml`` (without local paths), ``metrics.json`` (if any) and ``images/samples.png`` (if any).
+* ``config.yaml`` (without local paths: data files by name only), ``metrics.json`` (if any) and
+  ``images/samples.png`` (if any).
 
 The token comes from huggingface_hub's usual places (``HF_TOKEN``, ``hf auth login``); nothing here reads or
 prints it.
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import load_yaml
 from .lora_io import DIFFUSERS_LORA_WEIGHT_NAME, FAMILIES, lora_family_of_state_dict
 
 KOHYA_WEIGHT_NAME = "fewstep_comfyui.safetensors"
@@ -32,6 +34,8 @@ BASE_LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
 FAMILY_TAGS = {"sd15": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
 FAMILY_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL"}
 SAMPLE_GRID = "images/samples.png"
+# Config entries that hold the user's local data paths: published by file name only.
+DATA_PATH_KEYS = ("prompts", "images")
 
 
 class PublishError(ValueError):
@@ -70,18 +74,23 @@ def read_run(run_dir: str | Path) -> Run:
     directory = Path(run_dir).expanduser()
     if not directory.is_dir():
         raise PublishError(f"run directory {str(run_dir)!r} does not exist")
-    for required in (Path("lora") / DIFFUSERS_LORA_WEIGHT_NAME, Path("lora") / KOHYA_WEIGHT_NAME, Path("config.yaml")):
-        if not (directory / required).is_file():
+    for required, fmt in ((DIFFUSERS_LORA_WEIGHT_NAME, "diffusers"), (KOHYA_WEIGHT_NAME, "comfyui")):
+        if not (directory / "lora" / required).is_file():
             raise PublishError(
-                f"run directory {str(run_dir)!r} has no {required}; finish training, or write the LoRA files with "
-                f"`fewstep export {run_dir} --format comfyui`"
+                f"run directory {str(run_dir)!r} has no lora/{required}; finish training, or write it from the "
+                f"latest checkpoint with `fewstep export {run_dir} --format {fmt}`"
             )
-    config = yaml.safe_load((directory / "config.yaml").read_text()) or {}
+    if not (directory / "config.yaml").is_file():
+        raise PublishError(f"run directory {str(run_dir)!r} has no config.yaml; give the --output of fewstep train")
+    config = load_yaml(directory / "config.yaml")
     family = lora_family_of_state_dict(directory / "lora" / DIFFUSERS_LORA_WEIGHT_NAME) or config.get("model_type")
     if family not in FAMILIES:
         raise PublishError(f"cannot tell whether the LoRA in {str(run_dir)!r} is for SD1.5 or SDXL")
     metrics_file = directory / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    try:
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    except ValueError as error:
+        raise PublishError(f"{metrics_file} is not valid JSON ({error}); fix or remove it") from None
     grids = sorted((directory / "samples").glob("*.png"))
     return Run(directory, family, config, metrics, grids[-1] if grids else None)
 
@@ -185,6 +194,8 @@ def model_card(run: Run, repo_id: str, base_model: str, license: str) -> str:
         f"Put `{KOHYA_WEIGHT_NAME}` in `models/Lora/`, add `<lora:{Path(KOHYA_WEIGHT_NAME).stem}:1>` to the prompt "
         f"and generate with sampler **LCM**, {n} step(s), CFG scale 1.",
         "## Training configuration",
+        "Local paths are left out: the training data are named by file or folder name only, and the teacher by its "
+        "Hub id.",
         "```yaml\n" + yaml.safe_dump(public_config(run, base_model), sort_keys=False).rstrip() + "\n```",
     ]
     if run.metrics:
@@ -202,10 +213,13 @@ def model_card(run: Run, repo_id: str, base_model: str, license: str) -> str:
 
 def public_config(run: Run, base_model: str) -> dict:
     """The training config as published: no local paths (the output folder is dropped, a local teacher folder is
-    named by the base model's Hub id)."""
+    named by the base model's Hub id, data files and folders by their names only)."""
     config = {key: value for key, value in run.config.items() if key != "output"}
     if not _looks_like_hub_id(str(config.get("teacher") or "")):
         config["teacher"] = base_model
+    for key in DATA_PATH_KEYS:
+        if config.get(key):
+            config[key] = Path(str(config[key])).name
     return config
 
 
@@ -228,6 +242,8 @@ def build_upload_folder(
     run = read_run(run_dir)
     base = base_model_of(run, base_model)
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PublishError(f"--folder {str(folder)!r} is a file; give a new or empty folder")
     if folder.exists() and any(folder.iterdir()):
         raise PublishError(f"upload folder {str(folder)!r} is not empty")
     folder.mkdir(parents=True, exist_ok=True)
@@ -261,13 +277,39 @@ def upload(folder: str | Path, repo_id: str, private: bool = False) -> str:
 
     if constants.is_offline_mode():
         raise PublishError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or use --dry-run")
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
-    # private=None (not False) for a public push: an organisation's default visibility then applies.
-    repo_url = api.create_repo(repo_id, exist_ok=True, private=True if private else None, repo_type="model")
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        commit_message="Upload fewstep DMD2 LoRA, model card and pipeline",
-    )
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    api = HfApi(endpoint=endpoint)
+    try:
+        # private=None (not False) for a public push: an organisation's default visibility then applies.
+        repo_url = api.create_repo(repo_id, exist_ok=True, private=True if private else None, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            commit_message="Upload fewstep DMD2 LoRA, model card and pipeline",
+        )
+    except Exception as error:
+        raise _upload_error(error, endpoint) from None
     return str(repo_url)
+
+
+def _upload_error(error: Exception, endpoint: str) -> Exception:
+    """A failed upload as one line naming the host and what to do; errors that are not the Hub's pass through."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    reason = " ".join(str(error).split()[:40]) or type(error).__name__
+    if isinstance(error, LocalTokenNotFoundError):
+        return PublishError("no Hugging Face token; set HF_TOKEN or run `hf auth login`, or use --dry-run")
+    if isinstance(error, HfHubHTTPError):
+        return PublishError(f"the Hub at {endpoint} refused the upload ({reason}); check the token's write access")
+    if isinstance(error, OSError) or _is_transport_error(error):
+        return PublishError(
+            f"could not reach {endpoint} ({reason}); check the network connection (or HF_ENDPOINT) and push again, "
+            "or build the folder with --dry-run"
+        )
+    return error
+
+
+def _is_transport_error(error: Exception) -> bool:
+    """httpx's (and its forks') connection and timeout errors, named by class so no HTTP client is imported."""
+    return any(cls.__name__ in ("TransportError", "ConnectionError", "Timeout") for cls in type(error).__mro__)

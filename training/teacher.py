@@ -31,6 +31,10 @@ def load_teacher(name: str, model_type: str | None = None):
     if model_type is not None and model_type not in FAMILIES:
         raise TeacherError(f"unknown model type {model_type!r}; use one of {', '.join(FAMILIES)}")
     path = Path(name).expanduser()
+    if path.is_file():
+        raise TeacherError(
+            f"teacher {name} is a file; give the diffusers pipeline folder that holds model_index.json, or a Hub id"
+        )
     if _looks_like_path(name) and not path.is_dir():
         raise TeacherError(f"teacher folder {name} does not exist; give a diffusers pipeline folder or a Hub id")
     if path.is_dir() and not (path / "model_index.json").is_file():
