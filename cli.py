@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """A progress bar left open by the loop an error came from would put the error on the bar's line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -137,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        finally:
+            _close_progress_bars()
     except (UserError, ValueError) as error:
         print(f"fewstep {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2

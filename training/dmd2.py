@@ -160,8 +160,8 @@ def save_checkpoint(run_dir: Path, state: dict, adapters: dict, gan_head, config
         torch.save(state, tmp / "training_state.pt")
         save_yaml(config, tmp / "config.yaml")
         (tmp / "family").write_text(family)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: free what the half-written copy took
+    except BaseException:  # a full disk (torch reports it as a RuntimeError), a second Ctrl-C: leave no half copy
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
         shutil.rmtree(final)
@@ -413,6 +413,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
         if interrupts.stop_requested(world, device):
             if not checkpoint_path(run_dir, step).is_dir():
                 checkpoint_now()
+            bar.close()
             if writer is not None:
                 writer.close()
             raise interrupts.interrupted(run_dir, step)
