@@ -303,25 +303,32 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_good_one
     assert code == 0, err
 
 
-def read_only(monkeypatch, root: Path):
-    """Make directories under ``root`` impossible to create, as on a read-only file system."""
+def unwritable(monkeypatch, root: Path, code: int):
+    """Make directories under ``root`` fail to be created with ``code`` (EROFS: read-only; ENOSPC: disk full)."""
     mkdir = Path.mkdir
 
-    def read_only_mkdir(self, *args, **kwargs):
+    def failing_mkdir(self, *args, **kwargs):
         if str(self).startswith(str(root)):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+            raise OSError(code, os.strerror(code), str(self))
         return mkdir(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    monkeypatch.setattr(Path, "mkdir", failing_mkdir)
 
 
-def test_a_read_only_output_is_one_line_for_train_sample_export_and_push(capsys, monkeypatch, teacher, prompts,
-                                                                         runs, tmp_path):  # fmt: skip
+@pytest.mark.parametrize(
+    "code, fix",
+    [
+        (errno.EROFS, "read-only file system; choose a writable location"),
+        (errno.ENOSPC, "no space left on device; free some space or choose another location"),
+    ],
+    ids=["read-only", "disk-full"],
+)
+def test_an_unwritable_output_is_one_line_for_train_sample_export_and_push(capsys, monkeypatch, teacher, prompts,
+                                                                           runs, tmp_path, code, fix):  # fmt: skip
     run = tmp_path / "run"
     new_run(capsys, teacher, prompts, run)
     locked = tmp_path / "locked"
-    read_only(monkeypatch, locked)
-    fix = "read-only file system; choose a writable location"
+    unwritable(monkeypatch, locked, code)
     commands = {
         "train": ["train", "--teacher", str(teacher), "--prompts", str(prompts), "--output", str(locked / "r"), *TINY],
         "sample": ["sample", "--lora", str(run), "--prompt", "a cat", "--out", str(locked / "s")],
