@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -247,6 +248,6 @@ def check_config(config) -> None:
 def save_yaml(config, path: str | Path) -> None:
     """Write ``config`` as YAML atomically, so a failed write never leaves half a file in place of the old one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: every DDP process writes the config
     tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     tmp.replace(path)

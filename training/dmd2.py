@@ -232,7 +232,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
     device = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
 
-    if overwrite:
+    if overwrite and accelerator.is_main_process:  # once, before any process writes into the directory
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(config, run_dir / "config.yaml")
