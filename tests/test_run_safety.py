@@ -130,6 +130,8 @@ def test_a_different_teacher_of_the_same_family_cannot_resume_the_run(capsys, te
     code, err = train(capsys, "--output", str(run), "--resume", "--teacher", str(other), "--max-steps", "4")
     assert code == 2 and f"--teacher {other} (the run has {teacher}) cannot change on resume" in one_line(err)
     assert yaml.safe_load((run / "config.yaml").read_text())["teacher"] == str(teacher)
+    code, err = train(capsys, "--output", str(run), "--resume", "--teacher", f"{teacher}/", "--max-steps", "4")
+    assert code == 0, err  # the same folder, spelled differently
 
 
 def test_a_new_learning_rate_on_resume_takes_effect_and_is_recorded(capsys, teacher, prompts, tmp_path):
@@ -143,6 +145,13 @@ def test_a_new_learning_rate_on_resume_takes_effect_and_is_recorded(capsys, teac
         groups = state[f"{name}_optimizer"]["param_groups"]
         assert all(group["initial_lr"] == 5e-5 and group["lr"] == pytest.approx(5e-5) for group in groups)
     assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 5e-5
+
+
+def test_resuming_a_finished_run_says_how_to_go_on(capsys, teacher, prompts, tmp_path):
+    run = tmp_path / "run"
+    new_run(capsys, teacher, prompts, run)
+    code, err = train(capsys, "--output", str(run), "--resume")
+    assert code == 2 and "is already at step 2 (--max-steps 2); give a larger --max-steps" in one_line(err)
 
 
 def test_a_validation_grid_missed_by_a_kill_is_made_on_resume(capsys, teacher, prompts, tmp_path):
@@ -269,6 +278,13 @@ def test_a_signal_stops_after_a_checkpoint_and_the_resumed_run_is_bit_identical(
         assert_identical(load_file(run / "lora" / name), load_file(uninterrupted / "lora" / name), name)
     grids = sorted(p.name for p in (uninterrupted / "samples").iterdir())
     assert all((run / "samples" / g).read_bytes() == (uninterrupted / "samples" / g).read_bytes() for g in grids)
+
+
+def test_a_signal_during_the_last_iteration_lets_the_run_finish(capsys, monkeypatch, sigterm_guard, teacher, prompts,
+                                                                 tmp_path):  # fmt: skip
+    signal_during_iteration(monkeypatch, signal.SIGTERM, 2)
+    new_run(capsys, teacher, prompts, tmp_path / "run")  # exit status 0: a resume would have nothing to do
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------------ failed writes

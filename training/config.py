@@ -128,6 +128,8 @@ def coerce(field: dataclasses.Field, annotation, value):
         return number
     if kind is list:
         items = value.replace(" ", "").split(",") if isinstance(value, str) else value
+        if isinstance(items, (int, float)) and not isinstance(items, bool):  # YAML `timesteps: 999`
+            items = [items]
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"must be {_describe(list, metadata)}, got {value!r}")
         numbers = [_number(item, int, metadata) for item in items if item != ""]

@@ -410,7 +410,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
                 validator.run(step, writer)
         if on_step is not None and on_step(step, metrics):
             stopped = True
-        if interrupts.stop_requested(world, device):
+        if interrupts.stop_requested(world, device) and step < config.max_steps:  # else the run ends now anyway
             if not checkpoint_path(run_dir, step).is_dir():
                 checkpoint_now()
             bar.close()

@@ -18,8 +18,11 @@ from pathlib import Path
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class RunInterrupted(Exception):
-    """Training stopped on a signal after writing a checkpoint; ``exit_code`` is 128 + the signal number."""
+class RunInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal; ``exit_code`` is 128 + the signal number.
+
+    A KeyboardInterrupt, so that no ``except Exception`` on the way (a library's fallback) swallows it.
+    """
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)

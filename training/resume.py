@@ -8,6 +8,7 @@ holds, so a different value is refused rather than silently mixed into the run.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from .config import flag, load_yaml
@@ -27,15 +28,22 @@ def saved_options(checkpoint: Path) -> dict:
 
 
 def check_unchanged(config, saved: dict, checkpoint: Path) -> None:
-    """Refuse options that differ from the checkpoint's run and cannot change on resume.
+    """Refuse a resume with nothing left to train, or with options that differ from the checkpoint's run and
+    cannot change on resume.
 
     Fields still None (to be filled from the teacher's family) are skipped; calling this again once they are
     filled checks them too.
     """
+    step = int(checkpoint.name.removeprefix("step-"))
+    if step >= config.max_steps:
+        raise ResumeError(
+            f"--resume: the run in {checkpoint.parent.parent} is already at step {step} (--max-steps "
+            f"{config.max_steps}); give a larger --max-steps to train on, or write its LoRA files with fewstep export"
+        )
     changed = []
     for field in dataclasses.fields(config):
         new, old = getattr(config, field.name), saved.get(field.name)
-        if may_change_on_resume(field) or new is None or field.name not in saved or new == old:
+        if may_change_on_resume(field) or new is None or field.name not in saved or _same(new, old):
             continue
         changed.append(f"{flag(field.name)} {_show(new)} (the run has {_show(old)})")
     if changed:
@@ -46,6 +54,15 @@ def check_unchanged(config, saved: dict, checkpoint: Path) -> None:
             f"--resume from {checkpoint}: {'; '.join(changed)} cannot change on resume; drop the option to keep the "
             f"run's value, or start a new run in another --output (options that may change: {free})"
         )
+
+
+def _same(new, old) -> bool:
+    """Equal values, or two spellings of one local path (relative and absolute, a trailing slash)."""
+    if new == old:
+        return True
+    if isinstance(new, str) and isinstance(old, str) and os.path.exists(new) and os.path.exists(old):
+        return os.path.samefile(new, old)
+    return False
 
 
 def _show(value) -> str:
