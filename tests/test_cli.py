@@ -73,7 +73,8 @@ def _bad_inputs(tmp: Path, base: Path, run: Path) -> dict[str, list[list[str]]]:
             [*train, "--checkpoints-total-limit", "0"], [*train[:2], str(a_file), *train[3:]],
             ["train", "--teacher", str(base), "--prompts", str(binary), "--output", str(tmp / "run")],
             ["train", "--teacher", str(base), "--prompts", str(a_dir), "--output", str(tmp / "run")],
-            [*train, "--images", str(corrupt)], [*train, "--images", str(a_file)], [*train[:-2], "--output", str(a_file)],
+            [*train, "--images", str(corrupt)], [*train, "--images", str(a_file)],
+            [*train[:-2], "--output", str(a_file)],
             ["train", "--teacher", str(base), "--output", str(tmp / "run")], [*train, "--timesteps", "499,999"],
             ["train", "--method", "dmd"],
         ],
@@ -90,7 +91,8 @@ def _bad_inputs(tmp: Path, base: Path, run: Path) -> dict[str, list[list[str]]]:
             ["sample", "--lora", str(run), "--prompt", "a cat", "--teacher", str(a_file)],
         ],
         "push": [
-            ["push", str(run), "--repo-id", "no-owner", "--dry-run"], ["push", str(tmp / "missing"), "--repo-id", "a/b"],
+            ["push", str(run), "--repo-id", "no-owner", "--dry-run"],
+            ["push", str(tmp / "missing"), "--repo-id", "a/b"],
             ["push", str(run), "--repo-id", "a/b", "--base-model", "a/b", "--dry-run", "--folder", str(a_file)],
             ["push", str(run), "--repo-id", "a/b", "--base-model", "a/b", "--folder", str(a_dir)],
             ["push", str(run), "--repo-id", "a/b", "--base-model", "a/b"],  # HF_HUB_OFFLINE in the tests

@@ -381,7 +381,8 @@ def test_a_corrupt_or_truncated_image_is_named_before_the_teacher_loads(capsys, 
 @pytest.mark.parametrize(
     "lines, message",
     [
-        ('{"file_name": "0.png", "text": "a car"}\n\n{"file_name": "1.png", text: "a cat"}\n', "metadata.jsonl:3 is not valid JSON"),
+        ('{"file_name": "0.png", "text": "a car"}\n\n{"file_name": "1.png", text: "a cat"}\n',
+         "metadata.jsonl:3 is not valid JSON"),
         ('{"file_name": "0.png", "text": "a car"}\n["1.png", "a cat"]\n', "metadata.jsonl:2 is not a JSON object"),
     ],
 )  # fmt: skip

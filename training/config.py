@@ -42,7 +42,8 @@ def _base_type(annotation) -> type:
 
 
 def _optional(annotation) -> bool:
-    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return union and type(None) in typing.get_args(annotation)
 
 
 def _parse_bool(text: str) -> bool:

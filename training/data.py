@@ -31,7 +31,7 @@ def _json_lines(path: Path, what: str):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number} is not valid JSON ({error.msg}); write one JSON object per line") from None
+            raise DataError(f"{path}:{number} is not valid JSON ({error.msg}); write one object per line") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number} is not a JSON object; write one {{...}} object per line")
         yield number, record

@@ -139,7 +139,8 @@ class DMD2TrainConfig:
 
 def make_config(cli: dict, config_file: str | None = None) -> DMD2TrainConfig:
     """YAML then CLI (CLI wins); values typed and checked, unknown keys rejected."""
-    return build_config(DMD2TrainConfig, load_yaml(config_file) if config_file else {}, cli, sources=(config_file, None))
+    layers = (load_yaml(config_file), cli) if config_file else (cli,)
+    return build_config(DMD2TrainConfig, *layers, sources=(config_file, None) if config_file else (None,))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
