@@ -22,7 +22,7 @@ from . import interrupts
 from .config import build_config, check_config, load_yaml, save_yaml
 from .dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from .networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
-from .resume import check_unchanged, saved_options, set_base_lr
+from .resume import check_resume, saved_options, set_base_lr
 from .run_dir import checkpoint_path, claim_run_dir, clear_run_dir, validation_missed
 
 # Per-family defaults from the DMD2 reference (dmd2.md); every one can be overridden.
@@ -196,7 +196,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
     run_dir = Path(config.output)
     checkpoint = claim_run_dir(run_dir, resume, overwrite)
     if checkpoint is not None:
-        check_unchanged(config, saved_options(checkpoint), checkpoint)
+        check_resume(config, saved_options(checkpoint), checkpoint)
     if not config.teacher:
         raise TrainingError("--teacher is required (a Hub id or a local diffusers folder)")
     if config.timesteps:
@@ -223,7 +223,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
     teachers.check_resolution(pipe, resolution)
     config = dataclasses.replace(config, resolution=resolution)
     if checkpoint is not None:
-        check_unchanged(config, saved_options(checkpoint), checkpoint)  # now with the family's defaults too
+        check_resume(config, saved_options(checkpoint), checkpoint)  # now with the family's defaults too
     timesteps = (
         validate_timesteps(config.timesteps) if config.timesteps else student_timesteps(config.num_steps)
     )

@@ -27,19 +27,13 @@ def saved_options(checkpoint: Path) -> dict:
     return load_yaml(checkpoint / "config.yaml")
 
 
-def check_unchanged(config, saved: dict, checkpoint: Path) -> None:
+def check_resume(config, saved: dict, checkpoint: Path) -> None:
     """Refuse a resume with nothing left to train, or with options that differ from the checkpoint's run and
     cannot change on resume.
 
     Fields still None (to be filled from the teacher's family) are skipped; calling this again once they are
     filled checks them too.
     """
-    step = int(checkpoint.name.removeprefix("step-"))
-    if step >= config.max_steps:
-        raise ResumeError(
-            f"--resume: the run in {checkpoint.parent.parent} is already at step {step} (--max-steps "
-            f"{config.max_steps}); give a larger --max-steps to train on, or write its LoRA files with fewstep export"
-        )
     changed = []
     for field in dataclasses.fields(config):
         new, old = getattr(config, field.name), saved.get(field.name)
@@ -53,6 +47,12 @@ def check_unchanged(config, saved: dict, checkpoint: Path) -> None:
         raise ResumeError(
             f"--resume from {checkpoint}: {'; '.join(changed)} cannot change on resume; drop the option to keep the "
             f"run's value, or start a new run in another --output (options that may change: {free})"
+        )
+    step = int(checkpoint.name.removeprefix("step-"))
+    if step >= config.max_steps:
+        raise ResumeError(
+            f"--resume: the run in {checkpoint.parent.parent} is already at step {step} (--max-steps "
+            f"{config.max_steps}); give a larger --max-steps to train on, or write its LoRA files with fewstep export"
         )
 
 
