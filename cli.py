@@ -29,7 +29,13 @@ class UserError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the usage is one ``--help`` away) with exit status 2."""
+    """argparse, but a usage error is one line (the usage is one ``--help`` away) with exit status 2, and the help
+    of a required option says so."""
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("required") and "required" not in kwargs.get("help", ""):
+            kwargs["help"] = f"{kwargs.get('help', '')} (required)".strip()
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

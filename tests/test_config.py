@@ -124,7 +124,35 @@ def test_every_option_of_every_command_has_help_and_no_empty_default():
             assert "(default: )" not in action.help, f"{prog} {action.option_strings}: {action.help}"
 
 
-def test_required_train_options_say_so():
-    train = dict(_all_parsers(build_parser()))["fewstep train"]
-    helps = {action.dest: action.help for action in train._actions}
+def test_required_options_say_so():
+    parsers = dict(_all_parsers(build_parser()))
+    helps = {action.dest: action.help for action in parsers["fewstep train"]._actions}
     assert "required for a new run" in helps["teacher"] and "(required" in helps["output"]
+    for prog, parser in parsers.items():
+        for action in parser._actions:
+            if action.required and action.option_strings:
+                assert "required" in action.help, f"{prog} {action.option_strings}: {action.help}"
+
+
+def test_limits_come_from_field_metadata_so_new_fields_get_them_too():
+    from dataclasses import dataclass, field
+
+    from fewstep.training.config import build_config
+
+    @dataclass
+    class Options:
+        count: int = 1  # no metadata: integers are ≥ 0
+        workers: int = field(default=1, metadata={"min": 1})
+        rate: float = field(default=0.1, metadata={"above": 0, "below": 1})
+        steps: list[int] | None = field(default=None, metadata={"max": 9})
+
+    assert build_config(Options, {"count": "0", "rate": "5e-1", "steps": "9,3"}) == Options(0, 1, 0.5, [9, 3])
+    for bad, message in [
+        ({"count": -1}, "--count must be an integer ≥ 0, got -1"),
+        ({"workers": 0}, "--workers must be an integer ≥ 1, got 0"),
+        ({"rate": "1"}, "--rate must be a number > 0 and < 1, got '1'"),
+        ({"steps": [10]}, "--steps must be integers ≥ 0 and ≤ 9 separated by commas, got [10]"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            build_config(Options, bad)
+        assert str(error.value) == message

@@ -287,6 +287,24 @@ def test_a_signal_during_the_last_iteration_lets_the_run_finish(capsys, monkeypa
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_a_second_signal_stops_at_once(capsys, monkeypatch, teacher, prompts, tmp_path):
+    train_step = DMD2Loop.train_step
+
+    def twice_interrupted(self, batches):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return train_step(self, batches)
+
+    monkeypatch.setattr(DMD2Loop, "train_step", twice_interrupted)
+    code, err = train(capsys, "--teacher", str(teacher), "--prompts", str(prompts), "--output", str(tmp_path / "run"),
+                      "--max-steps", "4", *TINY)  # fmt: skip
+    assert code == 130 and err.strip().splitlines()[-1] == (
+        "fewstep train: stopped at once by a second SIGINT; the last checkpoint is the one to resume"
+    )
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000002"]
+
+
 # ------------------------------------------------------------------------------------------ failed writes
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_good_one(capsys, monkeypatch, teacher,
                                                                                   prompts, tmp_path):  # fmt: skip

@@ -38,8 +38,10 @@ class _StopRequest:
 
     def handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if not self.armed or self.signum is not None:
-            raise RunInterrupted(signum, f"stopped by {name}; no checkpoint was written for the iteration in progress")
+        if not self.armed:
+            raise RunInterrupted(signum, f"stopped by {name} before training started; there was nothing to save")
+        if self.signum is not None:
+            raise RunInterrupted(signum, f"stopped at once by a second {name}; the last checkpoint is the one to resume")
         self.signum = signum
         print(
             f"\nfewstep: {name} received: stopping after this iteration and writing a checkpoint "
