@@ -39,7 +39,7 @@ def test_yaml_scientific_notation_is_read_as_a_number(tmp_path):
         ("batch_size: [1, 2]\n", "batch_size in {path} must be an integer ≥ 1, got [1, 2]"),
         ("max_steps: 2.5\n", "max_steps in {path} must be an integer ≥ 1, got 2.5"),
         ("teacher: {a: 1}\n", "teacher in {path} must be text, got {{'a': 1}}"),
-        ("gradient_checkpointing: maybe\n", "gradient_checkpointing in {path} expected true or false, got 'maybe'"),
+        ("gradient_checkpointing: maybe\n", "gradient_checkpointing in {path} must be true or false, got 'maybe'"),
         ("lr:\n", "lr in {path} needs a value"),
         ("mixed_precision: fp8\n", "mixed_precision in {path} must be one of no, fp16, bf16, got 'fp8'"),
     ],

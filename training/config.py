@@ -52,12 +52,17 @@ def _parse_bool(text: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"expected true or false, got {text!r}")
+    raise ConfigError(f"must be true or false, got {text!r}")
+
+
+def _min(metadata, kind: type):
+    """The inclusive lower bound: the field's ``"min"``; for integers 0 when it has none (counts, sizes, seeds)."""
+    return metadata.get("min", 0 if kind is int else None)
 
 
 def _bounds(metadata, kind: type) -> str:
-    """The constraint in words: "≥ 1", "> 0", "in [0, 1)"."""
-    low = metadata.get("min", 0 if kind is int else None)
+    """The limits in words: "≥ 1", "> 0", "≥ 0 and < 1"."""
+    low = _min(metadata, kind)
     low_text = f"≥ {low}" if low is not None else (f"> {metadata['above']}" if "above" in metadata else "")
     high = f"≤ {metadata['max']}" if "max" in metadata else (f"< {metadata['below']}" if "below" in metadata else "")
     return " and ".join(part for part in (low_text, high) if part)
@@ -70,7 +75,7 @@ def _describe(kind: type, metadata) -> str:
 
 
 def _number(value, kind: type, metadata):
-    """An int or float from a number or its text (``1e-3``, ``1_000``); None if it is neither."""
+    """An int or float from a number or its text (``1e-3``, ``1_000``) within the limits; None if not."""
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
@@ -99,7 +104,7 @@ def _int_text(text: str):
 
 
 def _in_bounds(value, metadata, kind: type) -> bool:
-    low = metadata.get("min", 0 if kind is int else None)
+    low = _min(metadata, kind)
     return not (
         (low is not None and value < low)
         or ("above" in metadata and value <= metadata["above"])
