@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 def library_log_handlers_on_the_session_stderr():
     """diffusers and transformers make their log handler on first use, bound to the sys.stderr of that moment. If
     that moment is inside a test that captures stderr (capsys), the stream is closed after it and every later
-    warning prints a "--- Logging error ---" traceback into the next test's stderr. Make them now instead."""
+    warning prints a "--- Logging error ---" traceback into another test's stderr. Make them now instead."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

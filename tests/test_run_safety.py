@@ -300,7 +300,7 @@ def test_a_second_signal_stops_at_once(capsys, monkeypatch, teacher, prompts, tm
     code, err = train(capsys, "--teacher", str(teacher), "--prompts", str(prompts), "--output", str(tmp_path / "run"),
                       "--max-steps", "4", *TINY)  # fmt: skip
     assert code == 130 and err.strip().splitlines()[-1] == (
-        "fewstep train: stopped at once by a second SIGINT; the last checkpoint is the one to resume"
+        "fewstep train: stopped at once by a second SIGINT; resume from the last checkpoint"
     )
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000002"]
 

@@ -41,7 +41,7 @@ class _StopRequest:
         if not self.armed:
             raise RunInterrupted(signum, f"stopped by {name} before training started; there was nothing to save")
         if self.signum is not None:
-            raise RunInterrupted(signum, f"stopped at once by a second {name}; the last checkpoint is the one to resume")
+            raise RunInterrupted(signum, f"stopped at once by a second {name}; resume from the last checkpoint")
         self.signum = signum
         print(
             f"\nfewstep: {name} received: stopping after this iteration and writing a checkpoint "
