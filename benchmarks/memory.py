@@ -1,19 +1,23 @@
-"""``fewstep bench memory``: peak memory of one DMD2 iteration, fewstep's shared base vs the reference's three UNets.
+"""``fewstep bench memory``: peak memory and time of DMD2 iterations, fewstep's shared base vs the reference's layout.
 
-One iteration = a generator update and a fake-score update (DM loss + fake-score denoising loss), at the real SD1.5
-UNet architecture (random weights), latents 32×32 (256 px), batch 1. Each layout runs in its own subprocess (peak
-RSS is per process, and the reference layout can exhaust the machine); an out-of-memory death is reported as such.
+One iteration = a generator update (DM loss + GAN generator loss) and a fake-score update (denoising loss + GAN
+discriminator loss on real latents), batch 1, at the real SD1.5 or SDXL UNet architecture (random weights), in the
+configuration a user on one GPU picks: base weights in bf16 under autocast, fp32 LoRA adapters, gradient
+checkpointing (``--precision``/``--no-gradient-checkpointing`` change it). Each layout runs in its own subprocess
+(peak memory is per process; the reference layout can exhaust the machine); an out-of-memory death is reported as such.
 
-- ``shared``: ONE frozen UNet + LoRA adapters ``generator`` and ``fake_score`` (fewstep).
-- ``reference``: the DMD2 authors' LoRA mode: a frozen teacher UNet (fp32, or bf16 with ``--reference-teacher-dtype
-  bf16``), a fully trained fp32 fake-score UNet, and a generator UNet + LoRA.
+- ``shared``: ONE frozen UNet + LoRA adapters ``generator`` and ``fake_score`` + the GAN head (fewstep).
+- ``reference``: the DMD2 authors' LoRA mode as they run it: a frozen teacher UNet in the run's precision, a fully
+  trained fp32 fake-score UNet with the GAN head, and an fp32 generator UNet + LoRA.
 
-SDXL's UNet does not fit three times in 24 GB, so for SDXL the command reports a clearly labelled count of
-parameter, gradient and AdamW-state bytes (no activations) for both layouts instead of a measurement.
+``--device cuda`` measures ``torch.cuda.max_memory_allocated``; on the CPU the peak RSS. Time: the mean of
+``--iterations`` iterations after one warm-up. SDXL's layouts are also counted (parameter, gradient and AdamW-state
+bytes, no activations) where they cannot be run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -21,7 +25,7 @@ import subprocess
 import sys
 import time
 
-HELP = "peak memory of one DMD2 iteration: shared base UNet vs the reference's three UNets"
+HELP = "peak memory and time of DMD2 iterations: shared base UNet vs the reference's three UNets"
 
 SDXL_UNET = dict(
     sample_size=128,
@@ -39,29 +43,56 @@ SDXL_UNET = dict(
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
+DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}
 
 
 def add_arguments(parser) -> None:
+    parser.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="UNet architecture (default: %(default)s)")
+    parser.add_argument("--resolution", type=int, help="image size in px (default: 512 for sd15, 1024 for sdxl)")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank of every adapter (default: %(default)s)")
-    parser.add_argument("--latent-size", type=int, default=32, help="latent side, 32 = 256 px (default: %(default)s)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(
-        "--reference-teacher-dtype", choices=["fp32", "bf16"], default="fp32",
-        help="the reference layout's teacher precision (the authors use bf16; default: %(default)s)",
+        "--precision", choices=["fp32", "bf16"],
+        help="base UNet weights and autocast (LoRA and the reference's fake score stay fp32; default: bf16 on cuda, "
+        "fp32 on cpu)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+        help="measure without gradient checkpointing (default: on, as a 24 GB user runs SDXL)",
+    )  # fmt: skip
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations after a warm-up (default: %(default)s)")
     parser.add_argument("--layouts", default="shared,reference", help="comma-separated layouts to measure")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per layout (default: %(default)s)")
 
 
+def _settings(args) -> dict:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    resolution = args.resolution or DEFAULT_RESOLUTION[args.family]
+    if resolution < 64 or resolution % 64:
+        raise ValueError(f"--resolution must be a positive multiple of 64, got {resolution}")
+    if args.iterations < 1:
+        raise ValueError(f"--iterations must be ≥ 1, got {args.iterations}")
+    return dict(
+        family=args.family, rank=args.rank, resolution=resolution, device=device,
+        precision=args.precision or ("bf16" if device.startswith("cuda") else "fp32"),
+        gradient_checkpointing=args.gradient_checkpointing, iterations=args.iterations,
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ one layout
 class ThreeUNetNetworks:
-    """The reference layout behind the same DMD2Networks interface: three separate UNets."""
+    """The reference layout behind the same DMD2Networks interface: three separate UNets, GAN head on the fake one."""
 
-    def __init__(self, teacher, fake, generator, schedule, uncond, guidance_scale):
+    def __init__(self, teacher, fake, generator, schedule, uncond, guidance_scale, gan_head):
         self.teacher, self.fake, self.generator_unet = teacher, fake, generator
-        self.schedule, self.uncond, self.guidance_scale = schedule, uncond, guidance_scale
+        self.schedule, self.uncond, self.guidance_scale, self.gan_head = schedule, uncond, guidance_scale, gan_head
+        self._features = None
+        fake.mid_block.register_forward_hook(lambda module, inputs, output: setattr(self, "_features", output))
 
     def _x0(self, unet, x_t, t, cond):
-        out = unet(x_t.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+        out = unet(x_t.to(unet.dtype), t, **cond.to(x_t.device, unet.dtype).unet_kwargs()).sample
         return self.schedule.to_x0(out.float(), x_t.float(), t)
 
     def generator(self, x_t, t, cond):
@@ -71,89 +102,129 @@ class ThreeUNetNetworks:
         import torch
 
         from ..core.sampling import cfg
+        from ..training.networks import TextConditioning
 
-        both = self._x0(self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.uncond, cond]))
-        uncond, cond_x0 = both.chunk(2)
+        both = TextConditioning.cat([self.uncond.repeat_to(x_t.shape[0]), cond])
+        uncond, cond_x0 = self._x0(self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
         return cfg(uncond, cond_x0, self.guidance_scale)
 
     def fake_score(self, x_t, t, cond):
         return self._x0(self.fake, x_t, t, cond)
 
     def discriminator(self, x_t, t, cond):
-        raise NotImplementedError
+        self._x0(self.fake, x_t, t, cond)  # the reference runs the whole fake UNet, then reads the mid block
+        features, self._features = self._features, None
+        return self.gan_head(features)
+
+    def activate(self, network):
+        pass  # three separate UNets: nothing to switch before a backward
 
     def generator_parameters(self):
         return [p for p in self.generator_unet.parameters() if p.requires_grad]
 
     def fake_score_parameters(self):
-        return list(self.fake.parameters())
+        return list(self.fake.parameters()) + list(self.gan_head.parameters())
 
 
-def measure_layout(layout: str, rank: int, latent_size: int, reference_teacher_dtype: str) -> dict:
-    """Build one layout, run one DMD2 iteration (generator + fake-score update), return peak RSS and time."""
+def _conditioning(family: str, resolution: int, device):
+    import torch
+
+    from ..training.networks import TextConditioning
+
+    if family == "sdxl":
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+        make = lambda: TextConditioning(torch.randn(1, 77, 2048), torch.randn(1, 1280), time_ids)
+    else:
+        make = lambda: TextConditioning(torch.randn(1, 77, 768))
+    return make().to(device), make().to(device)
+
+
+def measure_layout(settings: dict, layout: str) -> dict:
+    """Build one layout, run 1 + ``iterations`` DMD2 iterations with the GAN on, return peak memory and time."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from ..core.schedule import NoiseSchedule
     from ..training.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
-    from ..training.networks import SharedUNetNetworks, TextConditioning, attach_adapters, lora_config
+    from ..training.networks import GANHead, SharedUNetNetworks, attach_adapters, lora_config
     from .sd15 import SD15_SCHEDULER, SD15_UNET
 
     torch.manual_seed(0)
-    schedule = NoiseSchedule.from_config(SD15_SCHEDULER)
-    cond = torch.randn(1, 77, 768)
-    uncond = torch.randn(1, 77, 768)
+    family, rank, device = settings["family"], settings["rank"], torch.device(settings["device"])
+    unet_config = SD15_UNET if family == "sd15" else SDXL_UNET
+    base_dtype = torch.bfloat16 if settings["precision"] == "bf16" else torch.float32
+    schedule = NoiseSchedule.from_config(SD15_SCHEDULER).to(device)
+    cond, uncond = _conditioning(family, settings["resolution"], device)
+    head = GANHead(unet_config["block_out_channels"][-1]).to(device)
     if layout == "shared":
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel(**unet_config).to(device, base_dtype)
         attach_adapters(unet, rank, rank / 8, rank, rank / 8)
-        networks = SharedUNetNetworks(unet, schedule, TextConditioning(uncond), 1.75)
-        batch_cond = TextConditioning(cond)
-        unet_count = 1
+        unets = [unet]
+        networks = SharedUNetNetworks(unet, schedule, uncond, 1.75, head)
     elif layout == "reference":
-        teacher = UNet2DConditionModel(**SD15_UNET).requires_grad_(False)
-        if reference_teacher_dtype == "bf16":
-            teacher.to(torch.bfloat16)
-        fake = UNet2DConditionModel(**SD15_UNET)
-        generator = UNet2DConditionModel(**SD15_UNET).requires_grad_(False)
+        teacher = UNet2DConditionModel(**unet_config).requires_grad_(False).to(device, base_dtype)
+        fake = UNet2DConditionModel(**unet_config).to(device)
+        generator = UNet2DConditionModel(**unet_config).requires_grad_(False).to(device)
         generator.add_adapter(lora_config(rank, rank / 8), adapter_name="generator")
-        networks = ThreeUNetNetworks(teacher, fake, generator, schedule, uncond, 1.75)
-        batch_cond = cond
-        unet_count = 3
+        unets = [teacher, fake, generator]
+        networks = ThreeUNetNetworks(teacher, fake, generator, schedule, uncond, 1.75, head)
     else:
         raise ValueError(f"unknown layout {layout!r}; use shared or reference")
+    if settings["gradient_checkpointing"]:
+        for unet in unets:
+            unet.enable_gradient_checkpointing()
     adamw = lambda params: torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
     loop = DMD2Loop(
         networks, adamw(networks.generator_parameters()), adamw(networks.fake_score_parameters()),
-        DMD2LoopConfig(dfake_gen_update_ratio=1),
+        DMD2LoopConfig(dfake_gen_update_ratio=1, gan_generator_weight=5e-3, gan_discriminator_weight=1e-2),
+        device=device,
     )  # fmt: skip
+    latent = settings["resolution"] // 8
+    shape = (1, 4, latent, latent)
+    batch = DMD2Batch(shape=shape, cond=cond, real_x0=torch.randn(shape, device=device), real_cond=cond)
     trainable = sum(p.numel() for p in networks.generator_parameters() + networks.fake_score_parameters())
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def iteration():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=base_dtype == torch.bfloat16):
+            return loop.train_step(batch)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    metrics = iteration()  # warm-up: allocator, kernels, AdamW states
+    sync()
     start = time.perf_counter()
-    metrics = loop.train_step(DMD2Batch(shape=(1, 4, latent_size, latent_size), cond=batch_cond))
-    seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    for _ in range(settings["iterations"]):
+        metrics = iteration()
+    sync()
+    seconds = (time.perf_counter() - start) / settings["iterations"]
+    if device.type == "cuda":
+        peak = {"peak_gb": torch.cuda.max_memory_allocated(device) / 1e9, "peak_kind": "torch.cuda.max_memory_allocated"}
+    else:
+        peak = {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "peak_kind": "peak RSS"}
     return {
         "layout": layout,
-        "unets": unet_count,
-        "peak_rss_gb": peak_kib * 1024 / 1e9,
-        "seconds": seconds,
+        "unets": len(unets),
+        **peak,
+        "seconds_per_iteration": seconds,
         "trainable_params": trainable,
         "finite": all(v == v for v in metrics.values()),
     }
 
 
-def _run_subprocess(layout: str, args) -> dict:
-    command = [
-        sys.executable, "-m", "fewstep.benchmarks.memory", layout, str(args.rank), str(args.latent_size),
-        args.reference_teacher_dtype,
-    ]  # fmt: skip
+def _run_subprocess(layout: str, settings: dict, timeout: int) -> dict:
+    command = [sys.executable, "-m", "fewstep.benchmarks.memory", layout, json.dumps(settings)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"layout": layout, "error": f"timed out after {args.timeout} s"}
+        return {"layout": layout, "error": f"timed out after {timeout} s"}
     if done.returncode != 0:
-        killed = done.returncode in (-9, 137)
-        reason = "out of memory (killed)" if killed else (done.stderr.strip().splitlines() or ["failed"])[-1]
-        return {"layout": layout, "error": reason}
+        lines = done.stderr.strip().splitlines() or ["failed"]
+        killed = done.returncode in (-9, 137) or any("OutOfMemoryError" in line for line in lines[-3:])
+        return {"layout": layout, "error": "out of memory" if killed else lines[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -184,7 +255,7 @@ def sdxl_state_counts(rank: int) -> dict:
     base = sum(p.numel() for p in unet.parameters())
     lora = _lora_params(unet, rank)
     trained = lambda n: 4 * n * 4  # fp32 param + grad + two Adam moments
-    shared = 4 * base + 2 * trained(lora)
+    shared = 2 * base + 2 * trained(lora)  # bf16 base, two fp32 adapters
     reference = 2 * base + trained(base) + (4 * base + trained(lora))  # bf16 teacher, full fake, generator+LoRA
     return {
         "unet_params": base,
@@ -198,41 +269,51 @@ def sdxl_state_counts(rank: int) -> dict:
 
 # ------------------------------------------------------------------------------------------ the command
 def run(args) -> dict:
+    settings = _settings(args)
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
     results = {}
     for layout in layouts:
         print(f"fewstep bench memory: measuring the {layout} layout in a subprocess ...", flush=True)
-        results[layout] = _run_subprocess(layout, args)
-    ratio = None
-    if all("peak_rss_gb" in results.get(k, {}) for k in ("shared", "reference")):
-        ratio = results["shared"]["peak_rss_gb"] / results["reference"]["peak_rss_gb"]
+        results[layout] = _run_subprocess(layout, settings, args.timeout)
+    measured = all("peak_gb" in results.get(k, {}) for k in ("shared", "reference"))
+    ratio = results["shared"]["peak_gb"] / results["reference"]["peak_gb"] if measured else None
+    time_ratio = (
+        results["shared"]["seconds_per_iteration"] / results["reference"]["seconds_per_iteration"] if measured else None
+    )
+    device = settings["device"]
+    machine = (
+        __import__("torch").cuda.get_device_name(device) if device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
+    )
     return {
-        "architecture": "SD1.5 UNet (random weights)",
-        "latent": [1, 4, args.latent_size, args.latent_size],
-        "rank": args.rank,
-        "reference_teacher_dtype": args.reference_teacher_dtype,
+        "architecture": f"{settings['family']} UNet (random weights)",
+        "settings": settings,
         "layouts": results,
         "ratio": ratio,
-        "target_ratio": 0.4,
-        "sdxl_counted": sdxl_state_counts(args.rank),
-        "machine": f"{os.cpu_count()} CPU cores",
+        "time_ratio": time_ratio,
+        "sdxl_counted": sdxl_state_counts(settings["rank"]),
+        "machine": machine,
     }
 
 
 def format_table(result: dict) -> str:
-    lines = [f"DMD2, one iteration (generator + fake-score update), {result['architecture']}, latent "
-             f"{'×'.join(map(str, result['latent']))}, LoRA rank {result['rank']}", ""]  # fmt: skip
-    lines.append(f"{'layout':<12}{'UNets':>6}{'peak RSS GB':>14}{'seconds':>10}{'trainable params':>18}")
+    s = result["settings"]
+    lines = [
+        f"DMD2, one iteration (generator + fake-score update, GAN on), {result['architecture']}, {s['resolution']} px, "
+        f"batch 1, base {s['precision']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
+        f"LoRA rank {s['rank']}, on {result['machine']}",
+        "",
+        f"{'layout':<12}{'UNets':>6}{'peak GB':>10}{'s / iteration':>15}{'trainable params':>18}",
+    ]
     for name, row in result["layouts"].items():
         if "error" in row:
-            lines.append(f"{name:<12}{'':>6}{row['error']:>42}")
+            lines.append(f"{name:<12}{'':>6}{row['error']:>43}")
         else:
             lines.append(
-                f"{name:<12}{row['unets']:>6}{row['peak_rss_gb']:>14.2f}{row['seconds']:>10.1f}"
+                f"{name:<12}{row['unets']:>6}{row['peak_gb']:>10.2f}{row['seconds_per_iteration']:>15.3f}"
                 f"{row['trainable_params']:>18,}"
             )
     if result["ratio"] is not None:
-        lines.append(f"\nratio shared / reference: {result['ratio']:.3f} (target ≤ {result['target_ratio']})")
+        lines.append(f"\nshared / reference: peak memory {result['ratio']:.3f}, time per iteration {result['time_ratio']:.3f}")
     sdxl = result["sdxl_counted"]
     lines.append(
         f"SDXL UNet ({sdxl['unet_params'] / 1e9:.2f} B params), {sdxl['note']}: shared {sdxl['shared_state_gb']:.1f} GB"
@@ -242,5 +323,4 @@ def format_table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    layout, rank, latent_size, teacher_dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    print(json.dumps(measure_layout(layout, rank, latent_size, teacher_dtype)))
+    print(json.dumps(measure_layout(json.loads(sys.argv[2]), sys.argv[1])))

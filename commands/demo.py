@@ -39,7 +39,27 @@ class DigitsDemoSettings:
     ema_decay: float = 0.9
     lr_schedule: str = "constant"
     warmup_steps: int = 20
+    fake_rank: int | None = None  # None: rank
+    fake_alpha: float | None = None  # None: the fake rank (LoRA scale 1)
+    fake_lr: float | None = None  # None: lr
+    mixed_precision: str = "no"  # the digits UNet is tiny: full precision on any device
     eval_n: int = 500
+
+    def train_config(self, teacher_dir, run_dir, prompts, real_dir, num_steps: int, seed: int):
+        """The ``fewstep train`` options of the demo's distillation."""
+        from ..training.dmd2 import DMD2TrainConfig
+
+        fake_rank = self.fake_rank or self.rank
+        return DMD2TrainConfig(
+            teacher=str(teacher_dir), output=str(run_dir), prompts=str(prompts),
+            images=str(real_dir) if self.gan_weight else None, batch_size=self.batch_size, max_steps=self.max_steps,
+            num_steps=num_steps, lr=self.lr, fake_lr=self.fake_lr or self.lr, warmup_steps=self.warmup_steps,
+            lr_schedule=self.lr_schedule, guidance_scale=self.guidance_scale,
+            dfake_gen_update_ratio=self.dfake_gen_update_ratio, gen_rank=self.rank, gen_alpha=float(self.rank),
+            fake_rank=fake_rank, fake_alpha=float(self.fake_alpha or fake_rank), gan_weight=self.gan_weight,
+            disc_weight=self.disc_weight, ema_decay=self.ema_decay, checkpoint_every=max(1, self.max_steps // 4),
+            validate_every=0, seed=seed, mixed_precision=self.mixed_precision,
+        )  # fmt: skip
 
 
 QUICK = dict(max_steps=2, batch_size=4, rank=4, eval_n=20, warmup_steps=1)
@@ -64,7 +84,7 @@ class _Stages:
 def _demo_digits(args: argparse.Namespace) -> None:
     from ..training.cache import cache_root
     from ..training.digits import DigitsTeacherConfig, caption, digits_teacher, write_digits_folder
-    from ..training.dmd2 import DMD2TrainConfig, train_dmd2
+    from ..training.dmd2 import train_dmd2
     from ..training.yardstick import digit_classifier, evaluate, format_table, load_digits_model, save_digits_grid
 
     out = out_dir(args.out)
@@ -86,7 +106,7 @@ def _demo_digits(args: argparse.Namespace) -> None:
     )
 
     stages.begin("teacher", "digits teacher: reuse the cached one or build it (first run only)")
-    teacher_dir = digits_teacher(teacher_config)
+    teacher_dir = digits_teacher(teacher_config, device=args.device)
     classifier = digit_classifier()
     real_dir = cache_root() / "digits-train-images"
     if not (real_dir / "metadata.jsonl").is_file():
@@ -99,24 +119,13 @@ def _demo_digits(args: argparse.Namespace) -> None:
     run_dir = out / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a demo always starts fresh; real runs use `fewstep train --resume`
-    train_dmd2(
-        DMD2TrainConfig(
-            teacher=str(teacher_dir), output=str(run_dir), prompts=str(prompts),
-            images=str(real_dir) if settings.gan_weight else None, batch_size=settings.batch_size,
-            max_steps=settings.max_steps, num_steps=args.num_steps, lr=settings.lr, warmup_steps=settings.warmup_steps,
-            lr_schedule=settings.lr_schedule, guidance_scale=settings.guidance_scale,
-            dfake_gen_update_ratio=settings.dfake_gen_update_ratio, gen_rank=settings.rank,
-            gen_alpha=float(settings.rank), fake_rank=settings.rank, fake_alpha=float(settings.rank),
-            gan_weight=settings.gan_weight, disc_weight=settings.disc_weight, ema_decay=settings.ema_decay,
-            checkpoint_every=max(1, settings.max_steps // 4), validate_every=0, seed=args.seed,
-        )
-    )  # fmt: skip
+    train_dmd2(settings.train_config(teacher_dir, run_dir, prompts, real_dir, args.num_steps, args.seed))
     stages.end()
 
     stages.begin("eval", f"the yardstick: FD and accuracy of {settings.eval_n} images per row")
     metrics = evaluate(
         teacher_dir, lora=run_dir, n=settings.eval_n, guidance_scale=settings.guidance_scale, seed=args.seed,
-        classifier=classifier,
+        classifier=classifier, device=args.device,
     )  # fmt: skip
     metrics["settings"] = {**settings.__dict__, "num_steps": args.num_steps}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -178,8 +187,14 @@ def _demo_exact(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    import torch
+
     if args.num_steps < 1:
         raise UserError(f"--num-steps must be ≥ 1, got {args.num_steps}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
     (_demo_exact if args.exact else _demo_digits)(args)
 
 
@@ -196,7 +211,10 @@ def register(sub) -> None:
     demo.add_argument("--no-gan", action="store_true", help="distil without the GAN loss on real digits")
     demo.add_argument("--max-steps", type=int, default=None, help="distillation iterations (default: the demo's)")
     demo.add_argument("--quick", action="store_true", help="a tiny budget to check the whole path (CI); no quality")
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the run (default: %(default)s)")
     demo.add_argument(
-        "--seed", type=int, default=0, help="seed of the teacher build, training and sampling (default: %(default)s)"
-    )
+        "--device", choices=["auto", "cpu", "cuda"], default="auto",
+        help="where the teacher build and the yardstick run; training uses the GPU whenever one is visible "
+        "(default: %(default)s = cuda if available)",
+    )  # fmt: skip
     demo.set_defaults(func=cmd_demo)

@@ -67,5 +67,9 @@ def register(sub) -> None:
     train.add_argument(
         "--overwrite", action="store_true", help="start a new run in an --output that holds one (deletes the old run)"
     )
-    add_dataclass_arguments(train, DMD2TrainConfig)
+    add_dataclass_arguments(train, DMD2TrainConfig, skip=("teacher_lora",))
+    train.add_argument(
+        "--teacher-lora", action="append", default=argparse.SUPPRESS, metavar="FILE[:SCALE]", dest="teacher_lora",
+        help=DMD2TrainConfig.__dataclass_fields__["teacher_lora"].metadata["help"],
+    )
     train.set_defaults(func=cmd_train)

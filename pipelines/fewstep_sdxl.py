@@ -10,7 +10,9 @@
 Sampling is fewstep's math layer (``fewstep.core.sample_few_step``): x0 = G(x_t, t_i), then re-noise x0 to
 t_{i+1} with fresh noise (DMD2's rule, the same as LCMScheduler's at these timesteps). The pipeline's scheduler
 only supplies ᾱ_t and the prediction type (ε or v). This file is uploaded to the Hub as ``pipeline.py`` by
-``fewstep push``; it holds exactly one ``DiffusionPipeline`` subclass, as diffusers requires.
+``fewstep push``, with the fewstep modules it imports copied next to it and the imports made relative, so
+the pushed repo works without fewstep installed. It holds exactly one ``DiffusionPipeline`` subclass, as
+diffusers requires.
 """
 
 from typing import Callable
@@ -30,23 +32,18 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-try:
-    from fewstep.core.distillpp import distillpp_refiner
-    from fewstep.core.sampling import sample_few_step
-    from fewstep.core.schedule import NoiseSchedule
-    from fewstep.pipelines.common import (
-        check_teacher_inputs,
-        few_step_timesteps,
-        resolve_lora_source,
-        step_hook,
-        teacher_unet_and_context,
-        unet_denoiser,
-        uses_teacher,
-    )
-except ModuleNotFoundError as error:
-    if not (error.name or "").startswith("fewstep"):
-        raise
-    raise ImportError("this pipeline samples with the fewstep package: pip install fewstep") from error
+from fewstep.core.distillpp import distillpp_refiner
+from fewstep.core.sampling import sample_few_step
+from fewstep.core.schedule import NoiseSchedule
+from fewstep.pipelines.common import (
+    check_teacher_inputs,
+    few_step_timesteps,
+    resolve_lora_source,
+    step_hook,
+    teacher_unet_and_context,
+    unet_denoiser,
+    uses_teacher,
+)
 
 logger = logging.get_logger(__name__)
 

@@ -14,12 +14,14 @@ import yaml
 from fake_runs import PIPELINE_CLASSES, PIPELINE_FILES, make_run_dir
 
 from fewstep.cli import main
+from fewstep.training.pushed_code import pushed_code
 
 FAMILIES = ["sd15", "sdxl"]
 BASE_MODELS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
 REPO_ID = "alice/tiny-dmd2"
 TOKEN = "hf_fewstepTestTokenThatMustNeverBePrinted"
+PUSHED_MODULES = ["fewstep_common.py", "fewstep_distillpp.py", "fewstep_lora_io.py", "fewstep_sampling.py", "fewstep_schedule.py"]
 
 
 
@@ -42,9 +44,9 @@ def test_dry_run_folder_and_model_card(runs, tmp_path, capsys, family):
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     assert files == sorted([
         "README.md", "pytorch_lora_weights.safetensors", "fewstep_comfyui.safetensors", "pipeline.py",
-        "config.yaml", "metrics.json", "images/samples.png",
+        "config.yaml", "metrics.json", "images/samples.png", *PUSHED_MODULES,
     ])  # fmt: skip
-    assert (folder / "pipeline.py").read_text() == PIPELINE_FILES[family].read_text()
+    assert (folder / "pipeline.py").read_text() == pushed_code(family)["pipeline.py"]
     assert (folder / "images" / "samples.png").read_bytes() == (runs[family] / "samples" / "step-0000010.png").read_bytes()
 
     card = ModelCard.load(folder / "README.md")
@@ -111,7 +113,7 @@ def test_pushed_pipeline_file_loads_as_custom_pipeline(bases, runs, tmp_path, ca
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--repo-id", REPO_ID], "is a local folder, not a Hub id; pass --base-model"),
+        (["--repo-id", REPO_ID], "is a local folder or file, not a Hub id; pass --base-model"),
         (["--repo-id", "no-owner", "--base-model", BASE_MODELS["sd15"]], "--repo-id 'no-owner' must look like USER/NAME"),
         (["--repo-id", REPO_ID, "--base-model", "./local"], "--base-model './local' is not a Hub model id"),
     ],
@@ -236,9 +238,9 @@ def test_push_uploads_with_create_repo_and_upload_folder(runs, fake_hub, tmp_pat
     files = committed_files(fake_hub[-1][2])
     assert set(files) == {
         "README.md", "pytorch_lora_weights.safetensors", "fewstep_comfyui.safetensors", "pipeline.py", "config.yaml",
-        "metrics.json", "images/samples.png",
+        "metrics.json", "images/samples.png", *PUSHED_MODULES,
     }  # fmt: skip
-    assert files["pipeline.py"] == PIPELINE_FILES["sdxl"].read_bytes()
+    assert files["pipeline.py"].decode() == pushed_code("sdxl")["pipeline.py"]
     assert files["fewstep_comfyui.safetensors"] == (run / "lora" / "fewstep_comfyui.safetensors").read_bytes()
     assert b"base_model: stabilityai/stable-diffusion-xl-base-1.0" in files["README.md"]
 

@@ -134,17 +134,18 @@ def test_a_different_teacher_of_the_same_family_cannot_resume_the_run(capsys, te
     assert code == 0, err  # the same folder, spelled differently
 
 
-def test_a_new_learning_rate_on_resume_takes_effect_and_is_recorded(capsys, teacher, prompts, tmp_path):
+def test_new_learning_rates_on_resume_take_effect_and_are_recorded(capsys, teacher, prompts, tmp_path):
     run = tmp_path / "run"
     new_run(capsys, teacher, prompts, run)
-    code, err = train(capsys, "--output", str(run), "--resume", "--max-steps", "4", "--lr", "5e-5")
+    code, err = train(capsys, "--output", str(run), "--resume", "--max-steps", "4", "--lr", "5e-5", "--fake-lr", "2e-5")
     assert code == 0, err
     state = torch.load(run / "checkpoints" / "step-0000004" / "training_state.pt", weights_only=True)
-    for name in ("generator", "fake_score"):
-        assert state[f"{name}_scheduler"]["base_lrs"] == [5e-5]
+    for name, lr in (("generator", 5e-5), ("fake_score", 2e-5)):
+        assert state[f"{name}_scheduler"]["base_lrs"] == [lr]
         groups = state[f"{name}_optimizer"]["param_groups"]
-        assert all(group["initial_lr"] == 5e-5 and group["lr"] == pytest.approx(5e-5) for group in groups)
-    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 5e-5
+        assert all(group["initial_lr"] == lr and group["lr"] == pytest.approx(lr) for group in groups)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["lr"] == 5e-5 and saved["fake_lr"] == 2e-5
 
 
 def test_resuming_a_finished_run_says_how_to_go_on(capsys, teacher, prompts, tmp_path):
@@ -424,7 +425,7 @@ def test_a_binary_prompts_file_is_named(capsys, no_teacher_load, tmp_path):
 
 
 def test_a_teacher_path_that_is_a_file_says_so(capsys, prompts, tmp_path):
-    file = tmp_path / "model.safetensors"
-    file.write_bytes(b"weights")
+    file = tmp_path / "model.json"  # not a checkpoint file name: a folder or Hub id was meant
+    file.write_bytes(b"{}")
     code, err = train(capsys, "--teacher", str(file), "--prompts", str(prompts), "--output", str(tmp_path / "r"))
     assert code == 2 and f"teacher {file} is a file; give the diffusers pipeline folder" in one_line(err)

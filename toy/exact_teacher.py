@@ -94,6 +94,9 @@ class ExactTeacherNetworks:
     def discriminator(self, x_t, t, cond=None):
         raise NotImplementedError("the exact-teacher toy has no GAN head")
 
+    def activate(self, network):
+        pass  # separate networks: nothing to switch before a backward
+
     def generator_parameters(self):
         return list(self.generator_net.parameters())
 
@@ -161,8 +164,6 @@ def train_exact_teacher(config: ExactTeacherConfig, progress=None) -> ExactTeach
     adam = dict(lr=config.lr, betas=(config.adam_beta1, 0.99))
     generator_optimizer = torch.optim.Adam(networks.generator_parameters(), **adam)
     fake_score_optimizer = torch.optim.Adam(networks.fake_score_parameters(), **adam)
-    num_generator_updates = -(-config.iterations // config.dfake_gen_update_ratio)
-
     def cosine(total: int):
         return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)) if config.cosine_decay else 1.0
 
@@ -177,7 +178,7 @@ def train_exact_teacher(config: ExactTeacherConfig, progress=None) -> ExactTeach
             use_fake_score=config.use_fake_score,
         ),
         seed=config.seed,
-        generator_lr_scheduler=torch.optim.lr_scheduler.LambdaLR(generator_optimizer, cosine(num_generator_updates)),
+        generator_lr_scheduler=torch.optim.lr_scheduler.LambdaLR(generator_optimizer, cosine(config.iterations)),
         fake_score_lr_scheduler=torch.optim.lr_scheduler.LambdaLR(fake_score_optimizer, cosine(config.iterations)),
     )
     data_rng = torch.Generator().manual_seed(config.seed + 7)

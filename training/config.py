@@ -41,6 +41,13 @@ def _base_type(annotation) -> type:
     return origin or annotation
 
 
+def _item_type(annotation) -> type:
+    """list[str] | None → str."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return (typing.get_args(annotation) or (int,))[0]
+
+
 def _optional(annotation) -> bool:
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     return union and type(None) in typing.get_args(annotation)
@@ -132,6 +139,11 @@ def coerce(field: dataclasses.Field, annotation, value):
         if number is None:
             raise ConfigError(f"must be {_describe(kind, metadata)}, got {value!r}")
         return number
+    if kind is list and _item_type(annotation) is str:  # e.g. repeatable file names: one string or a list of them
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) and item for item in items):
+            raise ConfigError(f"must be a file name or a list of them, got {value!r}")
+        return list(items)
     if kind is list:
         items = value.replace(" ", "").split(",") if isinstance(value, str) else value
         if isinstance(items, (int, float)) and not isinstance(items, bool):  # YAML `timesteps: 999`

@@ -204,9 +204,9 @@ def _train_vae(vae, images: torch.Tensor, config: DigitsTeacherConfig, generator
     vae.train()
     with _progress(config.vae_iterations, "teacher 1/2: VAE ", progress) as bar:
         for _ in range(config.vae_iterations):
-            batch = images[torch.randint(len(images), (config.batch_size,), generator=generator)]
+            batch = images[torch.randint(len(images), (config.batch_size,), generator=generator).to(images.device)]
             posterior = vae.encode(batch).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(batch.device)
             reconstruction = vae.decode(z).sample
             mse = F.mse_loss(reconstruction, batch)
             loss = mse + config.vae_kl_weight * posterior.kl().mean()
@@ -251,15 +251,17 @@ def _train_unet(
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup)))
     empty = len(DIGIT_WORDS)
+    device = latent_mean.device  # random numbers come from the CPU generator on any device: one stream per seed
+    labels = labels.to(device)
     unet.train()
     with _progress(config.unet_iterations, "teacher 2/2: UNet", progress) as bar:
         for _ in range(config.unet_iterations):
-            index = torch.randint(len(labels), (config.batch_size,), generator=generator)
-            x0 = latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=generator)
-            dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+            index = torch.randint(len(labels), (config.batch_size,), generator=generator).to(device)
+            x0 = latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=generator).to(device)
+            dropped = (torch.rand(config.batch_size, generator=generator) < config.caption_dropout).to(device)
             prompt = torch.where(dropped, empty, labels[index])
-            t = torch.randint(schedule.num_train_timesteps, (config.batch_size,), generator=generator)
-            eps = torch.randn(x0.shape, generator=generator)
+            t = torch.randint(schedule.num_train_timesteps, (config.batch_size,), generator=generator).to(device)
+            eps = torch.randn(x0.shape, generator=generator).to(device)
             prediction = unet(schedule.add_noise(x0, eps, t), t, encoder_hidden_states=text[prompt]).sample
             loss = F.mse_loss(prediction, eps)
             optimizer.zero_grad(set_to_none=True)
@@ -274,7 +276,9 @@ def _train_unet(
     return ema.eval()
 
 
-def build_digits_teacher(config: DigitsTeacherConfig, directory: str | Path, progress: bool = True) -> Path:
+def build_digits_teacher(
+    config: DigitsTeacherConfig, directory: str | Path, progress: bool = True, device: str = "cpu"
+) -> Path:
     """Train the digits teacher and save it as a ``StableDiffusionPipeline`` folder (plus its build config)."""
     from diffusers import StableDiffusionPipeline
 
@@ -286,10 +290,12 @@ def build_digits_teacher(config: DigitsTeacherConfig, directory: str | Path, pro
     generator = torch.Generator().manual_seed(config.seed)
 
     torch.manual_seed(config.seed)
-    vae = _train_vae(_vae(config), data.train_images, config, generator, progress)
-    latent_mean, latent_std = _encode(vae, data.train_images)
+    images = data.train_images.to(device)
+    vae = _train_vae(_vae(config).to(device), images, config, generator, progress)
+    latent_mean, latent_std = _encode(vae, images)
     # SD's convention: latents · scaling_factor have unit std; the factor lives in the VAE config.
-    scaling_factor = float(1.0 / (latent_mean + latent_std * torch.randn(latent_mean.shape, generator=generator)).std())
+    noise = torch.randn(latent_mean.shape, generator=generator).to(device)
+    scaling_factor = float(1.0 / (latent_mean + latent_std * noise).std())
     vae.register_to_config(scaling_factor=scaling_factor)
 
     words = ["a", "handwritten", "digit", *DIGIT_WORDS]
@@ -301,9 +307,10 @@ def build_digits_teacher(config: DigitsTeacherConfig, directory: str | Path, pro
         text = text_encoder(tokens.input_ids).last_hidden_state
 
     torch.manual_seed(config.seed + 2)
-    unet = _unet(config, latent_size=IMAGE_SIZE // 4)
+    unet = _unet(config, latent_size=IMAGE_SIZE // 4).to(device)
     latent_mean, latent_std = latent_mean * scaling_factor, latent_std * scaling_factor
-    unet = _train_unet(unet, latent_mean, latent_std, data.train_labels, text, config, generator, progress)
+    unet = _train_unet(unet, latent_mean, latent_std, data.train_labels, text.to(device), config, generator, progress)
+    vae, unet = vae.cpu(), unet.cpu()
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -328,6 +335,7 @@ def build_digits_teacher(config: DigitsTeacherConfig, directory: str | Path, pro
             "test": len(data.test_labels),
         },
         "build_seconds": round(time.perf_counter() - started, 1),
+        "device": torch.device(device).type,
         "torch": torch.__version__,
     }
     (directory / TEACHER_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -360,6 +368,7 @@ def digits_teacher(
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> Path:
     """The cached digits teacher folder for ``config`` (default config if None), built on first use."""
     config = config or DigitsTeacherConfig()
@@ -369,6 +378,6 @@ def digits_teacher(
             f"fewstep: building the digits teacher (seed {config.seed}; VAE {config.vae_iterations} + UNet "
             f"{config.unet_iterations} iterations, about 10–15 minutes on 2 CPU cores); it is cached for next time"
         )
-        build_digits_teacher(config, directory, progress=progress)
+        build_digits_teacher(config, directory, progress=progress, device=device)
 
     return cached_build("digits-teacher", VERSION, config, build, force=force, log=log)

@@ -24,12 +24,16 @@ from .dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from .networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
 from .resume import check_resume, saved_options, set_base_lr
 from .run_dir import checkpoint_path, claim_run_dir, clear_run_dir, validation_missed
+from .trackers import open_run_logger, resolve_report_to
 
-# Per-family defaults from the DMD2 reference (dmd2.md); every one can be overridden.
+# Per-family defaults (docs/defaults.md sets each beside the DMD2 reference's value); every one can be overridden.
 FAMILY_DEFAULTS = {
-    "sd15": dict(guidance_scale=1.75, dfake_gen_update_ratio=10, gan_weight=1e-3),
-    "sdxl": dict(guidance_scale=8.0, dfake_gen_update_ratio=5, gan_weight=5e-3),
+    "sd15": dict(guidance_scale=1.75, dfake_gen_update_ratio=10, gan_weight=1e-3, gradient_checkpointing=False),
+    "sdxl": dict(guidance_scale=8.0, dfake_gen_update_ratio=5, gan_weight=5e-3, gradient_checkpointing=True),
 }
+# The reference's effective batch (per-GPU batch × 64 GPUs); far below it the DM gradient is much noisier.
+REFERENCE_EFFECTIVE_BATCH = {"sd15": 32 * 64, "sdxl": 2 * 64}
+FAR_BELOW_REFERENCE = 16  # warn when the effective batch is under 1/16 of the reference's
 
 
 class TrainingError(RuntimeError):
@@ -42,8 +46,9 @@ class DMD2TrainConfig:
 
     teacher: str = field(
         default="",
-        metadata={"help": "Hub id or local diffusers folder of the teacher", "required": "required for a new run"},
-    )
+        metadata={"help": "Hub id, local diffusers folder or single-file .safetensors checkpoint",
+                  "required": "required for a new run"},
+    )  # fmt: skip
     output: str = field(
         default="",
         metadata={"help": "run directory (config, checkpoints, samples, lora)", "required": "required",
@@ -74,13 +79,19 @@ class DMD2TrainConfig:
         default=None, metadata={"help": "custom student timesteps, e.g. 999,499", "max": 999}
     )
     lr: float = field(
-        default=1e-4,
-        metadata={"help": "AdamW learning rate of both adapters (and the GAN head)", "above": 0,
+        default=5e-5,
+        metadata={"help": "AdamW learning rate of the generator adapter", "above": 0, "on_resume": "may change"},
+    )
+    fake_lr: float | None = field(
+        default=None,
+        metadata={"help": "AdamW learning rate of the fake-score adapter and the GAN head (default: --lr)", "above": 0,
                   "on_resume": "may change"},
     )  # fmt: skip
-    warmup_steps: int = field(default=500, metadata={"help": "linear warm-up, in updates of each optimizer"})
+    warmup_steps: int = field(
+        default=100, metadata={"help": "linear learning-rate warm-up of both optimizers, in iterations"}
+    )
     lr_schedule: str = field(
-        default="constant", metadata={"help": "after warm-up: constant (reference) or cosine decay to 0",
+        default="constant", metadata={"help": "after warm-up: constant (reference) or cosine decay to 0 at --max-steps",
                                       "choices": ["constant", "cosine"]},
     )  # fmt: skip
     ema_decay: float = field(
@@ -101,19 +112,23 @@ class DMD2TrainConfig:
     gen_rank: int = field(default=64, metadata={"help": "generator LoRA rank", "min": 1})
     gen_alpha: float = field(default=8.0, metadata={"help": "generator LoRA alpha", "above": 0})
     fake_rank: int = field(default=64, metadata={"help": "fake-score LoRA rank", "min": 1})
-    fake_alpha: float = field(default=8.0, metadata={"help": "fake-score LoRA alpha", "above": 0})
+    fake_alpha: float | None = field(
+        default=None, metadata={"help": "fake-score LoRA alpha (default: --fake-rank, i.e. LoRA scale 1)", "above": 0}
+    )
     gan_weight: float | None = field(
         default=None, metadata={"help": "generator GAN loss weight (sd15 1e-3, sdxl 5e-3; 0 = no GAN)", "min": 0}
     )
     disc_weight: float = field(default=1e-2, metadata={"help": "discriminator loss weight", "min": 0})
     backward_simulation: bool = field(default=True, metadata={"help": "multi-step: train on the student's own inputs"})
     mixed_precision: str = field(
-        default="no",
-        metadata={"help": "base UNet precision (LoRA stays fp32)", "choices": ["no", "fp16", "bf16"],
+        default="auto",
+        metadata={"help": "base UNet precision and autocast, LoRA stays fp32: auto = bf16 on a GPU that has it, else "
+                          "no; fp16 scales its losses", "choices": ["auto", "no", "fp16", "bf16"],
                   "on_resume": "may change"},
     )  # fmt: skip
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "trade compute for activation memory", "on_resume": "may change"}
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "trade compute for activation memory (sd15 off, sdxl on)", "on_resume": "may change"},
     )
     checkpoint_every: int = field(
         default=500,
@@ -130,11 +145,90 @@ class DMD2TrainConfig:
         default=10, metadata={"help": "skipped non-finite steps before the run stops", "on_resume": "may change"}
     )
     seed: int = field(default=0, metadata={"help": "random seed"})
+    # Teachers from single files and style LoRAs, Hugging Face datasets, experiment trackers.
+    teacher_config: str | None = field(
+        default=None, metadata={"help": "with a single-file --teacher (.safetensors): a diffusers folder or Hub id of "
+                                        "the same architecture, for the component configs and tokenizers"},
+    )  # fmt: skip
+    teacher_lora: list[str] | None = field(
+        default=None, metadata={"help": "style LoRA FILE[:SCALE] fused into the teacher before distillation "
+                                        "(kohya or diffusers format; repeatable)"},
+    )  # fmt: skip
+    dataset: str | None = field(
+        default=None, metadata={"help": "a Hugging Face dataset: a local folder, a saved dataset or a Hub id"}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "dataset image column (default: 'image')"})
+    caption_column: str | None = field(
+        default=None, metadata={"help": "dataset caption column (default: 'text', 'caption' or 'prompt')"}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "dataset split"})
+    streaming: bool = field(default=False, metadata={"help": "stream the dataset (large ones): read --max-train-samples"})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "use at most this many dataset examples (streaming default: 10000)", "min": 1}
+    )
+    report_to: str | None = field(
+        default=None, metadata={"help": "experiment tracker (default: tensorboard when installed)",
+                                "choices": ["none", "tensorboard", "wandb"], "on_resume": "may change"},
+    )  # fmt: skip
 
     def resolved(self, family: str) -> "DMD2TrainConfig":
+        """Every "None = default" filled in: the family's defaults, then the ones derived from other options."""
         defaults = FAMILY_DEFAULTS[family]
         fills = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.fake_lr is None:
+            fills["fake_lr"] = self.lr
+        if self.fake_alpha is None:
+            fills["fake_alpha"] = float(self.fake_rank)
+        if self.mixed_precision == "auto":
+            fills["mixed_precision"] = auto_mixed_precision()
         return dataclasses.replace(self, **fills)
+
+
+def auto_mixed_precision() -> str:
+    """bf16 (autocast over a bf16 base, fp32 adapters) on a GPU that supports it; full precision elsewhere."""
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def lr_factor(iteration: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """The learning-rate multiplier at ``iteration`` (0-based), for both optimizers.
+
+    Linear warm-up ``min(1, (k + 1) / warmup_steps)``; then constant, or cosine ``½(1 + cos(π·p))`` with
+    p = (k − warmup_steps) / (max_steps − warmup_steps). Counted in iterations, as the reference steps both of
+    its schedulers every iteration, so a generator that updates every 10th iteration still leaves warm-up.
+    """
+    warm = min(1.0, (iteration + 1) / max(1, warmup_steps))
+    if schedule == "constant":
+        return warm
+    progress = min(1.0, max(0, iteration - warmup_steps) / max(1, max_steps - warmup_steps))
+    return warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_option_combinations(config: "DMD2TrainConfig", use_gan: bool, num_steps: int) -> None:
+    """Refuse combinations that are known-bad or that nothing tests, before any model loads."""
+    if use_gan and config.disc_weight <= 0:
+        raise TrainingError(
+            f"--gan-weight {config.gan_weight} with --disc-weight {config.disc_weight}: the generator would chase an "
+            "untrained discriminator; set --disc-weight > 0 (default 1e-2) or --gan-weight 0"
+        )
+    if num_steps > 1 and not config.backward_simulation and not use_gan:
+        raise TrainingError(
+            "a multi-step student without --backward-simulation trains on noised real images; give --images DIR "
+            "or keep backward simulation on (the default)"
+        )
+
+
+def effective_batch_warning(config: "DMD2TrainConfig", family: str, num_processes: int) -> str | None:
+    """A one-line warning when the effective batch is far below what the reference validated."""
+    effective = config.batch_size * config.gradient_accumulation_steps * num_processes
+    reference = REFERENCE_EFFECTIVE_BATCH[family]
+    if effective * FAR_BELOW_REFERENCE >= reference:
+        return None
+    return (
+        f"fewstep: warning: effective batch {effective} (batch {config.batch_size} × accumulation "
+        f"{config.gradient_accumulation_steps} × {num_processes} process(es)) is far below the DMD2 reference's "
+        f"{reference} for {family}; expect noisier distribution-matching gradients: raise --gradient-accumulation-steps "
+        "or --batch-size, or lower --lr (docs/defaults.md)"
+    )
 
 
 def make_config(cli: dict, config_file: str | None = None) -> DMD2TrainConfig:
@@ -187,30 +281,30 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
     from tqdm import tqdm
 
     from . import teacher as teachers
-    from .data import read_image_folder, read_prompts
+    from .hf_dataset import read_training_data
     from .lora_io import save_diffusers_lora, save_kohya_lora
 
     check_config(config)
     if not config.output:
         raise TrainingError("--output is required (the run directory)")
+    resolve_report_to(config.report_to)  # an unusable tracker fails before the teacher loads
     run_dir = Path(config.output)
     checkpoint = claim_run_dir(run_dir, resume, overwrite)
     if checkpoint is not None:
         check_resume(config, saved_options(checkpoint), checkpoint)
     if not config.teacher:
-        raise TrainingError("--teacher is required (a Hub id or a local diffusers folder)")
+        raise TrainingError("--teacher is required (a Hub id, a local diffusers folder or a .safetensors file)")
     if config.timesteps:
         validate_timesteps(config.timesteps)  # before minutes of loading
 
     # 1. Data first (cheap to check), then the teacher, its family and the family's defaults -----------
-    if not config.prompts and not config.images:
-        raise TrainingError("give --prompts FILE (and optionally --images DIR with captioned real images)")
-    prompts = read_prompts(config.prompts) if config.prompts else []
-    real_items = read_image_folder(config.images) if config.images else []
-    if not prompts:
-        prompts = [item.caption for item in real_items]
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    pipe, family = teachers.load_teacher(config.teacher, config.model_type)
+    prompts, real_items = read_training_data(config, run_dir)  # --prompts, --images, --dataset
+    if config.mixed_precision == "auto":
+        config = dataclasses.replace(config, mixed_precision=auto_mixed_precision())
+    # Mixed precision is ours, not accelerate's: autocast below, and the loop's per-optimizer GradScalers for fp16
+    # (accelerate's scaler needs accelerator.backward, which cannot do the loop's staged backward).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    pipe, family = teachers.load_teacher(config.teacher, config.model_type, config.teacher_config, config.teacher_lora)
     if checkpoint is not None:
         saved_family = (checkpoint / "family").read_text().strip()
         if saved_family != family:
@@ -230,6 +324,10 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
     if config.gan_weight > 0 and not real_items:
         print("fewstep: no --images given, training without the GAN loss (DMD2 stage 1)")
     use_gan = config.gan_weight > 0 and bool(real_items)
+    check_option_combinations(config, use_gan, len(timesteps))
+    warning = effective_batch_warning(config, family, accelerator.num_processes)
+    if warning:
+        accelerator.print(warning)
     device = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
 
@@ -267,23 +365,17 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
     gan_head = GANHead(unet.config.block_out_channels[-1]).to(device) if use_gan else None
     networks = SharedUNetNetworks(unet, schedule, uncond, config.guidance_scale, gan_head)
 
-    def adamw(params):
-        return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
+    def adamw(params, lr):
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
 
-    def lr_scheduler(optimizer, total_updates: int):
-        def factor(update: int) -> float:
-            warm = min(1.0, (update + 1) / max(1, config.warmup_steps))
-            if config.lr_schedule == "constant":
-                return warm
-            progress = min(1.0, max(0, update - config.warmup_steps) / max(1, total_updates - config.warmup_steps))
-            return warm * 0.5 * (1 + math.cos(math.pi * progress))
-
+    def lr_scheduler(optimizer):  # stepped once per iteration by the loop, for both optimizers
+        factor = lambda iteration: lr_factor(iteration, config.warmup_steps, config.max_steps, config.lr_schedule)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    generator_optimizer = adamw(networks.generator_parameters())
-    fake_score_optimizer = adamw(networks.fake_score_parameters())
-    generator_scheduler = lr_scheduler(generator_optimizer, math.ceil(config.max_steps / config.dfake_gen_update_ratio))
-    fake_score_scheduler = lr_scheduler(fake_score_optimizer, config.max_steps)
+    generator_optimizer = adamw(networks.generator_parameters(), config.lr)
+    fake_score_optimizer = adamw(networks.fake_score_parameters(), config.fake_lr)
+    generator_scheduler = lr_scheduler(generator_optimizer)
+    fake_score_scheduler = lr_scheduler(fake_score_optimizer)
     ema = AdapterEMA(networks.generator_parameters(), config.ema_decay) if config.ema_decay > 0 else None
 
     world = accelerator.num_processes
@@ -324,6 +416,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
         clip_grad_norm=clip_grad_norm,
         all_finite=all_finite,
         device=device,
+        fp16_loss_scaling=config.mixed_precision == "fp16",
     )
     data_rng = torch.Generator().manual_seed(config.seed * 1000 + 17 + accelerator.process_index)
 
@@ -339,7 +432,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
         generator_scheduler.load_state_dict(state["generator_scheduler"])
         fake_score_scheduler.load_state_dict(state["fake_score_scheduler"])
         set_base_lr(generator_scheduler, config.lr)  # a new --lr takes effect, not only in config.yaml
-        set_base_lr(fake_score_scheduler, config.lr)
+        set_base_lr(fake_score_scheduler, config.fake_lr)
         loop.load_state_dict(state["loop"])
         data_rng.set_state(state["data_rng"])
         if ema is not None and (checkpoint / f"{GENERATOR}_ema.safetensors").is_file():
@@ -372,12 +465,13 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
         cond = prompt_cond.select(idx).to(device)
         batch = DMD2Batch(shape=(config.batch_size, *latent_shape), cond=cond)
         if real_latents is not None:
-            ridx = torch.randint(0, real_latents.shape[0], (config.batch_size,), generator=data_rng)
-            batch.real_x0 = real_latents[ridx].to(device)
+            ridx = torch.randint(0, len(real_latents), (config.batch_size,), generator=data_rng)
+            batch.real_x0 = real_latents.sample(ridx, data_rng).to(device)
             batch.real_cond = real_cond.select(ridx).to(device)
         return batch
 
-    writer = _tensorboard(run_dir) if accelerator.is_main_process else None
+    optimizers = {"generator": generator_optimizer, "fake_score": fake_score_optimizer}
+    writer = open_run_logger(config.report_to, run_dir, config, optimizers) if accelerator.is_main_process else None
     bar = tqdm(
         total=config.max_steps, initial=loop.step, desc="DMD2", unit="it", disable=not accelerator.is_main_process
     )
@@ -388,7 +482,7 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, over
     stopped = False
     shown: dict[str, str] = {}
     while loop.step < config.max_steps and not stopped:
-        with accelerator.autocast():
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=config.mixed_precision != "no"):
             metrics = loop.train_step([next_batch() for _ in range(config.gradient_accumulation_steps)])
         if ema is not None and "loss_dm" in metrics:
             ema.update()
@@ -483,14 +577,6 @@ def _check_replicas_agree(networks: SharedUNetNetworks, accelerator) -> None:
     if spread != 0.0:
         raise TrainingError(f"adapter weights differ across processes (max |Δ| of parameter sums {spread:g})")
     accelerator.print(f"fewstep: adapter weights identical on all {accelerator.num_processes} processes")
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "logs"))
 
 
 class _Validator:

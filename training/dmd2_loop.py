@@ -7,12 +7,22 @@ CFG) sit behind :class:`DMD2Networks`. The exact-teacher toy (``fewstep.toy``) a
 One iteration (two time-scale update rule, DMD2 §4.1):
   1. the generator produces x0 from noise (backward simulation for multi-step students), with grad on its turn;
   2. every ``dfake_gen_update_ratio``-th iteration: generator update = DM loss (+ GAN generator loss);
-  3. every iteration: fake-score update = denoising loss on the detached samples (+ GAN discriminator loss).
+  3. every iteration: fake-score update = denoising loss on the detached samples (+ GAN discriminator loss);
+  4. every iteration: both learning-rate schedulers step (the reference's unit: iterations, not updates).
+
+Backward in stages. The networks may share weights that are switched in and out (fewstep's shared UNet with two
+LoRA adapters), and gradient checkpointing recomputes a block's forward during backward with whatever weights are
+active *then*. So no backward ever crosses two networks: on a generator turn, ∂L/∂x is computed first with the
+fake score's weights active (the GAN term runs through its discriminator), then ``x.backward(∂L/∂x)`` runs with
+the generator's weights active. Each backward runs with the same ``requires_grad`` flags as its forward, which
+non-reentrant checkpointing also needs (it checks that recomputation saves the same tensors).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
@@ -41,6 +51,14 @@ class DMD2Networks(Protocol):
 
     def discriminator(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """GAN logits from the fake score's features (only needed when a GAN weight is > 0)."""
+        ...
+
+    def activate(self, network: str) -> None:
+        """Make ``network``'s weights ("generator" or "fake_score") the ones in use until the next call.
+
+        Called before each backward so that checkpointed blocks recompute with the right weights; networks with
+        separate weights make it a no-op.
+        """
         ...
 
     def generator_parameters(self) -> list[torch.nn.Parameter]: ...
@@ -88,18 +106,20 @@ def frozen(params: Iterable[torch.nn.Parameter]):
             p.requires_grad_(True)
 
 
-def _default_backward(loss: torch.Tensor) -> None:
-    loss.backward()
-
-
 def _default_clip(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+GENERATOR, FAKE_SCORE = "generator", "fake_score"  # the roles :meth:`DMD2Networks.activate` takes
 
 
 class DMD2Loop:
     """Runs DMD2 iterations over :class:`DMD2Networks`; owns the RNGs so a run is reproducible and resumable.
 
-    ``backward`` and ``clip_grad_norm`` default to plain torch; the SD trainer passes accelerate's.
+    ``clip_grad_norm`` defaults to plain torch; the SD trainer passes one that also averages gradients across
+    processes. ``fp16_loss_scaling`` scales each optimizer's losses with its own dynamic ``GradScaler`` (the DM
+    gradient is ~1/numel per element and underflows in fp16 without it). Both learning-rate schedulers step once
+    per iteration, whether or not their optimizer updated.
     """
 
     def __init__(
@@ -112,10 +132,10 @@ class DMD2Loop:
         rank: int = 0,
         generator_lr_scheduler=None,
         fake_score_lr_scheduler=None,
-        backward: Callable[[torch.Tensor], None] = _default_backward,
         clip_grad_norm: Callable[[list, float], torch.Tensor] = _default_clip,
         all_finite: Callable[[torch.Tensor], bool] = lambda loss: bool(torch.isfinite(loss)),
         device: torch.device | str = "cpu",
+        fp16_loss_scaling: bool = False,
     ):
         if config.dfake_gen_update_ratio < 1:
             raise ValueError(f"dfake_gen_update_ratio must be ≥ 1, got {config.dfake_gen_update_ratio}")
@@ -125,11 +145,15 @@ class DMD2Loop:
         self.generator_lr_scheduler = generator_lr_scheduler
         self.fake_score_lr_scheduler = fake_score_lr_scheduler
         self.config = config
-        self.backward = backward
         self.clip_grad_norm = clip_grad_norm
         self.all_finite = all_finite  # multi-process runs must agree on skipping, or they deadlock
         self.skipped_steps = 0  # updates skipped because the loss was NaN/inf
         self.device = torch.device(device)
+        self.grad_scalers = (
+            {role: torch.amp.GradScaler(self.device.type) for role in (GENERATOR, FAKE_SCORE)}
+            if fp16_loss_scaling
+            else {}
+        )
         self.step = 0
         # Noise and timesteps differ per process; the backward-simulation step index is the same on all ranks.
         self.rng = torch.Generator().manual_seed(seed * 1000 + rank)
@@ -179,22 +203,25 @@ class DMD2Loop:
         return x, cond
 
     def generator_loss(self, x: torch.Tensor, cond: Any) -> tuple[torch.Tensor, dict]:
-        """DM loss at t ~ U[dm_min, dm_max] (+ GAN generator loss); the fake score gets no graph edges."""
+        """DM loss at t ~ U[dm_min, dm_max] (+ GAN generator loss) as a function of ``x`` alone.
+
+        Run it with the fake score's parameters frozen (the caller does): its graph reaches them only through the
+        GAN term, and they must get no gradient on the generator's turn.
+        """
         cfg = self.config
         batch_size = x.shape[0]
-        with frozen(self.networks.fake_score_parameters()):
-            t = self._randint(cfg.dm_min_timestep, cfg.dm_max_timestep + 1, batch_size)
-            x_t = self.schedule.add_noise(x.detach(), self._randn(x.shape), t)
-            with torch.no_grad():
-                x0_real = self.networks.real_score(x_t, t, cond)
-                x0_fake = self.networks.fake_score(x_t, t, cond) if cfg.use_fake_score else x.detach()
-            loss, metrics = distribution_matching_loss(x, x0_real, x0_fake)
-            if cfg.gan_generator_weight > 0:
-                t_gan = self._randint(0, self.schedule.num_train_timesteps, batch_size)
-                x_t_gan = self.schedule.add_noise(x, self._randn(x.shape), t_gan)
-                gan_loss, gan_metrics = gan_generator_loss(self.networks.discriminator(x_t_gan, t_gan, cond))
-                loss = loss + cfg.gan_generator_weight * gan_loss
-                metrics.update(gan_metrics)
+        t = self._randint(cfg.dm_min_timestep, cfg.dm_max_timestep + 1, batch_size)
+        x_t = self.schedule.add_noise(x.detach(), self._randn(x.shape), t)
+        with torch.no_grad():
+            x0_real = self.networks.real_score(x_t, t, cond)
+            x0_fake = self.networks.fake_score(x_t, t, cond) if cfg.use_fake_score else x.detach()
+        loss, metrics = distribution_matching_loss(x, x0_real, x0_fake)
+        if cfg.gan_generator_weight > 0:
+            t_gan = self._randint(0, self.schedule.num_train_timesteps, batch_size)
+            x_t_gan = self.schedule.add_noise(x, self._randn(x.shape), t_gan)
+            gan_loss, gan_metrics = gan_generator_loss(self.networks.discriminator(x_t_gan, t_gan, cond))
+            loss = loss + cfg.gan_generator_weight * gan_loss
+            metrics.update(gan_metrics)
         return loss, metrics
 
     def fake_score_loss(self, x: torch.Tensor, cond: Any, batch: DMD2Batch) -> tuple[torch.Tensor, dict]:
@@ -203,54 +230,90 @@ class DMD2Loop:
         x = x.detach()
         batch_size = x.shape[0]
         num_t = self.schedule.num_train_timesteps
-        with frozen(self.networks.generator_parameters()):
-            t = self._randint(0, num_t, batch_size)
-            eps = self._randn(x.shape)
-            x_t = self.schedule.add_noise(x, eps, t)
-            x0_pred = self.networks.fake_score(x_t, t, cond)
-            loss, metrics = denoising_loss(x0_pred, x, eps, x_t, t, self.schedule)
-            if cfg.gan_discriminator_weight > 0 and batch.real_x0 is not None:
-                real = batch.real_x0
-                t_fake = self._randint(0, num_t, batch_size)
-                t_real = self._randint(0, num_t, real.shape[0])
-                fake_logits = self.networks.discriminator(
-                    self.schedule.add_noise(x, self._randn(x.shape), t_fake), t_fake, cond
-                )
-                real_logits = self.networks.discriminator(
-                    self.schedule.add_noise(real, self._randn(real.shape), t_real), t_real, batch.real_cond
-                )
-                disc_loss, disc_metrics = gan_discriminator_loss(real_logits, fake_logits)
-                loss = loss + cfg.gan_discriminator_weight * disc_loss
-                metrics.update(disc_metrics)
+        t = self._randint(0, num_t, batch_size)
+        eps = self._randn(x.shape)
+        x_t = self.schedule.add_noise(x, eps, t)
+        x0_pred = self.networks.fake_score(x_t, t, cond)
+        loss, metrics = denoising_loss(x0_pred, x, eps, x_t, t, self.schedule)
+        if cfg.gan_discriminator_weight > 0 and batch.real_x0 is not None:
+            real = batch.real_x0
+            t_fake = self._randint(0, num_t, batch_size)
+            t_real = self._randint(0, num_t, real.shape[0])
+            fake_logits = self.networks.discriminator(
+                self.schedule.add_noise(x, self._randn(x.shape), t_fake), t_fake, cond
+            )
+            real_logits = self.networks.discriminator(
+                self.schedule.add_noise(real, self._randn(real.shape), t_real), t_real, batch.real_cond
+            )
+            disc_loss, disc_metrics = gan_discriminator_loss(real_logits, fake_logits)
+            loss = loss + cfg.gan_discriminator_weight * disc_loss
+            metrics.update(disc_metrics)
         return loss, metrics
 
-    def _update(self, losses, params, optimizer, lr_scheduler, accumulation: int = 1) -> tuple[torch.Tensor, dict]:
-        """Accumulate the micro-batch losses (each backward right after its forward), clip, step.
+    # ---------------------------------------------------------------- staged backward, one micro-batch each
+    def _scaled(self, loss: torch.Tensor, role: str) -> torch.Tensor:
+        scaler = self.grad_scalers.get(role)
+        return scaler.scale(loss) if scaler is not None else loss
 
-        ``losses`` yields ``(loss, metrics)`` per micro-batch; gradients are averaged over them. An update with a
-        non-finite loss is skipped whole (counted in ``skipped_steps``): the optimizer never steps on NaN.
+    def _generator_backward(self, x: torch.Tensor, cond: Any, weight: float) -> tuple[bool, dict]:
+        """Generator loss of one micro-batch, backpropagated in two stages (module docstring); → (finite, metrics).
+
+        Stage 1: ∂L/∂x on a detached copy of x, with the fake score's weights active (the GAN term's graph runs
+        through them) and its parameters frozen. Stage 2: ``x.backward(∂L/∂x)`` with the generator's weights active.
+        """
+        x_leaf = x.detach().requires_grad_(True)
+        with frozen(self.networks.fake_score_parameters()):
+            loss, metrics = self.generator_loss(x_leaf, cond)
+            if not self.all_finite(loss.detach()):
+                return False, metrics
+            self.networks.activate(FAKE_SCORE)
+            (grad_x,) = torch.autograd.grad(self._scaled(loss * weight, GENERATOR), x_leaf)
+        self.networks.activate(GENERATOR)
+        x.backward(grad_x)
+        return True, metrics
+
+    def _fake_score_backward(self, x: torch.Tensor, cond: Any, batch: DMD2Batch, weight: float) -> tuple[bool, dict]:
+        """Fake-score (+ discriminator) loss of one micro-batch; one backward, fake score's weights active."""
+        with frozen(self.networks.generator_parameters()):
+            loss, metrics = self.fake_score_loss(x, cond, batch)
+            if not self.all_finite(loss.detach()):
+                return False, metrics
+            self.networks.activate(FAKE_SCORE)
+            self._scaled(loss * weight, FAKE_SCORE).backward()
+        return True, metrics
+
+    def _update(self, role: str, micro_steps, params, optimizer) -> tuple[torch.Tensor, dict]:
+        """Run the micro-batch backwards (each right after its forward), then clip and step.
+
+        ``micro_steps`` yields ``(finite, metrics)`` per micro-batch, its gradient already accumulated (each loss
+        weighted by 1/num_micro_batches). An update with a non-finite loss is skipped whole (counted
+        in ``skipped_steps``): the optimizer never steps on NaN. With fp16 loss scaling, an overflow in the scaled
+        gradients skips the step too (the scaler then lowers its scale), as torch's GradScaler does.
         """
         optimizer.zero_grad(set_to_none=True)
         metrics: dict = {}
         finite = True
         count = 0
-        for loss, micro_metrics in losses:
+        for micro_finite, micro_metrics in micro_steps:
             count += 1
             for name, value in micro_metrics.items():
                 metrics[name] = metrics.get(name, 0.0) + value.detach().float()
-            if not self.all_finite(loss.detach()):
-                finite = False
-                continue
-            self.backward(loss / accumulation)
+            finite = finite and micro_finite
         metrics = {name: value / count for name, value in metrics.items()}
         if not finite:
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             return torch.tensor(float("nan")), metrics
+        scaler = self.grad_scalers.get(role)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         grad_norm = self.clip_grad_norm(params, self.config.max_grad_norm)
-        optimizer.step()
-        if lr_scheduler is not None:
-            lr_scheduler.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+            metrics[f"grad_scale_{role}"] = torch.tensor(scaler.get_scale())
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return grad_norm, metrics
 
@@ -259,55 +322,62 @@ class DMD2Loop:
         step = self.step if step is None else step
         return step % self.config.dfake_gen_update_ratio == 0
 
-    def generator_update(self, x: torch.Tensor, cond: Any) -> dict:
-        """One generator update on one batch of samples (see :meth:`train_step` for micro-batches)."""
+    def generator_update(self, samples: Iterable[tuple[torch.Tensor, Any]], num_micro_batches: int = 1) -> dict:
+        """One generator update from ``(x, cond)`` pairs whose x carries the generator's graph, one per micro-batch.
+
+        ``samples`` may be a generator: each x is backpropagated and freed before the next is made.
+        """
+        weight = 1.0 / num_micro_batches
         grad_norm, metrics = self._update(
-            [self.generator_loss(x, cond)],
-            self.networks.generator_parameters(), self.generator_optimizer, self.generator_lr_scheduler,
-        )  # fmt: skip
+            GENERATOR,
+            (self._generator_backward(x, cond, weight) for x, cond in samples),
+            self.networks.generator_parameters(),
+            self.generator_optimizer,
+        )
         return {**metrics, "grad_norm_gen": grad_norm}
 
-    def fake_score_update(self, x: torch.Tensor, cond: Any, batch: DMD2Batch) -> dict:
+    def fake_score_update(self, samples: list[tuple[torch.Tensor, Any, DMD2Batch]]) -> dict:
+        """One fake-score (+ GAN head) update from detached ``(x, cond, batch)`` samples (one per micro-batch)."""
+        weight = 1.0 / len(samples)
         grad_norm, metrics = self._update(
-            [self.fake_score_loss(x, cond, batch)],
-            self.networks.fake_score_parameters(), self.fake_score_optimizer, self.fake_score_lr_scheduler,
-        )  # fmt: skip
+            FAKE_SCORE,
+            (self._fake_score_backward(x, cond, batch, weight) for x, cond, batch in samples),
+            self.networks.fake_score_parameters(),
+            self.fake_score_optimizer,
+        )
         return {**metrics, "grad_norm_fake": grad_norm}
 
     def train_step(self, batches: DMD2Batch | list[DMD2Batch]) -> dict[str, float]:
         """One DMD2 iteration over one batch, or several micro-batches whose gradients are accumulated.
 
-        Generator turn: per micro-batch, generate with grad → DM (+GAN) loss → backward at once (frees the graph);
-        the detached samples are kept for the fake-score turn, which accumulates the same way.
+        Generator turn: per micro-batch, generate with grad → DM (+GAN) loss → staged backward at once (frees the
+        graph); the detached samples are kept for the fake-score turn, which accumulates the same way. Then both
+        learning-rate schedulers step: schedules are functions of the iteration.
         """
         batches = [batches] if isinstance(batches, DMD2Batch) else list(batches)
-        n = len(batches)
-        generator_turn = self.is_generator_turn()
         samples: list[tuple[torch.Tensor, Any, DMD2Batch]] = []
         metrics: dict = {}
 
-        def generator_losses():
+        def generated_with_grad():
             for batch in batches:
                 x, cond = self.generate(batch, grad=True)
                 samples.append((x.detach(), cond, batch))
-                yield self.generator_loss(x, cond)
+                yield x, cond
 
-        if generator_turn:
-            grad_norm, gen_metrics = self._update(
-                generator_losses(),
-                self.networks.generator_parameters(), self.generator_optimizer, self.generator_lr_scheduler, n,
-            )  # fmt: skip
-            metrics.update(gen_metrics, grad_norm_gen=grad_norm)
+        if self.is_generator_turn():
+            metrics.update(self.generator_update(generated_with_grad(), len(batches)))
         else:
             for batch in batches:
                 x, cond = self.generate(batch, grad=False)
                 samples.append((x, cond, batch))
         if self.config.use_fake_score:
-            grad_norm, fake_metrics = self._update(
-                (self.fake_score_loss(x, cond, batch) for x, cond, batch in samples),
-                self.networks.fake_score_parameters(), self.fake_score_optimizer, self.fake_score_lr_scheduler, n,
-            )  # fmt: skip
-            metrics.update(fake_metrics, grad_norm_fake=grad_norm)
+            metrics.update(self.fake_score_update(samples))
+        for name, scheduler in ((GENERATOR, self.generator_lr_scheduler), (FAKE_SCORE, self.fake_score_lr_scheduler)):
+            if scheduler is not None:
+                metrics[f"lr_{name}"] = scheduler.get_last_lr()[0]  # the rate this iteration used
+                with warnings.catch_warnings():  # a skipped (NaN / fp16 overflow) or off-turn update is expected
+                    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+                    scheduler.step()
         self.step += 1
         return {name: float(value) for name, value in metrics.items()}
 
@@ -318,6 +388,7 @@ class DMD2Loop:
             "skipped_steps": self.skipped_steps,
             "rng": self.rng.get_state(),
             "shared_rng": self.shared_rng.get_state(),
+            "grad_scalers": {role: scaler.state_dict() for role, scaler in self.grad_scalers.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -325,3 +396,6 @@ class DMD2Loop:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rng.set_state(state["rng"])
         self.shared_rng.set_state(state["shared_rng"])
+        for role, scaler_state in state.get("grad_scalers", {}).items():
+            if role in self.grad_scalers:
+                self.grad_scalers[role].load_state_dict(scaler_state)

@@ -5,10 +5,10 @@ The folder holds everything a user needs in each of the three places a LoRA is l
 * ``README.md``: the model card (YAML metadata: base_model, license, tags, pipeline_tag, library_name; usage for
   diffusers, ComfyUI and A1111; the training config; metrics when the run has them; the latest sample grid);
 * ``pytorch_lora_weights.safetensors`` (diffusers/PEFT) and ``fewstep_comfyui.safetensors`` (kohya: ComfyUI, A1111);
-* ``pipeline.py``: fewstep's pipeline file for the run's family, so that
-  ``DiffusionPipeline.from_pretrained(BASE, custom_pipeline="USER/NAME", trust_remote_code=True)`` works;
-* ``config.yaml`` (without local paths: data files by name only), ``metrics.json`` (if any) and
-  ``images/samples.png`` (if any).
+* ``pipeline.py`` and the ``fewstep_*.py`` modules it imports relatively (:mod:`.pushed_code`), so that
+  ``DiffusionPipeline.from_pretrained(BASE, custom_pipeline="USER/NAME", trust_remote_code=True)`` works in a
+  plain diffusers environment, without fewstep installed;
+* ``config.yaml`` (without local paths), ``metrics.json`` (if any) and ``images/samples.png`` (if any).
 
 The token comes from huggingface_hub's usual places (``HF_TOKEN``, ``hf auth login``); nothing here reads or
 prints it.
@@ -26,16 +26,11 @@ import yaml
 
 from .config import load_yaml
 from .lora_io import DIFFUSERS_LORA_WEIGHT_NAME, FAMILIES, lora_family_of_state_dict
+from .model_card import KOHYA_WEIGHT_NAME, SAMPLE_GRID, looks_like_hub_id, model_card, public_config
+from .pushed_code import write_pushed_code
 
-KOHYA_WEIGHT_NAME = "fewstep_comfyui.safetensors"
-PIPELINE_FILES = {"sd15": "fewstep_sd.py", "sdxl": "fewstep_sdxl.py"}
 # Licenses of the reference base models; a LoRA inherits its base model's license (override with --license).
 BASE_LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
-FAMILY_TAGS = {"sd15": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
-FAMILY_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL"}
-SAMPLE_GRID = "images/samples.png"
-# Config entries that hold the user's local data paths: published by file name only.
-DATA_PATH_KEYS = ("prompts", "images")
 
 
 class PublishError(ValueError):
@@ -95,138 +90,19 @@ def read_run(run_dir: str | Path) -> Run:
     return Run(directory, family, config, metrics, grids[-1] if grids else None)
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(name).exists()
-
-
 def base_model_of(run: Run, override: str | None = None) -> str:
     """The base model's Hub id: ``--base-model``, else the run's teacher when that is a Hub id."""
     if override:
-        if not _looks_like_hub_id(override):
+        if not looks_like_hub_id(override):
             raise PublishError(f"--base-model {override!r} is not a Hub model id like 'owner/name'")
         return override
     teacher = str(run.config.get("teacher") or "")
-    if _looks_like_hub_id(teacher):
+    if looks_like_hub_id(teacher):
         return teacher
     raise PublishError(
-        f"the run's teacher {teacher!r} is a local folder, not a Hub id; pass --base-model OWNER/NAME "
+        f"the run's teacher {teacher!r} is a local folder or file, not a Hub id; pass --base-model OWNER/NAME "
         "(the Hub model it was saved from)"
     )
-
-
-# ------------------------------------------------------------------------------------------ the model card
-def _flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
-    rows = []
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        rows.extend(_flatten(value, f"{name}.") if isinstance(value, dict) else [(name, value)])
-    return rows
-
-
-def _format_value(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def model_card(run: Run, repo_id: str, base_model: str, license: str) -> str:
-    """README.md: YAML metadata, then usage for diffusers (fewstep and plain), ComfyUI and A1111, config, metrics."""
-    from huggingface_hub import ModelCardData
-
-    steps = run.timesteps
-    n = len(steps)
-    data = ModelCardData(
-        base_model=base_model,
-        base_model_relation="adapter",
-        license=license,
-        library_name="diffusers",
-        pipeline_tag="text-to-image",
-        tags=["lora", "text-to-image", "diffusers", "dmd2", "fewstep", "distillation", FAMILY_TAGS[run.family],
-              f"{n}-step"],  # fmt: skip
-    )
-    name = repo_id.split("/")[-1]
-    default_steps = steps == _default_steps(n)
-    step_kwargs = f"num_inference_steps={n}" if default_steps else f"timesteps={steps}"
-    sections = [
-        f"# {name}",
-        f"A {n}-step student of [{base_model}](https://huggingface.co/{base_model}) ({FAMILY_NAMES[run.family]}), "
-        "distilled with DMD2 (Yin et al., *Improved Distribution Matching Distillation for Fast Image Synthesis*, "
-        "2024) by [fewstep](https://github.com/fewstep/fewstep), as a LoRA on the base UNet. "
-        f"It samples at timesteps {steps} with guidance already distilled in (CFG 1).",
-    ]
-    if run.sample_grid is not None:
-        sections += [
-            "## Samples",
-            f"![samples]({SAMPLE_GRID})",
-            "The run's last validation grid. Top row: the teacher (multi-step, with CFG); bottom row: the student, "
-            "same prompts and seeds.",
-        ]
-    sections += [
-        "## Use with diffusers (fewstep pipeline)",
-        "`pip install fewstep`, then:",
-        "```python\n"
-        "import torch\n"
-        "from diffusers import DiffusionPipeline\n\n"
-        "pipe = DiffusionPipeline.from_pretrained(\n"
-        f'    "{base_model}", custom_pipeline="{repo_id}", trust_remote_code=True, torch_dtype=torch.float16\n'
-        ').to("cuda")\n'
-        f'pipe.load_lora_weights("{repo_id}")\n'
-        f'image = pipe("a photo of a cat", {step_kwargs}).images[0]\n\n'
-        "# Distillation++: the base model (the same UNet with the LoRA disabled) refines the first step\n"
-        f'image = pipe("a photo of a cat", {step_kwargs}, teacher_guidance=0.05, teacher_guided_steps=1,\n'
-        "             teacher_guidance_scale=7.5).images[0]\n"
-        "```",
-        "## Use with plain diffusers",
-        "DMD2's sampling rule is LCMScheduler's at these timesteps:",
-        "```python\n"
-        "import torch\n"
-        "from diffusers import DiffusionPipeline, LCMScheduler\n\n"
-        f'pipe = DiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")\n'
-        f'pipe.load_lora_weights("{repo_id}")\n'
-        "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
-        f'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale=0, timesteps={steps}).images[0]\n'
-        "```",
-        "## Use in ComfyUI",
-        f"Put `{KOHYA_WEIGHT_NAME}` in `ComfyUI/models/loras/`. Load the base checkpoint, add **LoraLoaderModelOnly** "
-        f"(strength 1.0), then sample with **KSampler**: steps {n}, cfg 1.0, sampler `lcm`, scheduler `simple` "
-        "(DMD2's timesteps at 4 steps). fewstep's own nodes sample the exact timesteps "
-        f"{steps} at any step count (**FewStep KSampler**) and add teacher guidance (**Distillation++ KSampler**).",
-        "## Use in AUTOMATIC1111 / Forge",
-        f"Put `{KOHYA_WEIGHT_NAME}` in `models/Lora/`, add `<lora:{Path(KOHYA_WEIGHT_NAME).stem}:1>` to the prompt "
-        f"and generate with sampler **LCM**, {n} step(s), CFG scale 1.",
-        "## Training configuration",
-        "Local paths are left out: the training data are named by file or folder name only, and the teacher by its "
-        "Hub id.",
-        "```yaml\n" + yaml.safe_dump(public_config(run, base_model), sort_keys=False).rstrip() + "\n```",
-    ]
-    if run.metrics:
-        rows = "\n".join(f"| {key} | {_format_value(value)} |" for key, value in _flatten(run.metrics))
-        sections += ["## Metrics", "| metric | value |\n|---|---|\n" + rows]
-    sections += [
-        "## Files",
-        f"- `{DIFFUSERS_LORA_WEIGHT_NAME}`: diffusers/PEFT LoRA (the adapter config is in the file's metadata)\n"
-        f"- `{KOHYA_WEIGHT_NAME}`: the same LoRA in kohya format with its real alpha (ComfyUI, A1111)\n"
-        "- `pipeline.py`: fewstep's few-step pipeline, used by `custom_pipeline=`\n"
-        "- `config.yaml`: the training configuration",
-    ]
-    return f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
-
-
-def public_config(run: Run, base_model: str) -> dict:
-    """The training config as published: no local paths (the output folder is dropped, a local teacher folder is
-    named by the base model's Hub id, data files and folders by their names only)."""
-    config = {key: value for key, value in run.config.items() if key != "output"}
-    if not _looks_like_hub_id(str(config.get("teacher") or "")):
-        config["teacher"] = base_model
-    for key in DATA_PATH_KEYS:
-        if config.get(key):
-            config[key] = Path(str(config[key])).name
-    return config
-
-
-def _default_steps(n: int) -> list[int]:
-    from ..core.schedule import student_timesteps
-
-    return student_timesteps(n)
 
 
 # ------------------------------------------------------------------------------------------ folder and upload
@@ -249,9 +125,8 @@ def build_upload_folder(
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run.diffusers_lora, folder / DIFFUSERS_LORA_WEIGHT_NAME)
     shutil.copyfile(run.kohya_lora, folder / KOHYA_WEIGHT_NAME)
-    pipelines = Path(__file__).resolve().parents[1] / "pipelines"
-    shutil.copyfile(pipelines / PIPELINE_FILES[run.family], folder / "pipeline.py")
-    (folder / "config.yaml").write_text(yaml.safe_dump(public_config(run, base), sort_keys=False))
+    write_pushed_code(run.family, folder)
+    (folder / "config.yaml").write_text(yaml.safe_dump(public_config(run.config, base), sort_keys=False))
     if run.metrics is not None:
         shutil.copyfile(run.directory / "metrics.json", folder / "metrics.json")
     if run.sample_grid is not None:

@@ -150,6 +150,12 @@ class SharedUNetNetworks:
         for p, flag in flags:
             p.requires_grad_(flag)
 
+    def activate(self, network: str) -> None:
+        """Route the UNet through ``network``'s adapter, so checkpointed blocks recompute with it in backward."""
+        if network not in (GENERATOR, FAKE_SCORE):
+            raise ValueError(f"unknown network {network!r}; use {GENERATOR!r} or {FAKE_SCORE!r}")
+        self.use_adapter(network)
+
     def _unet_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         model_dtype = self.unet.dtype
         out = self.unet(x_t.to(model_dtype), t, **cond.to(x_t.device, model_dtype).unet_kwargs()).sample

@@ -12,6 +12,9 @@ from pathlib import Path
 
 # What a training run writes into its directory (``--overwrite`` deletes these and nothing else).
 RUN_ENTRIES = ("config.yaml", "checkpoints", "lora", "samples", "logs")
+# Written by every start before any check that may fail (the images of a --dataset) and rewritten by the next: a
+# directory that holds only these is one where a start failed, and is free for a new one.
+REWRITTEN_BY_EVERY_START = ("dataset_images",)
 
 
 class RunDirError(ValueError):
@@ -43,7 +46,7 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
         raise RunDirError(f"--output {run_dir} is a file; give a directory")
     if resume:
         return _resume_point(run_dir)
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or all(path.name in REWRITTEN_BY_EVERY_START for path in run_dir.iterdir()):
         return None
     if not _is_run(run_dir):
         raise RunDirError(f"--output {run_dir} is not empty and holds no fewstep run; give a new or empty directory")

@@ -1,4 +1,5 @@
-"""Loading a Stable Diffusion teacher (Hub id or local folder), its family, and caching its text/image encodings.
+"""Loading a Stable Diffusion teacher (Hub id, local folder or single-file checkpoint, optionally with style LoRAs
+fused in), its family, and caching its text/image encodings.
 
 After :func:`encode_prompts` and :func:`encode_images` the text encoders and the VAE encoder can be dropped:
 training needs only the UNet (and the VAE decoder for validation images).
@@ -6,6 +7,7 @@ training needs only the UNet (and the VAE decoder for validation images).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,16 +26,52 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1 or "\\" in name
 
 
-def load_teacher(name: str, model_type: str | None = None):
-    """Load a diffusers text-to-image pipeline and return ``(pipe, family)``; family is detected or overridden."""
-    from diffusers import DiffusionPipeline
+def load_teacher(
+    name: str, model_type: str | None = None, teacher_config: str | None = None, style_loras: list[str] | None = None
+):
+    """Load the teacher and return ``(pipe, family)``; family is detected or overridden.
+
+    ``name`` is a diffusers folder, a Hub id, or a single-file checkpoint (``.safetensors``, with its component
+    configs from ``teacher_config``: :mod:`.single_file`). ``style_loras`` (``FILE[:SCALE]``) are fused into the
+    teacher's weights (:mod:`.style_lora`).
+    """
+    from .single_file import is_checkpoint_file_name, load_single_file_teacher
+    from .style_lora import fuse_style_loras, parse_style_lora
 
     if model_type is not None and model_type not in FAMILIES:
         raise TeacherError(f"unknown model type {model_type!r}; use one of {', '.join(FAMILIES)}")
+    if isinstance(style_loras, str):  # one FILE[:SCALE] from a YAML config
+        style_loras = [style_loras]
+    styles = [parse_style_lora(spec) for spec in style_loras or []]  # cheap checks before the expensive load
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # loading bars would bury a one-line error; training has its own
+    transformers_logging.disable_progress_bar()
+    if is_checkpoint_file_name(name):
+        pipe, detected = load_single_file_teacher(name, teacher_config)
+    elif teacher_config:
+        raise TeacherError(
+            f"--teacher-config is for single-file checkpoints, but the teacher {name!r} is a folder or Hub id; drop it"
+        )
+    else:
+        pipe, detected = _load_pipeline(name)
+    if model_type is not None and model_type != detected:
+        print(f"fewstep: --model-type {model_type} overrides the detected family {detected}")
+    family = model_type or detected
+    fuse_style_loras(pipe, family, styles)
+    return pipe, family
+
+
+def _load_pipeline(name: str):
+    """A diffusers pipeline folder or Hub id, and its detected family."""
+    from diffusers import DiffusionPipeline
+
     path = Path(name).expanduser()
     if path.is_file():
         raise TeacherError(
-            f"teacher {name} is a file; give the diffusers pipeline folder that holds model_index.json, or a Hub id"
+            f"teacher {name} is a file; give the diffusers pipeline folder that holds model_index.json, a Hub id "
+            "or a single-file .safetensors checkpoint"
         )
     if _looks_like_path(name) and not path.is_dir():
         raise TeacherError(f"teacher folder {name} does not exist; give a diffusers pipeline folder or a Hub id")
@@ -41,11 +79,6 @@ def load_teacher(name: str, model_type: str | None = None):
         raise TeacherError(
             f"teacher folder {name} has no model_index.json; save the teacher with pipeline.save_pretrained(...)"
         )
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()  # loading bars would bury a one-line error; training has its own
-    transformers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if path.is_dir() else name)
     except (OSError, ValueError) as error:
@@ -54,9 +87,7 @@ def load_teacher(name: str, model_type: str | None = None):
     detected = detect_family(pipe)
     if detected is None:
         raise TeacherError(f"teacher {name!r} ({type(pipe).__name__}) is not a Stable Diffusion 1.x/2.x or SDXL pipeline")
-    if model_type is not None and model_type != detected:
-        print(f"fewstep: --model-type {model_type} overrides the detected family {detected}")
-    return pipe, model_type or detected
+    return pipe, detected
 
 
 def detect_family(pipe) -> str | None:
@@ -121,18 +152,40 @@ def unconditional(pipe, family: str, resolution: int) -> TextConditioning:
     return encode_prompts(pipe, family, [""], resolution)
 
 
+@dataclass
+class LatentPosteriors:
+    """The VAE posteriors N(mean, std²) of the real images, times the scaling factor (computed once, on the CPU).
+
+    Real latents are drawn from them fresh each time (:meth:`sample`), as a Stable Diffusion teacher was trained —
+    the digits teacher and the DMD2 reference alike — not as posterior means, which are smoother than the latents
+    the teacher (and so the fake score and the GAN) learned to denoise.
+    """
+
+    mean: torch.Tensor  # (N, C, h, w)
+    std: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, std = self.mean[index], self.std[index]
+        return mean + std * torch.randn(mean.shape, generator=generator)
+
+
 @torch.no_grad()
-def encode_images(pipe, images: list, resolution: int, batch_size: int = 8) -> torch.Tensor:
-    """VAE latents (mean of the posterior, times the scaling factor) of the real images, computed once."""
+def encode_images(pipe, images: list, resolution: int, batch_size: int = 8) -> LatentPosteriors:
+    """The VAE posteriors of the real images (scaled by the VAE's scaling factor), computed once."""
     from .data import load_image_tensor
 
     vae = pipe.vae
-    latents = []
+    scale = vae.config.scaling_factor
+    means, stds = [], []
     for start in range(0, len(images), batch_size):
         pixels = torch.stack([load_image_tensor(item.path, resolution) for item in images[start : start + batch_size]])
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        latents.append((posterior.mean * vae.config.scaling_factor).float().cpu())
-    return torch.cat(latents)
+        means.append((posterior.mean * scale).float().cpu())
+        stds.append((posterior.std * scale).float().cpu())
+    return LatentPosteriors(torch.cat(means), torch.cat(stds))
 
 
 @torch.no_grad()

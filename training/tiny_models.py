@@ -122,11 +122,11 @@ def clip_text_config(tokenizer, **sizes):
     )
 
 
-def _tiny_text_encoder(tokenizer, with_projection: bool = False):
+def _tiny_text_encoder(tokenizer, with_projection: bool = False, hidden_size: int = 32):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     config = clip_text_config(
-        tokenizer, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        tokenizer, hidden_size=hidden_size, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
         projection_dim=32, hidden_act="gelu",
     )  # fmt: skip
     model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
@@ -192,12 +192,13 @@ def build_tiny_sd15_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     )
 
 
-def build_tiny_sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+def build_tiny_sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0, text_encoder_2_width: int = 32):
     """A ``StableDiffusionXLPipeline`` shaped like SDXL.
 
     Two text encoders whose hidden states are concatenated (32 + 32 = cross-attention dim 64), the second one's
     pooled projection (32) plus six micro-conditioning scalars embedded in 8 dims each feeding the
-    ``text_time`` added embedding: 32 + 6 * 8 = 80 inputs.
+    ``text_time`` added embedding: 32 + 6 * 8 = 80 inputs. ``text_encoder_2_width`` ≠ 32 makes the two encoders
+    differ in width as SDXL's do (768, 1280), which diffusers' single-file loader relies on to tell them apart.
     """
     from diffusers import StableDiffusionXLPipeline
 
@@ -205,7 +206,7 @@ def build_tiny_sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     torch.manual_seed(seed)
     addition_time_embed_dim = 8
     text_encoder = _tiny_text_encoder(tokenizer)
-    text_encoder_2 = _tiny_text_encoder(tokenizer, with_projection=True)
+    text_encoder_2 = _tiny_text_encoder(tokenizer, with_projection=True, hidden_size=text_encoder_2_width)
     pooled_dim = text_encoder_2.config.projection_dim
     unet = _tiny_unet(
         cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,

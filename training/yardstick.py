@@ -221,7 +221,7 @@ def _student_info(weights: Path, run_dir: Path | None) -> StudentInfo:
 
 
 @torch.no_grad()
-def load_digits_model(teacher_dir: str | Path, lora: str | Path | None = None) -> DigitsModel:
+def load_digits_model(teacher_dir: str | Path, lora: str | Path | None = None, device: str = "cpu") -> DigitsModel:
     """Load the teacher with diffusers and, if given, the student LoRA (``pipe.load_lora_weights``) on its UNet."""
     from .teacher import encode_prompts, load_teacher, teacher_schedule
 
@@ -238,7 +238,8 @@ def load_digits_model(teacher_dir: str | Path, lora: str | Path | None = None) -
     if weights is not None:
         pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="student")
         student = _student_info(weights, run_dir)
-    embeds = encode_prompts(pipe, family, [caption(d) for d in range(10)] + [""], IMAGE_SIZE).prompt_embeds
+    pipe.to(device)
+    embeds = encode_prompts(pipe, family, [caption(d) for d in range(10)] + [""], IMAGE_SIZE).prompt_embeds.to(device)
     return DigitsModel(pipe, teacher_schedule(pipe), embeds[:10], embeds[10:], student)
 
 
@@ -276,7 +277,7 @@ def unet_denoiser(
         context = torch.cat([uncond_embeds.expand(batch, -1, -1), embeds]) if guided else embeds
         x_in = torch.cat([x_t, x_t]) if guided else x_t
         with _adapters(unet, lora):
-            out = unet(x_in, torch.full((x_in.shape[0],), t), encoder_hidden_states=context).sample
+            out = unet(x_in, torch.full((x_in.shape[0],), t, device=x_in.device), encoder_hidden_states=context).sample
         x0 = schedule.to_x0(out, x_in, t)
         return cfg(*x0.chunk(2), guidance_scale) if guided else x0
 
@@ -296,8 +297,9 @@ def sample_digits(
     """Images (B, 3, 32, 32) in [0, 1] of ``labels`` for one yardstick row (not ``real``), from latent ``noise``."""
     from .teacher import decode_latents
 
-    unet, schedule = model.pipe.unet, model.schedule
-    embeds = model.digit_embeds[labels]
+    unet, schedule = model.pipe.unet, model.schedule.to(model.pipe.unet.device)
+    embeds = model.digit_embeds[labels.to(model.digit_embeds.device)]
+    noise = noise.to(model.pipe.unet.device)
     teacher = unet_denoiser(unet, schedule, embeds, model.uncond_embeds, guidance_scale)
     if row in TEACHER_ROWS:
         latents = sample_ddim(teacher, noise, ddim_timesteps(TEACHER_ROWS[row], schedule.num_train_timesteps), schedule)
@@ -354,6 +356,7 @@ def evaluate(
     batch_size: int = 100,
     classifier: DigitClassifier | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """The yardstick table as a dict: ``{"rows": {name: {"fd", "acc", "seconds"}}, "n", "seed", ...}``.
 
@@ -363,7 +366,7 @@ def evaluate(
     from tqdm import tqdm
 
     labels = balanced_labels(n)
-    model = load_digits_model(teacher_dir, lora)
+    model = load_digits_model(teacher_dir, lora, device)
     student_scale = model.student.guidance_scale if model.student is not None else None
     scale = float(guidance_scale if guidance_scale is not None else student_scale or DEFAULT_GUIDANCE_SCALE)
     rows = list(rows or [r for r in ROWS if model.student is not None or not r.startswith("student")])

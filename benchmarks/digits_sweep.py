@@ -1,0 +1,188 @@
+"""Sweep the digits demo's distillation settings on the yardstick: n images per row, several seeds, mean ± sd.
+
+Each (variant, seed) distils the digits teacher with the demo's settings plus the variant's overrides, then measures
+the one-step student (FD, accuracy) at n images; the teacher's rows are measured once per seed. Runs go in
+parallel processes (``--jobs``), so a GPU with many CPU cores runs a sweep in minutes.
+
+    python -m fewstep.benchmarks.digits_sweep --out sweep/ --seeds 0 1 2 --n 2000 --jobs 12 \
+        --variant "demo:" --variant "fake scale 1/8:fake_alpha=4" --variant "fake lr 2x:fake_lr=1e-3"
+
+A variant is ``NAME:key=value,key=value`` over :class:`~fewstep.commands.demo.DigitsDemoSettings` fields.
+``--external "NAME:COMMAND"`` adds runs made by another program (e.g. an older fewstep, for a before/after table):
+COMMAND is formatted with {seed}, {run_dir}, {teacher}, {prompts} and {images}, must leave a run directory (with
+``lora/``) at {run_dir}, and is then measured exactly like the variants.
+``--teacher DIR`` uses a built teacher folder (default: the cached default teacher, built on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+TEACHER_ROWS = ["real", "teacher_50", "teacher_4", "teacher_1"]
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``"name:key=value,key=value"`` → (name, overrides) typed as the settings' fields."""
+    from ..commands.demo import DigitsDemoSettings
+
+    name, _, body = text.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(DigitsDemoSettings)}
+    overrides = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"variant {name!r}: unknown setting {key!r}; known: {', '.join(fields)}")
+        overrides[key] = value
+    defaults = DigitsDemoSettings()
+    typed = {}
+    for key, value in overrides.items():
+        current = getattr(defaults, key)
+        kind = type(current) if current is not None else (int if key == "fake_rank" else float)
+        typed[key] = kind(value)
+    return name.strip(), typed
+
+
+def run_one(
+    teacher: str, out: Path, name: str, overrides: dict, seed: int, n: int, device: str, external: str | None = None
+) -> dict:
+    """Distil with the demo's settings + ``overrides`` (or ``external``) at ``seed``; the student's row at n images."""
+    from ..commands.demo import DigitsDemoSettings
+    from ..training.cache import cache_root
+    from ..training.digits import caption, write_digits_folder
+    from ..training.dmd2 import train_dmd2
+    from ..training.yardstick import evaluate
+
+    settings = dataclasses.replace(DigitsDemoSettings(), **overrides)
+    run_dir = out / "runs" / f"{name.replace(' ', '_').replace('/', '-')}-seed{seed}"
+    prompts = out / "prompts.txt"
+    real_dir = cache_root() / "digits-train-images"
+    started = time.perf_counter()
+    if external:
+        command = external.format(seed=seed, run_dir=run_dir, teacher=teacher, prompts=prompts, images=real_dir)
+        subprocess.run(command, shell=True, check=True, stdout=subprocess.DEVNULL)
+    else:
+        train_dmd2(settings.train_config(teacher, run_dir, prompts, real_dir, 1, seed))
+    train_seconds = time.perf_counter() - started
+    result = evaluate(teacher, lora=run_dir, n=n, seed=seed, rows=["student_1"], progress=False, device=device)
+    return {"variant": name, "seed": seed, "train_seconds": round(train_seconds, 1), **result["rows"]["student_1"]}
+
+
+def _subprocess(args, job: dict) -> dict:
+    command = [sys.executable, "-m", "fewstep.benchmarks.digits_sweep", "--out", job["out"], "--one", json.dumps(job)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {**job, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarise(results: list[dict]) -> dict:
+    """Per variant (and the teacher rows): FD and accuracy mean ± sd over seeds."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        if "error" not in r:
+            groups.setdefault(r["variant"], []).append(r)
+    summary = {}
+    for name, rows in groups.items():
+        fds, accs = [r["fd"] for r in rows], [r["acc"] for r in rows]
+        summary[name] = {
+            "seeds": len(rows),
+            "fd_mean": statistics.mean(fds), "fd_sd": statistics.stdev(fds) if len(fds) > 1 else 0.0,
+            "acc_mean": statistics.mean(accs), "acc_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "train_seconds_mean": statistics.mean(r.get("train_seconds", 0.0) for r in rows),
+        }  # fmt: skip
+    return summary
+
+
+def format_summary(summary: dict, n: int) -> str:
+    lines = [f"digits yardstick, one-step student, n={n} per seed", f"{'row':36}{'FD ↓':>16}{'acc ↑':>16}{'train s':>9}"]
+    for name, s in summary.items():
+        fd = f"{s['fd_mean']:.2f} ± {s['fd_sd']:.2f}"
+        acc = f"{s['acc_mean']:.3f} ± {s['acc_sd']:.3f}"
+        label = f"{name} ({s['seeds']} seeds)"
+        lines.append(f"{label:36}{fd:>16}{acc:>16}{s['train_seconds_mean']:>9.0f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder (runs, results.json) (required)")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
+    parser.add_argument("--external", action="append", default=[], help="NAME:COMMAND runs of another program")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="distillation/eval seeds")
+    parser.add_argument("--n", type=int, default=2000, help="images per row and seed (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: %(default)s)")
+    parser.add_argument("--teacher", help="a built digits teacher folder (default: the cached one)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="yardstick device")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # one job, as JSON (the parallel workers)
+    args = parser.parse_args(argv)
+    if args.one:
+        job = json.loads(args.one)
+        if job["variant"] == "teacher":
+            from ..training.yardstick import evaluate
+
+            result = evaluate(job["teacher"], n=job["n"], seed=job["seed"], rows=[job["row"]], progress=False,
+                              device=job["device"], guidance_scale=job["guidance_scale"])  # fmt: skip
+            print(json.dumps({"variant": job["row"], "seed": job["seed"], **result["rows"][job["row"]]}))
+        else:
+            print(json.dumps(run_one(job["teacher"], Path(job["out"]), job["variant"], job["overrides"], job["seed"],
+                                     job["n"], job["device"], job.get("external"))))  # fmt: skip
+        return 0
+
+    from ..commands.demo import DigitsDemoSettings
+    from ..training.cache import cache_root
+    from ..training.digits import caption, digits_teacher, write_digits_folder
+    from ..training.yardstick import digit_classifier
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = args.teacher or str(digits_teacher(device=args.device))
+    digit_classifier()  # built once, before the workers need it
+    real_dir = cache_root() / "digits-train-images"
+    if not (real_dir / "metadata.jsonl").is_file():
+        write_digits_folder(real_dir, "train")
+    (out / "prompts.txt").write_text("\n".join(caption(d) for d in range(10)) + "\n")
+    variants = [parse_variant(v) for v in args.variant] or [("demo", {})]
+    common = dict(teacher=teacher, out=str(out), n=args.n, device=args.device)
+    jobs = [{**common, "variant": name, "overrides": o, "seed": seed} for name, o in variants for seed in args.seeds]
+    for text in args.external:
+        name, _, command = text.partition(":")
+        jobs += [{**common, "variant": name, "overrides": {}, "external": command, "seed": s} for s in args.seeds]
+    jobs += [  # last: quick, they fill in while the distillations run
+        {**common, "variant": "teacher", "row": row, "seed": seed, "guidance_scale": DigitsDemoSettings.guidance_scale}
+        for seed in args.seeds for row in TEACHER_ROWS
+    ]
+    results = []
+
+    def run_job(job):  # results are written as they come, so a sweep cut short keeps what it finished
+        result = _subprocess(args, job)
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        (out / "results.json").write_text(json.dumps({"n": args.n, "results": results}, indent=2))
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run_job, jobs))
+    summary = summarise(results)
+    (out / "results.json").write_text(json.dumps({"n": args.n, "results": results, "summary": summary}, indent=2))
+    print(format_summary(summary, args.n))
+    for r in results:
+        if "error" in r:
+            print(f"failed: {r['variant']} seed {r['seed']}: {r['error']}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""The model card (README.md) ``fewstep push`` writes: it says exactly how to sample this student, everywhere.
+
+What it states: base model and the style LoRAs fused into the teacher, method, steps and the exact timesteps, CFG,
+LoRA scale; how to sample in diffusers (the repo's own pipeline, and stock ``LCMScheduler``), in ComfyUI
+(fewstep's nodes, or stock KSampler with the settings that hit the trained timesteps, and the settings that do
+not), and in A1111/Forge; the sample grid; the training config; metrics; license (inherited from the base).
+The recipes come from :mod:`.sampling_recipes`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .lora_io import DIFFUSERS_LORA_WEIGHT_NAME
+from .sampling_recipes import COMFYUI_WRONG_SCHEDULERS, SamplingRecipe
+from .style_lora import StyleLora, parse_style_spec
+
+KOHYA_WEIGHT_NAME = "fewstep_comfyui.safetensors"
+FAMILY_TAGS = {"sd15": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+FAMILY_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL"}
+SAMPLE_GRID = "images/samples.png"
+PROMPT = "a photo of a cat"
+
+
+def looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(name).exists()
+
+
+def style_loras_of(config: dict) -> list[StyleLora]:
+    """The style LoRAs the run fused into its teacher (as recorded in its config), without checking the files."""
+    return [parse_style_spec(spec) for spec in config.get("teacher_lora") or []]
+
+
+def public_config(config: dict, base_model: str) -> dict:
+    """The training config as published: no local paths (the output folder is dropped, a local teacher is named
+    by the base model's Hub id, style LoRAs and data by their file names)."""
+    public = {key: value for key, value in config.items() if key != "output"}
+    if not looks_like_hub_id(str(public.get("teacher") or "")):
+        public["teacher"] = base_model
+    public.pop("teacher_config", None)
+    if public.get("teacher_lora"):
+        public["teacher_lora"] = [f"{lora.path.name}:{lora.scale:g}" for lora in style_loras_of(config)]
+    for key in ("prompts", "images", "dataset"):
+        value = public.get(key)
+        if value and not looks_like_hub_id(str(value)):
+            public[key] = Path(str(value)).name
+    return public
+
+
+def _flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        rows.extend(_flatten(value, f"{name}.") if isinstance(value, dict) else [(name, value)])
+    return rows
+
+
+def _format_value(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _method(config: dict) -> str:
+    gan = float(config.get("gan_weight") or 0) > 0 and bool(config.get("images") or config.get("dataset"))
+    return "DMD2 (distribution matching + GAN)" if gan else "DMD2 (distribution matching, no GAN)"
+
+
+def _facts_table(run, base_model: str, recipe: SamplingRecipe, styles: list[StyleLora]) -> str:
+    style_text = ", ".join(f"`{s.path.name}` at scale {s.scale:g}" for s in styles) or "none"
+    rows = [
+        ("base model", f"[{base_model}](https://huggingface.co/{base_model}) ({FAMILY_NAMES[run.family]})"),
+        ("style LoRAs fused into the teacher", style_text),
+        ("method", _method(run.config)),
+        ("steps", str(recipe.steps)),
+        ("timesteps", f"`{recipe.timesteps}` (exactly these; other timesteps give blurry or noisy images)"),
+        ("CFG", f"{recipe.cfg:g} (guidance is distilled in; the teacher used CFG {run.config.get('guidance_scale')})"),
+        ("LoRA scale", f"{recipe.lora_scale:g}"),
+        ("sampling rule", "predict x0, re-noise it to the next timestep with fresh noise (LCM's rule)"),
+    ]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
+
+
+def _diffusers_sections(repo_id: str, base_model: str, recipe: SamplingRecipe, styles: list[StyleLora]) -> list[str]:
+    step_kwargs = f"num_inference_steps={recipe.steps}" if recipe.default_spacing else f"timesteps={recipe.timesteps}"
+    style_lines = ""
+    if styles:
+        style_lines = (
+            "# the style LoRAs the teacher had, fused at the same scales (download them first)\n"
+            + "".join(
+                f'pipe.load_lora_weights("{s.path.name}", adapter_name="{s.adapter_name}")\n' for s in styles
+            )
+            + f"pipe.set_adapters({[s.adapter_name for s in styles]}, adapter_weights={[s.scale for s in styles]})\n"
+            "pipe.fuse_lora(lora_scale=1.0)\npipe.unload_lora_weights()\n"
+        )
+    return [
+        "## Use with diffusers (this repo's pipeline)",
+        "Needs only diffusers, transformers, peft and torch: `pipeline.py` and the `fewstep_*.py` modules it imports "
+        "are in this repo, and `custom_pipeline=` loads them.",
+        "```python\n"
+        "import torch\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        "pipe = DiffusionPipeline.from_pretrained(\n"
+        f'    "{base_model}", custom_pipeline="{repo_id}", trust_remote_code=True, torch_dtype=torch.float16\n'
+        ').to("cuda")\n'
+        f"{style_lines}"
+        f'pipe.load_lora_weights("{repo_id}")\n'
+        f'image = pipe("{PROMPT}", {step_kwargs}).images[0]\n\n'
+        "# Distillation++: the base model (the same UNet with the fewstep LoRA disabled) refines the first step\n"
+        f'image = pipe("{PROMPT}", {step_kwargs}, teacher_guidance=0.05, teacher_guided_steps=1,\n'
+        "             teacher_guidance_scale=7.5).images[0]\n"
+        "```",
+        "## Use with plain diffusers (stock LCMScheduler)",
+        "DMD2's sampling rule is LCMScheduler's at these timesteps; pass them explicitly and keep guidance off:",
+        "```python\n"
+        "import torch\n"
+        "from diffusers import DiffusionPipeline, LCMScheduler\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")\n'
+        f"{style_lines}"
+        f'pipe.load_lora_weights("{repo_id}")\n'
+        "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
+        f'image = pipe("{PROMPT}", guidance_scale=0, timesteps={recipe.timesteps}).images[0]\n'
+        "```",
+    ]
+
+
+def _comfyui_section(recipe: SamplingRecipe, styles: list[StyleLora]) -> list[str]:
+    loras = "".join(f"**LoraLoaderModelOnly** `{s.path.name}` (strength {s.scale:g}), then " for s in styles)
+    chain = f"Load the base checkpoint, then {loras}**LoraLoaderModelOnly** `{KOHYA_WEIGHT_NAME}` (strength 1.0)."
+    if recipe.evenly_spaced:
+        fewstep_nodes = (
+            f"**FewStep KSampler**: steps `{recipe.steps}`, first_timestep `{recipe.first_timestep}` "
+            f"(samples exactly {recipe.timesteps}; **Distillation++ KSampler** adds teacher guidance)."
+        )
+    else:
+        custom = ",".join(str(t) for t in recipe.timesteps)
+        fewstep_nodes = (
+            f"**FewStep Scheduler** with timesteps `{custom}` + **FewStep Sampler** in **SamplerCustom** (cfg 1.0)."
+        )
+    lines = ["- With the fewstep nodes (ComfyUI-Manager: *fewstep*; they need only ComfyUI): " + fewstep_nodes]
+    stock = recipe.comfyui_stock_scheduler
+    if stock is not None:
+        lines.append(
+            f"- With stock nodes: **KSampler** with steps `{recipe.steps}`, cfg `1.0`, sampler `lcm`, scheduler "
+            f"`{stock}` (hits the trained timesteps exactly; `sgm_uniform` lands within one timestep of them)."
+        )
+    elif recipe.first_timestep != 999:
+        lines.append(
+            f"- Stock KSampler cannot sample this student: it starts at t = {recipe.first_timestep} from noise "
+            "scaled by that timestep's σ instead of pure noise. Use the fewstep nodes above."
+        )
+    else:
+        lines.append("- No stock ComfyUI scheduler hits these timesteps; use the fewstep nodes above.")
+    lines.append(
+        f"- Do not use schedulers {', '.join(f'`{s}`' for s in COMFYUI_WRONG_SCHEDULERS)} (they miss the trained "
+        "timesteps), CFG above 1, or **ModelSamplingDiscrete** with sampling `lcm` (LCM's own parameterisation, "
+        "which snaps the timesteps to a 50-step grid)."
+    )
+    return ["## Use in ComfyUI", f"Put `{KOHYA_WEIGHT_NAME}` in `ComfyUI/models/loras/`. {chain}", "\n".join(lines)]
+
+
+def _a1111_section(recipe: SamplingRecipe, styles: list[StyleLora]) -> list[str]:
+    tags = "".join(f"<lora:{s.path.stem}:{s.scale:g}> " for s in styles) + f"<lora:{Path(KOHYA_WEIGHT_NAME).stem}:1>"
+    text = (
+        f"Put `{KOHYA_WEIGHT_NAME}` in `models/Lora/`, add `{tags}` to the prompt and generate with sampler "
+        f"**LCM**, schedule type **SGM Uniform** (or **Simple**), {recipe.steps} step(s), CFG scale 1."
+    )
+    if recipe.comfyui_stock_scheduler is None:
+        text += f" Its schedules do not reach the timesteps {recipe.timesteps} exactly: expect lower quality."
+    return ["## Use in AUTOMATIC1111 / Forge", text]
+
+
+def model_card(run, repo_id: str, base_model: str, license: str) -> str:
+    """README.md for a run (:class:`~fewstep.training.hub.Run`): YAML metadata, the sampling facts, usage in each
+    tool, samples, training config, metrics, files."""
+    from huggingface_hub import ModelCardData
+
+    recipe = SamplingRecipe(run.timesteps)
+    styles = style_loras_of(run.config)
+    data = ModelCardData(
+        base_model=base_model,
+        base_model_relation="adapter",
+        license=license,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=["lora", "text-to-image", "diffusers", "dmd2", "fewstep", "distillation", FAMILY_TAGS[run.family],
+              f"{recipe.steps}-step"],  # fmt: skip
+    )
+    name = repo_id.split("/")[-1]
+    sections = [
+        f"# {name}",
+        f"A {recipe.steps}-step student of [{base_model}](https://huggingface.co/{base_model}), distilled with DMD2 "
+        "(Yin et al., *Improved Distribution Matching Distillation for Fast Image Synthesis*, 2024) by "
+        "[fewstep](https://github.com/fewstep/fewstep), as a LoRA on the base UNet.",
+        "## How to sample",
+        _facts_table(run, base_model, recipe, styles),
+    ]
+    if styles:
+        sections.append(
+            "The teacher was the base model with the style LoRAs above fused in; the fewstep LoRA was trained on "
+            "that styled base. Load base + the same style LoRAs (same scales) + this LoRA, in that order."
+        )
+    if run.sample_grid is not None:
+        sections += [
+            "## Samples",
+            f"![samples]({SAMPLE_GRID})",
+            "The run's last validation grid. Top row: the teacher (multi-step, with CFG); bottom row: the student, "
+            "same prompts and seeds.",
+        ]
+    sections += _diffusers_sections(repo_id, base_model, recipe, styles)
+    sections += _comfyui_section(recipe, styles)
+    sections += _a1111_section(recipe, styles)
+    sections += [
+        "## Training configuration",
+        "Local paths are left out: the training data and style LoRAs are named by file or folder name only, and the "
+        "teacher by its Hub id.",
+        "```yaml\n" + yaml.safe_dump(public_config(run.config, base_model), sort_keys=False).rstrip() + "\n```",
+    ]
+    if run.metrics:
+        rows = "\n".join(f"| {key} | {_format_value(value)} |" for key, value in _flatten(run.metrics))
+        sections += ["## Metrics", "| metric | value |\n|---|---|\n" + rows]
+    sections += [
+        "## Files",
+        f"- `{DIFFUSERS_LORA_WEIGHT_NAME}`: diffusers/PEFT LoRA (the adapter config is in the file's metadata)\n"
+        f"- `{KOHYA_WEIGHT_NAME}`: the same LoRA in kohya format with its real alpha (ComfyUI, A1111)\n"
+        "- `pipeline.py` + `fewstep_*.py`: the few-step pipeline for `custom_pipeline=` (copied from fewstep)\n"
+        "- `config.yaml`: the training configuration",
+        f"License: `{license}`, inherited from the base model.",
+    ]
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
