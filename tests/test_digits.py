@@ -43,7 +43,7 @@ def count_builds(tiny_teacher, monkeypatch):
     """Count teacher builds; each one copies the tiny teacher instead of training again (the cache is under test)."""
     calls = []
 
-    def copying_build(config, directory, progress=True):
+    def copying_build(config, directory, progress=True, device="cpu"):
         calls.append(1)
         shutil.copytree(tiny_teacher, directory, dirs_exist_ok=True)
 
