@@ -18,9 +18,12 @@ import torch
 
 from ..core.sampling import ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import student_timesteps, validate_timesteps
-from .config import build_config, load_yaml, save_yaml
+from . import interrupts
+from .config import build_config, check_config, load_yaml, save_yaml
 from .dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from .networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
+from .resume import check_resume, saved_options, set_base_lr
+from .run_dir import checkpoint_path, claim_run_dir, clear_run_dir, validation_missed
 from .trackers import open_run_logger, resolve_report_to
 
 # Per-family defaults (docs/defaults.md sets each beside the DMD2 reference's value); every one can be overridden.
@@ -42,9 +45,15 @@ class DMD2TrainConfig:
     """``fewstep train --method dmd2`` options. None means "the teacher family's default"."""
 
     teacher: str = field(
-        default="", metadata={"help": "Hub id, local diffusers folder or single-file .safetensors checkpoint"}
-    )
-    output: str = field(default="", metadata={"help": "run directory (config, checkpoints, samples, lora)"})
+        default="",
+        metadata={"help": "Hub id, local diffusers folder or single-file .safetensors checkpoint",
+                  "required": "required for a new run"},
+    )  # fmt: skip
+    output: str = field(
+        default="",
+        metadata={"help": "run directory (config, checkpoints, samples, lora)", "required": "required",
+                  "on_resume": "may change"},
+    )  # fmt: skip
     model_type: str | None = field(
         default=None, metadata={"help": "override the detected family", "choices": ["sd15", "sdxl"]}
     )
@@ -52,18 +61,32 @@ class DMD2TrainConfig:
     images: str | None = field(
         default=None, metadata={"help": "real images with captions (metadata.jsonl or same-name .txt) for the GAN"}
     )
-    resolution: int | None = field(default=None, metadata={"help": "image size (default: the UNet's native size)"})
-    batch_size: int = field(default=1, metadata={"help": "samples per process and micro-batch"})
+    resolution: int | None = field(
+        default=None, metadata={"help": "image size (default: the UNet's native size)", "min": 1}
+    )
+    batch_size: int = field(default=1, metadata={"help": "samples per process and micro-batch", "min": 1})
     gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "micro-batches per update (effective batch = batch × this × processes)"}
+        default=1,
+        metadata={"help": "micro-batches per update (effective batch = batch × this × processes)", "min": 1},
     )
-    max_steps: int = field(default=1000, metadata={"help": "training iterations (fake-score updates)"})
-    num_steps: int = field(default=1, metadata={"help": "student sampling steps: 1 = [999], 4 = [999,749,499,249]"})
-    timesteps: list[int] | None = field(default=None, metadata={"help": "custom student timesteps, e.g. 999,499"})
-    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate of the generator adapter"})
+    max_steps: int = field(
+        default=1000, metadata={"help": "training iterations (fake-score updates)", "min": 1, "on_resume": "may change"}
+    )
+    num_steps: int = field(
+        default=1, metadata={"help": "student sampling steps: 1 = [999], 4 = [999,749,499,249]", "min": 1}
+    )
+    timesteps: list[int] | None = field(
+        default=None, metadata={"help": "custom student timesteps, e.g. 999,499", "max": 999}
+    )
+    lr: float = field(
+        default=5e-5,
+        metadata={"help": "AdamW learning rate of the generator adapter", "above": 0, "on_resume": "may change"},
+    )
     fake_lr: float | None = field(
-        default=None, metadata={"help": "AdamW learning rate of the fake-score adapter and the GAN head (default: --lr)"}
-    )
+        default=None,
+        metadata={"help": "AdamW learning rate of the fake-score adapter and the GAN head (default: --lr)", "above": 0,
+                  "on_resume": "may change"},
+    )  # fmt: skip
     warmup_steps: int = field(
         default=100, metadata={"help": "linear learning-rate warm-up of both optimizers, in iterations"}
     )
@@ -72,38 +95,55 @@ class DMD2TrainConfig:
                                       "choices": ["constant", "cosine"]},
     )  # fmt: skip
     ema_decay: float = field(
-        default=0.0, metadata={"help": "EMA of the generator adapter, exported and validated (0 = off, e.g. 0.99)"}
+        default=0.0,
+        metadata={"help": "EMA of the generator adapter, exported and validated (0 = off, e.g. 0.99)", "min": 0,
+                  "below": 1},
+    )  # fmt: skip
+    weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay", "min": 0, "on_resume": "may change"}
     )
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=10.0, metadata={"help": "gradient-norm clip"})
-    guidance_scale: float | None = field(default=None, metadata={"help": "teacher CFG (sd15 1.75, sdxl 8)"})
+    max_grad_norm: float = field(
+        default=10.0, metadata={"help": "gradient-norm clip", "above": 0, "on_resume": "may change"}
+    )
+    guidance_scale: float | None = field(default=None, metadata={"help": "teacher CFG (sd15 1.75, sdxl 8)", "min": 0})
     dfake_gen_update_ratio: int | None = field(
-        default=None, metadata={"help": "fake-score updates per generator update (sd15 10, sdxl 5)"}
+        default=None, metadata={"help": "fake-score updates per generator update (sd15 10, sdxl 5)", "min": 1}
     )
-    gen_rank: int = field(default=64, metadata={"help": "generator LoRA rank"})
-    gen_alpha: float = field(default=8.0, metadata={"help": "generator LoRA alpha"})
-    fake_rank: int = field(default=64, metadata={"help": "fake-score LoRA rank"})
+    gen_rank: int = field(default=64, metadata={"help": "generator LoRA rank", "min": 1})
+    gen_alpha: float = field(default=8.0, metadata={"help": "generator LoRA alpha", "above": 0})
+    fake_rank: int = field(default=64, metadata={"help": "fake-score LoRA rank", "min": 1})
     fake_alpha: float | None = field(
-        default=None, metadata={"help": "fake-score LoRA alpha (default: --fake-rank, i.e. LoRA scale 1)"}
+        default=None, metadata={"help": "fake-score LoRA alpha (default: --fake-rank, i.e. LoRA scale 1)", "above": 0}
     )
     gan_weight: float | None = field(
-        default=None, metadata={"help": "generator GAN loss weight (sd15 1e-3, sdxl 5e-3; 0 = no GAN)"}
+        default=None, metadata={"help": "generator GAN loss weight (sd15 1e-3, sdxl 5e-3; 0 = no GAN)", "min": 0}
     )
-    disc_weight: float = field(default=1e-2, metadata={"help": "discriminator loss weight"})
+    disc_weight: float = field(default=1e-2, metadata={"help": "discriminator loss weight", "min": 0})
     backward_simulation: bool = field(default=True, metadata={"help": "multi-step: train on the student's own inputs"})
     mixed_precision: str = field(
         default="auto",
         metadata={"help": "base UNet precision and autocast, LoRA stays fp32: auto = bf16 on a GPU that has it, else "
-                          "no; fp16 scales its losses", "choices": ["auto", "no", "fp16", "bf16"]},
+                          "no; fp16 scales its losses", "choices": ["auto", "no", "fp16", "bf16"],
+                  "on_resume": "may change"},
     )  # fmt: skip
     gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "trade compute for activation memory (sd15 off, sdxl on)"}
+        default=None,
+        metadata={"help": "trade compute for activation memory (sd15 off, sdxl on)", "on_resume": "may change"},
     )
-    checkpoint_every: int = field(default=500, metadata={"help": "iterations between checkpoints"})
-    checkpoints_total_limit: int = field(default=3, metadata={"help": "checkpoints kept (oldest deleted)"})
-    validate_every: int = field(default=500, metadata={"help": "iterations between validation grids (0 = off)"})
-    num_validation_prompts: int = field(default=4, metadata={"help": "prompts in each validation grid"})
-    max_nan_steps: int = field(default=10, metadata={"help": "skipped non-finite steps before the run stops"})
+    checkpoint_every: int = field(
+        default=500,
+        metadata={"help": "iterations between checkpoints (0 = only at the end)", "on_resume": "may change"},
+    )
+    checkpoints_total_limit: int = field(
+        default=3, metadata={"help": "checkpoints kept (oldest deleted)", "min": 1, "on_resume": "may change"}
+    )
+    validate_every: int = field(
+        default=500, metadata={"help": "iterations between validation grids (0 = off)", "on_resume": "may change"}
+    )
+    num_validation_prompts: int = field(default=4, metadata={"help": "prompts in each validation grid", "min": 1})
+    max_nan_steps: int = field(
+        default=10, metadata={"help": "skipped non-finite steps before the run stops", "on_resume": "may change"}
+    )
     seed: int = field(default=0, metadata={"help": "random seed"})
     # Teachers from single files and style LoRAs, Hugging Face datasets, experiment trackers.
     teacher_config: str | None = field(
@@ -124,11 +164,11 @@ class DMD2TrainConfig:
     dataset_split: str = field(default="train", metadata={"help": "dataset split"})
     streaming: bool = field(default=False, metadata={"help": "stream the dataset (large ones): read --max-train-samples"})
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "use at most this many dataset examples (streaming default: 10000)"}
+        default=None, metadata={"help": "use at most this many dataset examples (streaming default: 10000)", "min": 1}
     )
     report_to: str | None = field(
         default=None, metadata={"help": "experiment tracker (default: tensorboard when installed)",
-                                "choices": ["none", "tensorboard", "wandb"]},
+                                "choices": ["none", "tensorboard", "wandb"], "on_resume": "may change"},
     )  # fmt: skip
 
     def resolved(self, family: str) -> "DMD2TrainConfig":
@@ -175,8 +215,6 @@ def check_option_combinations(config: "DMD2TrainConfig", use_gan: bool, num_step
             "a multi-step student without --backward-simulation trains on noised real images; give --images DIR "
             "or keep backward simulation on (the default)"
         )
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise TrainingError(f"--ema-decay {config.ema_decay} must be in [0, 1) (e.g. 0.99; 0 = off)")
 
 
 def effective_batch_warning(config: "DMD2TrainConfig", family: str, num_processes: int) -> str | None:
@@ -194,16 +232,12 @@ def effective_batch_warning(config: "DMD2TrainConfig", family: str, num_processe
 
 
 def make_config(cli: dict, config_file: str | None = None) -> DMD2TrainConfig:
-    """YAML then CLI (CLI wins); unknown keys rejected."""
-    return build_config(DMD2TrainConfig, load_yaml(config_file) if config_file else {}, cli)
+    """YAML then CLI (CLI wins); values typed and checked, unknown keys rejected."""
+    layers = (load_yaml(config_file), cli) if config_file else (cli,)
+    return build_config(DMD2TrainConfig, *layers, sources=(config_file, None) if config_file else (None,))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
-    return checkpoints[-1] if checkpoints else None
-
-
 def save_checkpoint(run_dir: Path, state: dict, adapters: dict, gan_head, config, family: str, limit: int) -> Path:
     """Write ``checkpoints/step-NNNNNNN`` atomically (temp dir + rename), keeping the last ``limit``."""
     from safetensors.torch import save_file
@@ -212,14 +246,18 @@ def save_checkpoint(run_dir: Path, state: dict, adapters: dict, gan_head, config
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, tensors in adapters.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
-    if gan_head is not None:
-        save_file({k: v.contiguous().cpu() for k, v in gan_head.state_dict().items()}, tmp / "gan_head.safetensors")
-    torch.save(state, tmp / "training_state.pt")
-    save_yaml(config, tmp / "config.yaml")
-    (tmp / "family").write_text(family)
+    try:
+        tmp.mkdir(parents=True)
+        for name, tensors in adapters.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
+        if gan_head is not None:
+            save_file({k: v.contiguous().cpu() for k, v in gan_head.state_dict().items()}, tmp / "gan_head.safetensors")
+        torch.save(state, tmp / "training_state.pt")
+        save_yaml(config, tmp / "config.yaml")
+        (tmp / "family").write_text(family)
+    except BaseException:  # a full disk (torch reports it as a RuntimeError), a second Ctrl-C: leave no half copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -230,8 +268,13 @@ def save_checkpoint(run_dir: Path, state: dict, adapters: dict, gan_head, config
 
 
 # ------------------------------------------------------------------------------------------ the trainer
-def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> Path:
-    """Run DMD2. ``on_step(step, metrics)`` is called after each iteration; returning True stops the run."""
+@interrupts.handles_stop_signals
+def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, overwrite: bool = False) -> Path:
+    """Run DMD2. ``on_step(step, metrics)`` is called after each iteration; returning True stops the run.
+
+    ``overwrite`` lets a new run replace the run already in ``config.output`` (see :mod:`.run_dir`); SIGINT and
+    SIGTERM stop after a checkpoint (see :mod:`.interrupts`).
+    """
     from accelerate import Accelerator
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -241,17 +284,18 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     from .hf_dataset import read_training_data
     from .lora_io import save_diffusers_lora, save_kohya_lora
 
-    if not config.teacher:
-        raise TrainingError("--teacher is required (a Hub id, a local diffusers folder or a .safetensors file)")
+    check_config(config)
     if not config.output:
         raise TrainingError("--output is required (the run directory)")
     resolve_report_to(config.report_to)  # an unusable tracker fails before the teacher loads
     run_dir = Path(config.output)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainingError(f"--output {run_dir} is a file; give a directory")
-    checkpoint = _latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise TrainingError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    checkpoint = claim_run_dir(run_dir, resume, overwrite)
+    if checkpoint is not None:
+        check_resume(config, saved_options(checkpoint), checkpoint)
+    if not config.teacher:
+        raise TrainingError("--teacher is required (a Hub id, a local diffusers folder or a .safetensors file)")
+    if config.timesteps:
+        validate_timesteps(config.timesteps)  # before minutes of loading
 
     # 1. Data first (cheap to check), then the teacher, its family and the family's defaults -----------
     prompts, real_items = read_training_data(config, run_dir)  # --prompts, --images, --dataset
@@ -272,6 +316,8 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     resolution = config.resolution or teachers.default_resolution(pipe)
     teachers.check_resolution(pipe, resolution)
     config = dataclasses.replace(config, resolution=resolution)
+    if checkpoint is not None:
+        check_resume(config, saved_options(checkpoint), checkpoint)  # now with the family's defaults too
     timesteps = (
         validate_timesteps(config.timesteps) if config.timesteps else student_timesteps(config.num_steps)
     )
@@ -285,6 +331,8 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     device = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
 
+    if overwrite and accelerator.is_main_process:  # once, before any process writes into the directory
+        clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(config, run_dir / "config.yaml")
 
@@ -383,6 +431,8 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
         fake_score_optimizer.load_state_dict(state["fake_score_optimizer"])
         generator_scheduler.load_state_dict(state["generator_scheduler"])
         fake_score_scheduler.load_state_dict(state["fake_score_scheduler"])
+        set_base_lr(generator_scheduler, config.lr)  # a new --lr takes effect, not only in config.yaml
+        set_base_lr(fake_score_scheduler, config.fake_lr)
         loop.load_state_dict(state["loop"])
         data_rng.set_state(state["data_rng"])
         if ema is not None and (checkpoint / f"{GENERATOR}_ema.safetensors").is_file():
@@ -425,8 +475,10 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
     bar = tqdm(
         total=config.max_steps, initial=loop.step, desc="DMD2", unit="it", disable=not accelerator.is_main_process
     )
-    if config.validate_every and loop.step == 0 and accelerator.is_main_process:
-        validator.run(loop.step)
+    if validation_missed(run_dir, loop.step, config.validate_every) and accelerator.is_main_process:
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # step 0, or a grid a kill lost
+            validator.run(loop.step)
+    interrupts.arm()
     stopped = False
     shown: dict[str, str] = {}
     while loop.step < config.max_steps and not stopped:
@@ -453,6 +505,13 @@ def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None) -> P
                 validator.run(step, writer)
         if on_step is not None and on_step(step, metrics):
             stopped = True
+        if interrupts.stop_requested(world, device) and step < config.max_steps:  # else the run ends now anyway
+            if not checkpoint_path(run_dir, step).is_dir():
+                checkpoint_now()
+            bar.close()
+            if writer is not None:
+                writer.close()
+            raise interrupts.interrupted(run_dir, step)
     bar.close()
     accelerator.wait_for_everyone()
     if world > 1:
