@@ -2,21 +2,43 @@
 
 Each subcommand lives in ``commands/<name>.py`` with ``register(subparsers)`` (and an ``ORDER`` for ``--help``);
 they are discovered here and import their heavy dependencies only when they run.
+
+Every error a user can cause reaches them as one line on stderr and a non-zero exit status, never a traceback:
+argparse errors included (:class:`OneLineParser`), and failed writes (:func:`write_failures`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
+import os
 import pkgutil
+import re
+import shutil
 import sys
 from pathlib import Path
 
 from . import __version__
+from .training.interrupts import RunInterrupted
 
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage is one ``--help`` away) with exit status 2, and the help
+    of a required option says so."""
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("required") and "required" not in kwargs.get("help", ""):
+            kwargs["help"] = f"{kwargs.get('help', '')} (required)".strip()
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def out_dir(path: str) -> Path:
@@ -28,10 +50,81 @@ def out_dir(path: str) -> Path:
     return out
 
 
+# ------------------------------------------------------------------------------------------ failed writes
+_FIXES = {
+    errno.ENOSPC: "free some space or choose another location",
+    errno.EDQUOT: "free some space or choose another location",
+    errno.EROFS: "choose a writable location",
+    errno.EACCES: "choose a writable location or fix its permissions",
+    errno.EPERM: "choose a writable location or fix its permissions",
+    errno.ENOTDIR: "a file is in the way of a folder; choose another location",
+    errno.EEXIST: "a file is in the way of a folder; choose another location",
+}
+
+
+def _errno_of(error: BaseException, location: Path) -> int | None:
+    """The errno of a failed write: OSError's own, the one safetensors quotes, or ENOSPC when the disk is full.
+
+    torch.save reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] ...`` without one.
+    """
+    if isinstance(error, OSError):
+        return error.errno
+    quoted = re.search(r"os error (\d+)", str(error))
+    if quoted:
+        return int(quoted.group(1))
+    existing = next((p for p in (location, *location.parents) if p.exists()), None)
+    if existing is not None and shutil.disk_usage(existing).free == 0:
+        return errno.ENOSPC
+    return None
+
+
+def _is_write_failure(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    if type(error).__name__ == "SafetensorError":
+        return "I/O error" in text
+    return isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)
+
+
+@contextlib.contextmanager
+def write_failures(location: Path, then=lambda: ""):
+    """Turn a failed write under ``location`` (disk full, read-only, no permission) into a one-line UserError.
+
+    ``then()`` is appended when not empty, e.g. how to continue a run whose last complete checkpoint is kept.
+    """
+    try:
+        yield
+    except (UserError, RunInterrupted):
+        raise
+    except Exception as error:
+        if not _is_write_failure(error):
+            raise
+        code = _errno_of(error, Path(location))
+        reason = os.strerror(code).lower() if code else one_line(error)
+        path = getattr(error, "filename", None) or location
+        fix = _FIXES.get(code, "check that it is writable and has space")
+        after = then()
+        raise UserError(f"cannot write {path}: {reason}; {fix}{'; ' + after if after else ''}") from None
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its class name if it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError nobody caught closer to its cause: the file, the reason, a fix where known."""
+    reason = one_line(error) if error.strerror is None else error.strerror
+    where = f"{error.filename}: " if error.filename else ""
+    fix = _FIXES.get(error.errno)
+    return f"{where}{reason}{'; ' + fix if fix else ''}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import commands
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fewstep",
         description="Distil Stable Diffusion models into one-step and few-step generators (DMD2 on one shared base).",
     )
@@ -43,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """A progress bar left open by the loop an error came from would put the error on the bar's line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -50,10 +150,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as error:
-        print(f"fewstep {args.command}: error: {error}", file=sys.stderr)
+        try:
+            args.func(args)
+        finally:
+            _close_progress_bars()
+    except (UserError, ValueError) as error:
+        print(f"fewstep {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"fewstep {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
+    except RunInterrupted as interrupted:
+        print(f"fewstep {args.command}: {interrupted}", file=sys.stderr)
+        return interrupted.exit_code
     except KeyboardInterrupt:
         print(f"fewstep {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -275,6 +275,7 @@ def run(args) -> dict:
     for layout in layouts:
         print(f"fewstep bench memory: measuring the {layout} layout in a subprocess ...", flush=True)
         results[layout] = _run_subprocess(layout, settings, args.timeout)
+        print(f"fewstep bench memory: {layout}: {json.dumps(results[layout])}", flush=True)  # survives a cut-short run
     measured = all("peak_gb" in results.get(k, {}) for k in ("shared", "reference"))
     ratio = results["shared"]["peak_gb"] / results["reference"]["peak_gb"] if measured else None
     time_ratio = (

@@ -8,9 +8,17 @@ ORDER = 20
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..cli import write_failures
     from ..training.export import export_run
 
-    for path in export_run(args.run_dir, args.format, args.checkpoint, args.out):
+    out = Path(args.out) if args.out else Path(args.run_dir) / "lora"
+    with write_failures(out):
+        if args.out:
+            out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, not after loading the UNet
+        written = export_run(args.run_dir, args.format, args.checkpoint, args.out)
+    for path in written:
         print(f"fewstep: wrote {path}")
 
 

@@ -10,17 +10,21 @@ ORDER = 25
 
 
 def cmd_push(args: argparse.Namespace) -> None:
+    from ..cli import UserError, write_failures
     from ..training.hub import build_upload_folder, upload
 
+    if args.folder and not args.dry_run:
+        raise UserError("--folder only applies with --dry-run (a push builds its folder in a temporary directory)")
     if args.dry_run:
         folder = Path(args.folder) if args.folder else Path(tempfile.mkdtemp(prefix="fewstep-push-"))
-        build_upload_folder(args.run_dir, args.repo_id, folder, args.base_model, args.license)
+        with write_failures(folder):
+            build_upload_folder(args.run_dir, args.repo_id, folder, args.base_model, args.license)
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             print(f"  {path.relative_to(folder)} ({path.stat().st_size:,} bytes)")
         print(f"fewstep push --dry-run: nothing uploaded; the folder for {args.repo_id} is")
         print(folder)
         return
-    with tempfile.TemporaryDirectory(prefix="fewstep-push-") as temporary:
+    with tempfile.TemporaryDirectory(prefix="fewstep-push-") as temporary, write_failures(Path(temporary)):
         folder = build_upload_folder(args.run_dir, args.repo_id, Path(temporary) / "upload", args.base_model, args.license)
         url = upload(folder, args.repo_id, private=args.private)
     print(f"fewstep push: uploaded {args.run_dir} to {url}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import UserError, out_dir
+from ..cli import UserError, out_dir, write_failures
 
 ORDER = 30
 
@@ -76,7 +76,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError(f"--num-images must be ≥ 1, got {args.num_images}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
-    out = out_dir(args.out)
+    with write_failures(Path(args.out)):
+        out = out_dir(args.out)
 
     pipe = load_pipeline(teacher, device, dtype)
     pipe.load_lora_weights(args.lora)
@@ -105,7 +106,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     for index, image in enumerate(result.images):
         prompt_index, image_index = divmod(index, args.num_images)
         path = out / f"sample-s{args.seed}-p{prompt_index:02d}-{image_index:02d}.png"
-        image.save(path)
+        with write_failures(path):
+            image.save(path)
         print(path)
 
 
@@ -126,7 +128,7 @@ def register(sub) -> None:
     parser.add_argument("--distillpp-steps", type=int, default=1, help="teacher-guided steps K (default %(default)s)")
     parser.add_argument("--teacher-guidance-scale", type=float, default=7.5, help="teacher CFG w (default %(default)s)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     parser.add_argument("--resolution", type=int, help="image size (default: the run's, else the model's)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+from pathlib import Path
 
 ORDER = 10
 
@@ -16,6 +18,8 @@ Methods:
   progressive  Progressive Distillation: rounds that halve the DDIM steps (--start-steps → --end-steps); the
                previous round's student is a frozen adapter; every round's LoRA goes to RUN_DIR/lora/steps-N/.
 Every option can also be set in --config FILE.yaml; the command line wins. An option of another method is refused.
+A run directory holds one run: continue it with --resume (SIGINT and SIGTERM stop after a checkpoint and print that
+command), or replace it with --overwrite.
 """
 
 
@@ -36,38 +40,54 @@ def refuse_other_methods_options(method: str, given: set[str]) -> None:
         raise UserError(f"{flag} is an option of --method {' / '.join(owners)}, not of --method {method}; drop it")
 
 
-def _method_name(args: argparse.Namespace) -> str:
+def _method_name(args: argparse.Namespace, output: str | None) -> str:
     """--method as given; on --resume without it, the method the run was started with (RUN_DIR/method)."""
-    from pathlib import Path
+    from ..training.trainer import METHOD_FILE
 
     if args.method is not None:
         return args.method
-    saved = Path(args.output) / "method" if getattr(args, "output", None) else None
+    saved = Path(output) / METHOD_FILE if output else None
     if args.resume and saved is not None and saved.is_file():
         return saved.read_text().strip()
     return "dmd2"
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from ..cli import UserError
-    from ..training.config import load_yaml
+    from ..cli import UserError, write_failures
+    from ..training.config import build_config, load_yaml
     from ..training.methods import get_method
-    from ..training.trainer import TrainingError, make_config, train
+    from ..training.run_dir import checkpoints_of
+    from ..training.trainer import TrainingError, check_method, train
 
-    method = get_method(_method_name(args))
     all_fields = set().union(*_method_fields().values())
     cli = {k: v for k, v in vars(args).items() if k in all_fields}
+    layers, sources = [load_yaml(args.config)] if args.config else [], [args.config] if args.config else []
+    output = cli.get("output") or next((layer["output"] for layer in layers if layer.get("output")), None)
+    method = get_method(_method_name(args, output))
     refuse_other_methods_options(method.key, set(cli))
-    if args.resume and args.config is None and cli.get("output"):
-        # A resumed run keeps its saved options; the command line may still change some (e.g. --max-steps).
-        saved = Path(cli["output"]) / "config.yaml"
+    if args.resume:
+        # A resumed run keeps its saved options; the config file and command line may change some (--max-steps).
+        if not output:
+            raise UserError("--resume needs --output RUN_DIR, the run to continue")
+        try:
+            check_method(Path(output), method)  # before its saved options are read as this method's
+        except TrainingError as error:
+            raise UserError(str(error)) from None
+        checkpoints = checkpoints_of(Path(output))
+        saved = (checkpoints[-1] if checkpoints else Path(output)) / "config.yaml"
         if saved.is_file():
-            cli = {**load_yaml(saved), **cli}
+            layers, sources = [load_yaml(saved), *layers], [str(saved), *sources]
+    config = build_config(method.config_class, *layers, cli, sources=(*sources, None))
+    run_dir = Path(config.output or ".")
+
+    def resume_hint() -> str:
+        if not checkpoints_of(run_dir):
+            return ""
+        return f"the last complete checkpoint is kept: fewstep train --output {shlex.quote(str(run_dir))} --resume"
+
     try:
-        config = make_config(method.config_class, cli, args.config)
-        run_dir = train(method, config, resume=args.resume)
+        with write_failures(run_dir, then=resume_hint):
+            run_dir = train(method, config, resume=args.resume, overwrite=args.overwrite)
     except TrainingError as error:
         raise UserError(str(error)) from None
     print(f"fewstep: run finished: {run_dir}")
@@ -90,7 +110,15 @@ def register(sub) -> None:
         help="distillation method (default: dmd2; with --resume: the run's own)",
     )
     train.add_argument("--config", default=None, help="YAML file of options (keys as below, - or _)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its last checkpoint, with its saved options and method (--max-steps, "
+        "--lr and the other options that may change can be given again)",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="start a new run in an --output that holds one (deletes the old run)"
+    )
     names = lambda cls: {f.name for f in dataclasses.fields(cls)}
     common = names(DMD2TrainConfig) & names(DMDTrainConfig) & names(ProgressiveTrainConfig)
     distribution_matching = (names(DMD2TrainConfig) & names(DMDTrainConfig)) - common

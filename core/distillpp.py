@@ -5,7 +5,12 @@ Per guided step i at student timestep t_i:
   2. x̂0_θ is re-noised with fresh noise to s = t_{i+1}, the next student timestep (the paper's best choice;
      on the last step there is no next one and s = t_i, the paper's "s = t" variant);
   3. the teacher, with CFG, denoises that to x̂0_ψ(s);
-  4. the proximal step of the SDS loss in closed form: x̂0 ← lerp(x̂0_θ, x̂0_ψ, λ).
+  4. the correction, by one of two rules (``rule``):
+     - ``"x0_lerp"`` (the paper): the proximal step of the SDS loss in closed form, x̂0 ← lerp(x̂0_θ, x̂0_ψ, λ);
+     - ``"eps_mix"`` (the authors' code for DMD2 students): the noise predictions are mixed,
+       ε ← ε_θ(x_t) + λ·(ε_ψ(x_s) − ε_θ(x_t)), and x̂0 is recomputed from the current x_t:
+       x̂0 ← x̂0_θ − λ·(σ_t/α_t)·(ε_ψ − ε_θ). In x0 terms that is about a lerp of weight λ·√(SNR_s/SNR_t):
+       ≈ 3.6·λ on the step 999 → 749 of SD's schedule, so its λ is several times smaller than x0_lerp's.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ import torch
 from .sampling import Denoiser, Generators, Refiner, randn_like, sample_few_step
 from .schedule import NoiseSchedule
 
+RULES = ("x0_lerp", "eps_mix")  # the paper's x0 proximal step; the authors' code's noise-prediction mix
 
-def check_teacher_guidance(lam: float, guided_steps: int) -> None:
+
+def check_teacher_guidance(lam: float, guided_steps: int, rule: str = "x0_lerp") -> None:
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"teacher guidance λ must be in [0, 1], got {lam}")
     if guided_steps < 0:
         raise ValueError(f"teacher-guided steps must be ≥ 0, got {guided_steps}")
+    if rule not in RULES:
+        raise ValueError(f"teacher guidance rule must be one of {', '.join(RULES)}, got {rule!r}")
 
 
 def distillpp_refine(
@@ -30,11 +39,27 @@ def distillpp_refine(
     lam: float,
     schedule: NoiseSchedule,
     generator: Generators = None,
+    rule: str = "x0_lerp",
+    x_t: torch.Tensor | None = None,
+    t: int | None = None,
 ) -> torch.Tensor:
-    """One Distillation++ refinement: ``lerp(x̂0_θ, teacher(add_noise(x̂0_θ, ε, s), s), λ)``."""
+    """One Distillation++ refinement of the student's x̂0_θ(x_t, t) with the teacher at x_s = add_noise(x̂0_θ, ε, s).
+
+    ``x0_lerp``: ``lerp(x̂0_θ, x̂0_ψ, λ)``. ``eps_mix``: ``x̂0_θ − λ·(σ_t/α_t)·(ε_ψ − ε_θ)`` with
+    ε_θ = ε(x̂0_θ; x_t, t) and ε_ψ = ε(x̂0_ψ; x_s, s); it needs the student's input ``x_t`` and ``t``.
+    """
     x_s = schedule.add_noise(x0_student, randn_like(x0_student, generator), s)
-    x0_teacher = teacher(x_s, s)
-    return torch.lerp(x0_student, x0_teacher.to(x0_student.dtype), lam)
+    x0_teacher = teacher(x_s, s).to(x0_student.dtype)
+    if rule == "x0_lerp":
+        return torch.lerp(x0_student, x0_teacher, lam)
+    if rule != "eps_mix":
+        raise ValueError(f"teacher guidance rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if x_t is None or t is None:
+        raise ValueError("the eps_mix rule needs the student's input x_t and its timestep t")
+    eps_student = schedule.eps_from_x0(x0_student, x_t, t)
+    eps_teacher = schedule.eps_from_x0(x0_teacher, x_s, s)
+    alpha_t, sigma_t = schedule.coefficients(t, x0_student)
+    return x0_student - lam * (sigma_t / alpha_t) * (eps_teacher - eps_student)
 
 
 def distillpp_refiner(
@@ -44,17 +69,18 @@ def distillpp_refiner(
     guided_steps: int,
     schedule: NoiseSchedule,
     generator: Generators = None,
+    rule: str = "x0_lerp",
 ) -> Refiner | None:
     """The sampler hook that applies :func:`distillpp_refine` on the first ``guided_steps`` steps (None if idle)."""
-    check_teacher_guidance(lam, guided_steps)
+    check_teacher_guidance(lam, guided_steps, rule)
     if lam == 0.0 or guided_steps == 0:
         return None
 
-    def refine(x0: torch.Tensor, i: int, t: int) -> torch.Tensor:
+    def refine(x0: torch.Tensor, i: int, t: int, x_t: torch.Tensor) -> torch.Tensor:
         if i >= guided_steps:
             return x0
         s = timesteps[i + 1] if i + 1 < len(timesteps) else t
-        return distillpp_refine(x0, teacher, s, lam, schedule, generator)
+        return distillpp_refine(x0, teacher, s, lam, schedule, generator, rule, x_t, t)
 
     return refine
 
@@ -68,7 +94,8 @@ def sample_distillpp(
     lam: float,
     guided_steps: int = 1,
     generator: Generators = None,
+    rule: str = "x0_lerp",
 ) -> torch.Tensor:
     """Few-step student sampling with Distillation++ on the first ``guided_steps`` steps."""
-    refine = distillpp_refiner(teacher, timesteps, lam, guided_steps, schedule, generator)
+    refine = distillpp_refiner(teacher, timesteps, lam, guided_steps, schedule, generator, rule)
     return sample_few_step(student, noise, timesteps, schedule, generator, refine=refine)

@@ -13,8 +13,9 @@ import torch
 from .schedule import NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
-# refine(x0, step_index, t) -> x0: a hook applied to the student's x0 before the next step (Distillation++).
-Refiner = Callable[[torch.Tensor, int, int], torch.Tensor]
+# refine(x0, step_index, t, x_t) -> x0: a hook on the student's x0 (from input x_t) before the next step
+# (Distillation++).
+Refiner = Callable[[torch.Tensor, int, int, torch.Tensor], torch.Tensor]
 
 
 Generators = torch.Generator | list[torch.Generator] | None
@@ -59,7 +60,7 @@ def sample_few_step(
     for i, t in enumerate(timesteps):
         x0 = denoise(x, t)
         if refine is not None:
-            x0 = refine(x0, i, t)
+            x0 = refine(x0, i, t, x)
         if callback is not None:
             callback(i, t, x0)
         if i + 1 < len(timesteps):

@@ -359,7 +359,8 @@ def teacher_config_from_file(path: str | Path | None = None, seed: int | None = 
         fields = load_yaml(path)
         if fields.get("kind") == "digits-teacher":
             fields = fields["config"]
-    return build_config(DigitsTeacherConfig, fields, {} if seed is None else {"seed": seed})
+    seeds = {} if seed is None else {"seed": seed}
+    return build_config(DigitsTeacherConfig, fields, seeds, sources=(None if path is None else str(path), None))
 
 
 def digits_teacher(

@@ -146,8 +146,8 @@ def _distillpp_inputs() -> list[io.Input]:
         io.Conditioning.Input("negative", tooltip="The teacher's negative prompt (its CFG)."),
         io.Float.Input(
             "teacher_guidance", default=0.05, min=0.0, max=1.0, step=0.01,
-            tooltip="λ: x0 ← (1 − λ)·student + λ·teacher on the guided steps. 0 = the student alone. "
-            "The paper's DMD2 settings are 0.01–0.1.",
+            tooltip="λ: how much the teacher corrects the student on the guided steps (see rule). 0 = the student "
+            "alone. The paper's DMD2 settings are 0.01–0.1.",
         ),
         io.Int.Input("guided_steps", default=1, min=0, max=1000,
                      tooltip="How many of the first steps the teacher refines (1–2 in the paper)."),
@@ -155,8 +155,17 @@ def _distillpp_inputs() -> list[io.Input]:
     ]  # fmt: skip
 
 
-def _distillpp_guider(student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg):
-    guider = Guider_DistillationPP(student, teacher, teacher_guidance, guided_steps, teacher_cfg)
+def _rule_input() -> io.Input:
+    return io.Combo.Input(
+        "rule", options=["x0_lerp", "eps_mix"], default="x0_lerp", optional=True,
+        tooltip="x0_lerp (the paper): x0 ← (1 − λ)·student + λ·teacher. eps_mix (the authors' code): the noise "
+        "predictions are mixed, ε ← ε_student + λ·(ε_teacher − ε_student), and x0 is recomputed; it weighs the teacher "
+        "about 3.6× more on SD's first step, so use a smaller λ (their DMD2 setting: 0.01, 2 guided steps).",
+    )  # fmt: skip
+
+
+def _distillpp_guider(student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule):
+    guider = Guider_DistillationPP(student, teacher, teacher_guidance, guided_steps, teacher_cfg, rule or "x0_lerp")
     guider.set_conds(positive, negative)
     return guider
 
@@ -171,15 +180,17 @@ class DistillationPPGuider(io.ComfyNode):
             description="Distillation++ (Park et al. 2024): on the first steps the teacher, with CFG, refines the "
             "student's x0. Runs the teacher's own weights even when the student is the teacher + a LoRA. "
             "Use with FewStep Sampler and FewStep Scheduler in SamplerCustomAdvanced.",
-            inputs=_distillpp_inputs(),
+            inputs=[*_distillpp_inputs(), _rule_input()],
             outputs=[io.Guider.Output()],
         )
 
     @classmethod
     def execute(
-        cls, student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg
+        cls, student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule=None
     ) -> io.NodeOutput:
-        guider = _distillpp_guider(student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg)
+        guider = _distillpp_guider(
+            student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule
+        )
         return io.NodeOutput(guider)
 
 
@@ -198,20 +209,23 @@ class DistillationPPKSampler(io.ComfyNode):
                              tooltip="Seeds the initial noise and all noise added later."),
                 _steps_input(),
                 _first_timestep_input(),
+                _rule_input(),
             ],  # fmt: skip
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
-    def validate_inputs(cls, steps, first_timestep) -> bool | str:
+    def validate_inputs(cls, steps, first_timestep, **_) -> bool | str:
         return _timesteps_problem(steps, first_timestep)
 
     @classmethod
     def execute(
         cls, student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, latent_image, seed,
-        steps, first_timestep,
+        steps, first_timestep, rule=None,
     ) -> io.NodeOutput:  # fmt: skip
-        guider = _distillpp_guider(student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg)
+        guider = _distillpp_guider(
+            student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule
+        )
         sigmas = _sigmas(student, steps, first_timestep)
         return io.NodeOutput(sample_latent(guider, FewStepKSAMPLER(), sigmas, latent_image, seed))
 

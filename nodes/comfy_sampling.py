@@ -152,12 +152,15 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
 
     The student runs at CFG 1 on ``positive``; on each of the first ``guided_steps`` steps its x0 is re-noised to
     the next step's timestep and denoised by the teacher with CFG ``teacher_cfg`` (``fewstep.core.distillpp``),
-    and ``x0 ← lerp(x0_student, x0_teacher, λ)``. The teacher's own weights run even when the student is the teacher
+    and ``x0 ← lerp(x0_student, x0_teacher, λ)`` (rule ``x0_lerp``) or the noise predictions are mixed (``eps_mix``). The teacher's own weights run even when the student is the teacher
     plus a LoRA (see :func:`student_patches_hook`); a student with separate weights loads next to the teacher.
     """
 
-    def __init__(self, student, teacher, teacher_guidance: float, guided_steps: int, teacher_cfg: float):
-        check_teacher_guidance(teacher_guidance, guided_steps)
+    def __init__(
+        self, student, teacher, teacher_guidance: float, guided_steps: int, teacher_cfg: float, rule: str = "x0_lerp"
+    ):
+        check_teacher_guidance(teacher_guidance, guided_steps, rule)
+        self.rule = rule
         if teacher_cfg < 0:
             raise ValueError(f"teacher CFG must be ≥ 0, got {teacher_cfg}")
         if model_family(student) != model_family(teacher):
@@ -208,9 +211,12 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
         generator = model_options.get(GENERATOR_OPTION, self.run_generator)
         refine = distillpp_refiner(
             self.teacher_denoiser(model_options, seed), self.timesteps, self.teacher_guidance, self.guided_steps,
-            self.schedule, generator,
+            self.schedule, generator, self.rule,
         )  # fmt: skip
-        return x0 if refine is None else refine(x0, self.timesteps.index(t), t)
+        if refine is None:
+            return x0
+        alpha_t, _ = self.schedule.coefficients(t, x)  # ComfyUI's x is x_t / α_t (VE scaling); the rule wants x_t
+        return refine(x0, self.timesteps.index(t), t, x * alpha_t)
 
     def teacher_denoiser(self, model_options, seed):
         """The teacher with CFG as fewstep's ``denoise(x_t, t) -> x0``."""

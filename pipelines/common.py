@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..core.distillpp import RULES as TEACHER_GUIDANCE_RULES
 from ..core.sampling import Denoiser, cfg
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from ..training.lora_io import DIFFUSERS_LORA_WEIGHT_NAME, lora_family_of_state_dict
@@ -34,7 +35,9 @@ def few_step_timesteps(num_inference_steps: int, timesteps, num_train_timesteps:
     return student_timesteps(int(num_inference_steps), num_train_timesteps)
 
 
-def check_teacher_inputs(teacher_guidance: float, teacher_guided_steps: int, teacher_guidance_scale: float) -> None:
+def check_teacher_inputs(
+    teacher_guidance: float, teacher_guided_steps: int, teacher_guidance_scale: float, rule: str = "x0_lerp"
+) -> None:
     """Distillation++ settings: λ in [0, 1], K ≥ 0 guided steps, teacher CFG scale w ≥ 0."""
     if not 0.0 <= float(teacher_guidance) <= 1.0:
         raise ValueError(f"teacher_guidance (Distillation++ λ) must be in [0, 1], got {teacher_guidance!r}")
@@ -42,6 +45,8 @@ def check_teacher_inputs(teacher_guidance: float, teacher_guided_steps: int, tea
         raise ValueError(f"teacher_guided_steps must be an integer ≥ 0, got {teacher_guided_steps!r}")
     if float(teacher_guidance_scale) < 0:
         raise ValueError(f"teacher_guidance_scale must be ≥ 0, got {teacher_guidance_scale!r}")
+    if rule not in TEACHER_GUIDANCE_RULES:
+        raise ValueError(f"teacher_guidance_rule must be one of {', '.join(TEACHER_GUIDANCE_RULES)}, got {rule!r}")
 
 
 def uses_teacher(teacher_guidance: float, teacher_guided_steps: int) -> bool:
@@ -228,9 +233,9 @@ def step_hook(pipe, refine, callback_on_step_end, tensor_inputs, tensors: Mappin
     the result); a ``latents`` it returns replaces that estimate. Other tensors are passed read-only.
     """
 
-    def on_step(x0: torch.Tensor, i: int, t: int) -> torch.Tensor:
+    def on_step(x0: torch.Tensor, i: int, t: int, x_t: torch.Tensor) -> torch.Tensor:
         if refine is not None:
-            x0 = refine(x0, i, t)
+            x0 = refine(x0, i, t, x_t)
         if callback_on_step_end is not None:
             kwargs = {name: x0 if name == "latents" else tensors[name] for name in tensor_inputs}
             outputs = callback_on_step_end(pipe, i, t, kwargs) or {}

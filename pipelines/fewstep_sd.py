@@ -101,6 +101,7 @@ class FewStepSDPipeline(StableDiffusionPipeline):
         teacher_guidance: float = 0.0,
         teacher_guided_steps: int = 1,
         teacher_guidance_scale: float = 7.5,
+        teacher_guidance_rule: str = "x0_lerp",
     ):
         """Generate images with the few-step student.
 
@@ -112,9 +113,12 @@ class FewStepSDPipeline(StableDiffusionPipeline):
             negative_prompt: used by whichever CFG runs (the student's when ``guidance_scale > 1``, the teacher's
                 under Distillation++); ignored with a warning when neither does.
             latents: the initial noise (unit variance; it is not scaled by the scheduler's ``init_noise_sigma``).
-            teacher_guidance: Distillation++ λ in [0, 1]: x̂0 ← lerp(x̂0_student, x̂0_teacher, λ); 0 = off.
+            teacher_guidance: Distillation++ λ in [0, 1]; 0 = off. What it weighs depends on the rule.
             teacher_guided_steps: the first K student steps get teacher guidance.
             teacher_guidance_scale: the teacher's CFG scale w.
+            teacher_guidance_rule: "x0_lerp" (the paper: x̂0 ← lerp(x̂0_student, x̂0_teacher, λ)) or "eps_mix" (the
+                authors' code: ε ← ε_student + λ·(ε_teacher − ε_student), x̂0 recomputed from x_t; about 3.6× the
+                x0 weight on SD's first step, so use a smaller λ, e.g. 0.01).
             callback_on_step_end: ``fn(pipe, step, timestep, tensors) -> dict`` after each step; ``tensors["latents"]``
                 is the step's x0 estimate and a returned ``"latents"`` replaces it.
         Returns:
@@ -132,7 +136,7 @@ class FewStepSDPipeline(StableDiffusionPipeline):
             callback_on_step_end_tensor_inputs,
         )  # fmt: skip
         student_steps = few_step_timesteps(num_inference_steps, timesteps, schedule.num_train_timesteps)
-        check_teacher_inputs(teacher_guidance, teacher_guided_steps, teacher_guidance_scale)
+        check_teacher_inputs(teacher_guidance, teacher_guided_steps, teacher_guidance_scale, teacher_guidance_rule)
         teacher = uses_teacher(teacher_guidance, teacher_guided_steps)
         teacher_unet, teacher_context = teacher_unet_and_context(self) if teacher else (None, None)
         self._guidance_scale = guidance_scale
@@ -189,7 +193,8 @@ class FewStepSDPipeline(StableDiffusionPipeline):
         if teacher:
             teacher_denoise = unet_denoiser(teacher_unet, schedule, cond, uncond, teacher_guidance_scale, teacher_context)
             refine = distillpp_refiner(
-                teacher_denoise, student_steps, float(teacher_guidance), teacher_guided_steps, schedule, generator
+                teacher_denoise, student_steps, float(teacher_guidance), teacher_guided_steps, schedule, generator,
+                teacher_guidance_rule,
             )
 
         # 7. Few-step sampling loop (fewstep.core)

@@ -13,6 +13,18 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def library_log_handlers_on_the_session_stderr():
+    """diffusers and transformers make their log handler on first use, bound to the sys.stderr of that moment. If
+    that moment is inside a test that captures stderr (capsys), the stream is closed after it and every later
+    warning prints a "--- Logging error ---" traceback into another test's stderr. Make them now instead."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.get_logger("diffusers")
+    transformers_logging.get_logger("transformers")
+
+
 # Fabricated base pipelines and run directories shared by the pipeline and push tests (see fake_runs.py).
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):

@@ -209,6 +209,16 @@ def test_distillpp_lambda_zero_is_plain_sampling_and_lambda_positive_differs(stu
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_distillpp_eps_mix_rule_differs_from_x0_lerp_and_unknown_rules_are_refused(students, family):
+    pipe = students[family]
+    run = lambda rule: pipe(PROMPT, num_inference_steps=4, generator=seeded(), teacher_guidance=0.3,
+                            teacher_guidance_rule=rule, output_type="pt").images  # fmt: skip
+    assert (run("eps_mix") - run("x0_lerp")).abs().max().item() > 1e-4
+    with pytest.raises(ValueError, match="teacher_guidance_rule"):
+        run("lerp")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_distillpp_teacher_is_the_base_unet_with_the_lora_disabled(bases, students, family):
     """Every teacher call runs with the adapters off and returns exactly the base UNet's x0; the student calls
     around it run with the LoRA on, and the LoRA's requires_grad flags are left as they were."""

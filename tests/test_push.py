@@ -243,3 +243,54 @@ def test_push_uploads_with_create_repo_and_upload_folder(runs, fake_hub, tmp_pat
     assert files["pipeline.py"].decode() == pushed_code("sdxl")["pipeline.py"]
     assert files["fewstep_comfyui.safetensors"] == (run / "lora" / "fewstep_comfyui.safetensors").read_bytes()
     assert b"base_model: stabilityai/stable-diffusion-xl-base-1.0" in files["README.md"]
+
+
+# ------------------------------------------------------------------------------------------ no local paths, no tracebacks
+def test_pushed_config_carries_no_local_paths_and_the_card_says_so(bases, tmp_path, capsys):
+    run = make_run_dir("sd15", tmp_path / "run", str(bases["sd15"]))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config.update(prompts="/home/alice/private/prompts.txt", images="/home/alice/private/cats")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    folder = dry_run(run, tmp_path / "upload", capsys, "--base-model", BASE_MODELS["sd15"])
+    published = yaml.safe_load((folder / "config.yaml").read_text())
+    assert published["prompts"] == "prompts.txt" and published["images"] == "cats"
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".md", ".json"):
+            text = path.read_text()
+            assert "/home/alice" not in text and str(tmp_path) not in text and str(bases["sd15"]) not in text, path
+    assert "Local paths are left out" in (folder / "README.md").read_text()
+
+
+def test_push_folder_that_is_a_file_is_one_line(runs, tmp_path, capsys):
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    code = main(["push", str(runs["sd15"]), "--repo-id", REPO_ID, "--base-model", BASE_MODELS["sd15"], "--dry-run",
+                 "--folder", str(file)])  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1 and f"--folder '{file}' is a file" in error
+
+
+def test_push_without_network_names_the_host(runs, capsys, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as unused:  # a port nothing listens on: connections are refused at once
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    code = main(["push", str(runs["sd15"]), "--repo-id", REPO_ID, "--base-model", BASE_MODELS["sd15"]])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1, error
+    assert f"could not reach http://127.0.0.1:{port}" in error and "check the network connection" in error
+    assert TOKEN not in error
+
+
+def test_push_advice_for_a_missing_lora_file_names_the_export_that_writes_it(bases, tmp_path, capsys):
+    run = make_run_dir("sd15", tmp_path / "run", str(bases["sd15"]))
+    (run / "lora" / "pytorch_lora_weights.safetensors").unlink()
+    assert main(["push", str(run), "--repo-id", REPO_ID, "--dry-run"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"`fewstep export {run} --format diffusers`" in error and "comfyui" not in error

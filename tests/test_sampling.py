@@ -115,3 +115,52 @@ def test_distillpp_with_lambda_zero_equals_plain_sampling():
 def test_distillpp_rejects_lambda_outside_unit_interval(lam):
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         sample_distillpp(lambda x, t: x, lambda x, t: x, torch.zeros(1, 2), [999], SCHEDULE, lam)
+
+
+# ------------------------------------------------------------------ Distillation++'s eps_mix rule (the authors' code)
+def test_eps_mix_mixes_noise_predictions_and_recomputes_x0_from_the_student_input():
+    x_t, x0_student, t, s = torch.randn(2, 4), torch.randn(2, 4), 999, 749
+    x0_teacher = torch.randn(2, 4)
+    seen = {}
+
+    def teacher(x_s, step):
+        seen["x_s"] = x_s
+        return x0_teacher
+
+    out = distillpp_refine(x0_student, teacher, s, 0.2, SCHEDULE, torch.Generator().manual_seed(0), "eps_mix", x_t, t)
+    # By hand: ε_S from the student's x0 at x_t, ε_T from the teacher's at x_s; mix; x0 from x_t with the mix.
+    a_t, s_t = SCHEDULE.coefficients(t, x_t)
+    a_s, s_s = SCHEDULE.coefficients(s, x_t)
+    eps_student = (x_t - a_t * x0_student) / s_t
+    eps_teacher = (seen["x_s"] - a_s * x0_teacher) / s_s
+    eps = eps_student + 0.2 * (eps_teacher - eps_student)
+    torch.testing.assert_close(out, (x_t - s_t * eps) / a_t)
+
+
+def test_eps_mix_with_lambda_zero_keeps_the_student_and_lambda_one_takes_the_teacher_noise():
+    x_t, x0_student = torch.randn(1, 4), torch.randn(1, 4)
+    teacher = lambda x_s, step: torch.zeros_like(x_s)
+    zero = distillpp_refine(x0_student, teacher, 749, 0.0, SCHEDULE, torch.Generator().manual_seed(0), "eps_mix", x_t, 999)
+    torch.testing.assert_close(zero, x0_student)
+
+
+def test_eps_mix_weighs_the_teacher_by_about_sqrt_snr_ratio_on_the_first_step():
+    """In x0 terms eps_mix is a lerp of weight λ·√(SNR_s/SNR_t) (plus a noise term): ≈ 3.6·λ for 999 → 749."""
+    a_t, s_t = SCHEDULE.coefficients(999, torch.zeros(1))
+    a_s, s_s = SCHEDULE.coefficients(749, torch.zeros(1))
+    ratio = float((a_s / s_s) / (a_t / s_t))
+    assert 3.3 < ratio < 3.9
+    # The teacher says the image is 0 and the student's input is noise-free (ε_S = 0); the fresh noise of the
+    # re-noising averages out over many samples.
+    x0_student = torch.randn(20000, 4, generator=torch.Generator().manual_seed(0))
+    teacher = lambda x_s, step: torch.zeros_like(x_s)
+    x_t = SCHEDULE.add_noise(x0_student, torch.zeros_like(x0_student), 999)  # noise-free input: ε_S = 0
+    out = distillpp_refine(x0_student, teacher, 749, 0.01, SCHEDULE, torch.Generator().manual_seed(1), "eps_mix", x_t, 999)
+    # x̂0_new = x̂0_S − λ(σ_t/α_t)·ε_T with ε_T = x_s/σ_s = (α_s x̂0_S + σ_s ε)/σ_s: the x̂0_S part shrinks by λ·ratio.
+    shrink = 1 - float(((out * x0_student).sum() / (x0_student * x0_student).sum()))
+    assert abs(shrink - 0.01 * ratio) < 0.01 * ratio * 0.1
+
+
+def test_an_unknown_teacher_guidance_rule_is_refused():
+    with pytest.raises(ValueError, match="x0_lerp, eps_mix"):
+        sample_distillpp(lambda x, t: x, lambda x, t: x, torch.zeros(1, 2), [999], SCHEDULE, 0.1, rule="x0")

@@ -299,7 +299,8 @@ def test_sdxl_checkpoint_cannot_resume_on_an_sd15_teacher(capsys, teachers, prom
         capsys, "--teacher", str(teachers["sd15", "epsilon"]), "--output", str(tmp_path / "run"),
         "--prompts", str(prompts), "--resume",
     )  # fmt: skip
-    assert "sdxl run" in err and "sd15 teacher" in err
+    assert f"--teacher {teachers['sd15', 'epsilon']} (the run has {teachers['sdxl', 'epsilon']})" in err
+    assert "cannot change on resume" in err
 
 
 def test_repeated_nan_losses_stop_the_run_with_a_message(teachers, prompts, tmp_path, monkeypatch):

@@ -125,7 +125,8 @@ def test_pairs_made_for_another_cfg_are_refused_in_one_line(teachers, prompts, t
     capsys.readouterr()  # the first run's progress bars
     args = ["train", "--method", "dmd", "--teacher", str(teachers["sd15", "epsilon"]), "--output",
             str(tmp_path / "run"), "--prompts", str(prompts), "--num-pairs", "6", "--pair-steps", "2",
-            "--guidance-scale", "3", "--max-steps", "1", "--gen-rank", "4", "--fake-rank", "4"]  # fmt: skip
+            "--guidance-scale", "3", "--max-steps", "1", "--gen-rank", "4", "--fake-rank", "4",
+            "--overwrite"]  # fmt: skip  (--overwrite keeps the pair cache, pairs/)
     assert main(args) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "guidance_scale: cached 1.75, this run 3.0" in error
@@ -220,9 +221,95 @@ def test_generator_gradients_with_checkpointing_equal_those_without(method):
     assert float((checkpointed - plain).norm() / plain.norm()) <= 1e-5
 
 
-def test_resume_from_the_cli_finds_the_runs_method(teachers, prompts, tmp_path):
+def test_resume_from_the_cli_finds_the_runs_method(teachers, prompts, tmp_path, capsys):
     run = tmp_path / "run"
-    train_progressive(config("progressive", teachers["sd15", "epsilon"], run, prompts, max_steps=2))
+    run_method("progressive", config("progressive", teachers["sd15", "epsilon"], run, prompts, max_steps=4), stop_at=2)
     assert (run / "method").read_text().strip() == "progressive"
-    assert main(["train", "--output", str(run), "--resume", "--max-steps", "3"]) == 0  # no --method: the run's own
-    assert (run / "checkpoints" / "step-0000003").is_dir()
+    assert main(["train", "--output", str(run), "--resume"]) == 0  # no --method: the run's own
+    assert (run / "checkpoints" / "step-0000004").is_dir()
+    capsys.readouterr()
+    # Another method is refused in one line; PD's rounds split --max-steps, so a resume cannot change it.
+    assert main(["train", "--method", "dmd", "--output", str(run), "--resume"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "is a --method progressive run" in error
+    assert main(["train", "--output", str(run), "--resume", "--max-steps", "6"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "--max-steps 6 (the run has 4) cannot change on resume" in error
+
+
+# ----------------------------------------------------------------------------------- run safety, every method
+def cli_args(method, teacher, prompts, run, *extra):
+    """``fewstep train`` arguments of a tiny DMD or PD run: 6 iterations, checkpoints and grids every 2."""
+    args = ["train", "--method", method, "--teacher", str(teacher), "--prompts", str(prompts), "--output", str(run),
+            "--max-steps", "6", "--gen-rank", "4", "--gen-alpha", "2", "--checkpoint-every", "2", "--validate-every",
+            "2", "--warmup-steps", "1", "--lr", "1e-3", "--num-pairs", "6", "--pair-steps", "2", "--batch-size", "2",
+            "--num-validation-prompts", "2"]  # fmt: skip
+    if method == "dmd":
+        args += ["--fake-rank", "4", "--fake-alpha", "4", "--ema-decay", "0.5"]
+    else:
+        args += ["--start-steps", "2", "--end-steps", "1"]
+    return [*args, *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_runs(teachers, prompts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    for method in ("dmd", "progressive"):
+        assert main(cli_args(method, teachers["sd15", "epsilon"], prompts, root / method)) == 0
+    return root
+
+
+# PD's round boundary is at iteration 3 (6 iterations, 2 rounds): stopped at 3, the resume crosses it.
+@pytest.mark.parametrize("stop", [3, 4])
+@pytest.mark.parametrize("method", ["dmd", "progressive"])
+def test_every_method_stops_on_sigterm_after_a_checkpoint_and_resumes_bit_identically(
+    teachers, prompts, tmp_path, monkeypatch, capsys, uninterrupted_runs, method, stop
+):
+    import os
+    import signal
+
+    from fewstep.training.methods.dmd import DMDLoop
+
+    loop_class = DMDLoop if method == "dmd" else ProgressiveLoop
+    train_step = loop_class.train_step
+
+    def interrupted_train_step(self, batches):
+        if self.step == stop - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(self, batches)
+
+    run = tmp_path / "run"
+    capsys.readouterr()
+    with monkeypatch.context() as patches:
+        patches.setattr(loop_class, "train_step", interrupted_train_step)
+        assert main(cli_args(method, teachers["sd15", "epsilon"], prompts, run)) == 128 + signal.SIGTERM
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"at step {stop}, checkpoint saved; resume with: fewstep train --output {run} --resume")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"step-{stop:07d}"
+    if stop % 2 == 0:
+        (run / "samples" / f"step-{stop:07d}.png").unlink()  # as if a kill had come between checkpoint and grid
+    (run / "checkpoints" / "step-0000005.tmp").mkdir()  # as if a kill had cut a checkpoint write short
+    assert main(["train", "--output", str(run), "--resume"]) == 0  # no --method: the run's own
+    assert not (run / "checkpoints" / "step-0000005.tmp").exists()
+    uninterrupted = uninterrupted_runs / method
+    assert sorted(p.name for p in (run / "samples").iterdir()) == sorted(
+        p.name for p in (uninterrupted / "samples").iterdir()
+    )  # the missed grid is made on resume
+    final = [*(uninterrupted / "checkpoints" / "step-0000006").glob("*.safetensors"),
+             *(uninterrupted / "lora").rglob("*.safetensors")]  # fmt: skip  (PD: every round's LoRA files)
+    for path in final:
+        other = load_file(run / path.relative_to(uninterrupted))
+        assert all(torch.equal(tensor, other[key]) for key, tensor in load_file(path).items()), path
+    state = lambda r: torch.load(r / "checkpoints" / "step-0000006" / "training_state.pt", weights_only=True)
+    assert state(run)["generator_optimizer"]["state"][0]["exp_avg"].equal(
+        state(uninterrupted)["generator_optimizer"]["state"][0]["exp_avg"]
+    )
+
+
+def test_a_new_lr_takes_effect_on_resume_of_a_progressive_run(teachers, prompts, tmp_path):
+    run = tmp_path / "run"
+    run_method("progressive", config("progressive", teachers["sd15", "epsilon"], run, prompts, max_steps=4), stop_at=2)
+    assert main(["train", "--output", str(run), "--resume", "--lr", "5e-4"]) == 0
+    state = torch.load(run / "checkpoints" / "step-0000004" / "training_state.pt", weights_only=True)
+    assert state["generator_scheduler"]["base_lrs"] == [5e-4]
+    assert state["generator_optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4)

@@ -160,7 +160,6 @@ def test_training_prints_the_effective_batch_warning(teacher, prompts, tmp_path,
     "overrides,message",
     [
         (dict(gan_weight=0.1, disc_weight=0.0), "untrained discriminator"),
-        (dict(ema_decay=1.0), "--ema-decay"),
         (dict(num_steps=4, backward_simulation=False), "backward simulation"),
     ],
 )

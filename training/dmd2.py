@@ -14,7 +14,7 @@ from .trainer import AdapterEMA, TrainingError, auto_mixed_precision, lr_factor 
 
 
 def make_config(cli: dict, config_file: str | None = None) -> DMD2TrainConfig:
-    """YAML then CLI (CLI wins); unknown keys rejected."""
+    """YAML then CLI (CLI wins); values typed and checked, unknown keys rejected."""
     from .trainer import make_config as make
 
     return make(DMD2TrainConfig, cli, config_file)

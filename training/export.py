@@ -34,6 +34,8 @@ def export_run(run_dir, fmt: str = "all", checkpoint: str | None = None, out: st
     from .teacher import TeacherError
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} does not exist; give the --output of a fewstep train run")
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} is not a fewstep run directory (no config.yaml)")
     path = _find_checkpoint(run_dir, checkpoint)

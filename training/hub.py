@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import load_yaml
 from .lora_io import DIFFUSERS_LORA_WEIGHT_NAME, FAMILIES, lora_family_of_state_dict
 from .model_card import KOHYA_WEIGHT_NAME, SAMPLE_GRID, looks_like_hub_id, model_card, public_config
 from .pushed_code import write_pushed_code
@@ -68,18 +69,23 @@ def read_run(run_dir: str | Path) -> Run:
     directory = Path(run_dir).expanduser()
     if not directory.is_dir():
         raise PublishError(f"run directory {str(run_dir)!r} does not exist")
-    for required in (Path("lora") / DIFFUSERS_LORA_WEIGHT_NAME, Path("lora") / KOHYA_WEIGHT_NAME, Path("config.yaml")):
-        if not (directory / required).is_file():
+    for required, fmt in ((DIFFUSERS_LORA_WEIGHT_NAME, "diffusers"), (KOHYA_WEIGHT_NAME, "comfyui")):
+        if not (directory / "lora" / required).is_file():
             raise PublishError(
-                f"run directory {str(run_dir)!r} has no {required}; finish training, or write the LoRA files with "
-                f"`fewstep export {run_dir} --format comfyui`"
+                f"run directory {str(run_dir)!r} has no lora/{required}; finish training, or write it from the "
+                f"latest checkpoint with `fewstep export {run_dir} --format {fmt}`"
             )
-    config = yaml.safe_load((directory / "config.yaml").read_text()) or {}
+    if not (directory / "config.yaml").is_file():
+        raise PublishError(f"run directory {str(run_dir)!r} has no config.yaml; give the --output of fewstep train")
+    config = load_yaml(directory / "config.yaml")
     family = lora_family_of_state_dict(directory / "lora" / DIFFUSERS_LORA_WEIGHT_NAME) or config.get("model_type")
     if family not in FAMILIES:
         raise PublishError(f"cannot tell whether the LoRA in {str(run_dir)!r} is for SD1.5 or SDXL")
     metrics_file = directory / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    try:
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    except ValueError as error:
+        raise PublishError(f"{metrics_file} is not valid JSON ({error}); fix or remove it") from None
     grids = sorted((directory / "samples").glob("*.png"))
     return Run(directory, family, config, metrics, grids[-1] if grids else None)
 
@@ -112,6 +118,8 @@ def build_upload_folder(
     run = read_run(run_dir)
     base = base_model_of(run, base_model)
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PublishError(f"--folder {str(folder)!r} is a file; give a new or empty folder")
     if folder.exists() and any(folder.iterdir()):
         raise PublishError(f"upload folder {str(folder)!r} is not empty")
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,13 +152,39 @@ def upload(folder: str | Path, repo_id: str, private: bool = False) -> str:
 
     if constants.is_offline_mode():
         raise PublishError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, or use --dry-run")
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
-    # private=None (not False) for a public push: an organisation's default visibility then applies.
-    repo_url = api.create_repo(repo_id, exist_ok=True, private=True if private else None, repo_type="model")
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        commit_message="Upload fewstep DMD2 LoRA, model card and pipeline",
-    )
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    api = HfApi(endpoint=endpoint)
+    try:
+        # private=None (not False) for a public push: an organisation's default visibility then applies.
+        repo_url = api.create_repo(repo_id, exist_ok=True, private=True if private else None, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            commit_message="Upload fewstep DMD2 LoRA, model card and pipeline",
+        )
+    except Exception as error:
+        raise _upload_error(error, endpoint) from None
     return str(repo_url)
+
+
+def _upload_error(error: Exception, endpoint: str) -> Exception:
+    """A failed upload as one line naming the host and what to do; errors that are not the Hub's pass through."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    reason = " ".join(str(error).split()[:40]) or type(error).__name__
+    if isinstance(error, LocalTokenNotFoundError):
+        return PublishError("no Hugging Face token; set HF_TOKEN or run `hf auth login`, or use --dry-run")
+    if isinstance(error, HfHubHTTPError):
+        return PublishError(f"the Hub at {endpoint} refused the upload ({reason}); check the token's write access")
+    if isinstance(error, OSError) or _is_transport_error(error):
+        return PublishError(
+            f"could not reach {endpoint} ({reason}); check the network connection (or HF_ENDPOINT) and push again, "
+            "or build the folder with --dry-run"
+        )
+    return error
+
+
+def _is_transport_error(error: Exception) -> bool:
+    """httpx's (and its forks') connection and timeout errors, named by class so no HTTP client is imported."""
+    return any(cls.__name__ in ("TransportError", "ConnectionError", "Timeout") for cls in type(error).__mro__)

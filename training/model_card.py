@@ -213,6 +213,8 @@ def model_card(run, repo_id: str, base_model: str, license: str) -> str:
     sections += _a1111_section(recipe, styles)
     sections += [
         "## Training configuration",
+        "Local paths are left out: the training data and style LoRAs are named by file or folder name only, and the "
+        "teacher by its Hub id.",
         "```yaml\n" + yaml.safe_dump(public_config(run.config, base_model), sort_keys=False).rstrip() + "\n```",
     ]
     if run.metrics:

@@ -68,6 +68,11 @@ def _load_pipeline(name: str):
     from diffusers import DiffusionPipeline
 
     path = Path(name).expanduser()
+    if path.is_file():
+        raise TeacherError(
+            f"teacher {name} is a file; give the diffusers pipeline folder that holds model_index.json, a Hub id "
+            "or a single-file .safetensors checkpoint"
+        )
     if _looks_like_path(name) and not path.is_dir():
         raise TeacherError(f"teacher folder {name} does not exist; give a diffusers pipeline folder or a Hub id")
     if path.is_dir() and not (path / "model_index.json").is_file():

@@ -21,8 +21,12 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..core.sampling import ddim_timesteps, sample_ddim
-from .config import build_config, load_yaml, save_yaml
+from ..core.schedule import validate_timesteps
+from . import interrupts
+from .config import build_config, check_config, load_yaml, save_yaml
 from .networks import GENERATOR, TextConditioning
+from .resume import check_resume, saved_options, set_base_lr
+from .run_dir import checkpoint_path, checkpoints_of, claim_run_dir, clear_run_dir, validation_missed
 from .trackers import open_run_logger, resolve_report_to
 
 # Per-family defaults every method shares (docs/defaults.md); the methods add their own.
@@ -41,9 +45,15 @@ class TrainConfig:
     """Options of ``fewstep train`` that every method has. None means "the teacher family's default"."""
 
     teacher: str = field(
-        default="", metadata={"help": "Hub id, local diffusers folder or single-file .safetensors checkpoint"}
-    )
-    output: str = field(default="", metadata={"help": "run directory (config, checkpoints, samples, lora)"})
+        default="",
+        metadata={"help": "Hub id, local diffusers folder or single-file .safetensors checkpoint",
+                  "required": "required for a new run"},
+    )  # fmt: skip
+    output: str = field(
+        default="",
+        metadata={"help": "run directory (config, checkpoints, samples, lora)", "required": "required",
+                  "on_resume": "may change"},
+    )  # fmt: skip
     model_type: str | None = field(
         default=None, metadata={"help": "override the detected family", "choices": ["sd15", "sdxl"]}
     )
@@ -51,13 +61,23 @@ class TrainConfig:
     images: str | None = field(
         default=None, metadata={"help": "real images with captions (metadata.jsonl or same-name .txt) for the GAN"}
     )
-    resolution: int | None = field(default=None, metadata={"help": "image size (default: the UNet's native size)"})
-    batch_size: int = field(default=1, metadata={"help": "samples per process and micro-batch"})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "micro-batches per update (effective batch = batch × this × processes)"}
+    resolution: int | None = field(
+        default=None, metadata={"help": "image size (default: the UNet's native size)", "min": 1}
     )
-    max_steps: int = field(default=1000, metadata={"help": "training iterations (all rounds together for progressive)"})
-    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate of the generator adapter"})
+    batch_size: int = field(default=1, metadata={"help": "samples per process and micro-batch", "min": 1})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "micro-batches per update (effective batch = batch × this × processes)", "min": 1},
+    )
+    max_steps: int = field(
+        default=1000,
+        metadata={"help": "training iterations (all rounds together for progressive)", "min": 1,
+                  "on_resume": "may change"},
+    )  # fmt: skip
+    lr: float = field(
+        default=5e-5,
+        metadata={"help": "AdamW learning rate of the generator adapter", "above": 0, "on_resume": "may change"},
+    )
     warmup_steps: int = field(
         default=100, metadata={"help": "linear learning-rate warm-up of every optimizer, in iterations"}
     )
@@ -66,26 +86,43 @@ class TrainConfig:
                                       "choices": ["constant", "cosine"]},
     )  # fmt: skip
     ema_decay: float = field(
-        default=0.0, metadata={"help": "EMA of the generator adapter, exported and validated (0 = off, e.g. 0.99)"}
+        default=0.0,
+        metadata={"help": "EMA of the generator adapter, exported and validated (0 = off, e.g. 0.99)", "min": 0,
+                  "below": 1},
+    )  # fmt: skip
+    weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay", "min": 0, "on_resume": "may change"}
     )
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=10.0, metadata={"help": "gradient-norm clip"})
-    guidance_scale: float | None = field(default=None, metadata={"help": "teacher CFG (sd15 1.75, sdxl 8)"})
-    gen_rank: int = field(default=64, metadata={"help": "generator LoRA rank"})
-    gen_alpha: float = field(default=8.0, metadata={"help": "generator LoRA alpha"})
+    max_grad_norm: float = field(
+        default=10.0, metadata={"help": "gradient-norm clip", "above": 0, "on_resume": "may change"}
+    )
+    guidance_scale: float | None = field(default=None, metadata={"help": "teacher CFG (sd15 1.75, sdxl 8)", "min": 0})
+    gen_rank: int = field(default=64, metadata={"help": "generator LoRA rank", "min": 1})
+    gen_alpha: float = field(default=8.0, metadata={"help": "generator LoRA alpha", "above": 0})
     mixed_precision: str = field(
         default="auto",
         metadata={"help": "base UNet precision and autocast, LoRA stays fp32: auto = bf16 on a GPU that has it, else "
-                          "no; fp16 scales its losses", "choices": ["auto", "no", "fp16", "bf16"]},
+                          "no; fp16 scales its losses", "choices": ["auto", "no", "fp16", "bf16"],
+                  "on_resume": "may change"},
     )  # fmt: skip
     gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "trade compute for activation memory (sd15 off, sdxl on)"}
+        default=None,
+        metadata={"help": "trade compute for activation memory (sd15 off, sdxl on)", "on_resume": "may change"},
     )
-    checkpoint_every: int = field(default=500, metadata={"help": "iterations between checkpoints"})
-    checkpoints_total_limit: int = field(default=3, metadata={"help": "checkpoints kept (oldest deleted)"})
-    validate_every: int = field(default=500, metadata={"help": "iterations between validation grids (0 = off)"})
-    num_validation_prompts: int = field(default=4, metadata={"help": "prompts in each validation grid"})
-    max_nan_steps: int = field(default=10, metadata={"help": "skipped non-finite steps before the run stops"})
+    checkpoint_every: int = field(
+        default=500,
+        metadata={"help": "iterations between checkpoints (0 = only at the end)", "on_resume": "may change"},
+    )
+    checkpoints_total_limit: int = field(
+        default=3, metadata={"help": "checkpoints kept (oldest deleted)", "min": 1, "on_resume": "may change"}
+    )
+    validate_every: int = field(
+        default=500, metadata={"help": "iterations between validation grids (0 = off)", "on_resume": "may change"}
+    )
+    num_validation_prompts: int = field(default=4, metadata={"help": "prompts in each validation grid", "min": 1})
+    max_nan_steps: int = field(
+        default=10, metadata={"help": "skipped non-finite steps before the run stops", "on_resume": "may change"}
+    )
     seed: int = field(default=0, metadata={"help": "random seed"})
     # Teachers from single files and style LoRAs, Hugging Face datasets, experiment trackers.
     teacher_config: str | None = field(
@@ -106,11 +143,11 @@ class TrainConfig:
     dataset_split: str = field(default="train", metadata={"help": "dataset split"})
     streaming: bool = field(default=False, metadata={"help": "stream the dataset (large ones): read --max-train-samples"})
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "use at most this many dataset examples (streaming default: 10000)"}
+        default=None, metadata={"help": "use at most this many dataset examples (streaming default: 10000)", "min": 1}
     )
     report_to: str | None = field(
         default=None, metadata={"help": "experiment tracker (default: tensorboard when installed)",
-                                "choices": ["none", "tensorboard", "wandb"]},
+                                "choices": ["none", "tensorboard", "wandb"], "on_resume": "may change"},
     )  # fmt: skip
 
     # Per-family defaults of this config class; subclasses extend it.
@@ -149,8 +186,9 @@ def lr_factor(iteration: int, warmup_steps: int, max_steps: int, schedule: str) 
 
 
 def make_config(cls, cli: dict, config_file: str | None = None):
-    """YAML then CLI (CLI wins); unknown keys rejected."""
-    return build_config(cls, load_yaml(config_file) if config_file else {}, cli)
+    """YAML then CLI (CLI wins); values typed and checked, unknown keys rejected."""
+    layers = (load_yaml(config_file), cli) if config_file else (cli,)
+    return build_config(cls, *layers, sources=(config_file, None) if config_file else (None,))
 
 
 # ------------------------------------------------------------------------------------------ what a method gives
@@ -238,11 +276,6 @@ class Method(Protocol):
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
-    return checkpoints[-1] if checkpoints else None
-
-
 def save_checkpoint(run_dir: Path, state: dict, adapters: dict, modules: dict, config, family: str, limit: int) -> Path:
     """Write ``checkpoints/step-NNNNNNN`` atomically (temp dir + rename), keeping the last ``limit``."""
     from safetensors.torch import save_file
@@ -251,26 +284,35 @@ def save_checkpoint(run_dir: Path, state: dict, adapters: dict, modules: dict, c
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, tensors in adapters.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
-    for name, module in modules.items():
-        save_file({k: v.contiguous().cpu() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
-    torch.save(state, tmp / "training_state.pt")
-    save_yaml(config, tmp / "config.yaml")
-    (tmp / "family").write_text(family)
+    try:
+        tmp.mkdir(parents=True)
+        for name, tensors in adapters.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
+        for name, module in modules.items():
+            save_file({k: v.contiguous().cpu() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
+        torch.save(state, tmp / "training_state.pt")
+        save_yaml(config, tmp / "config.yaml")
+        (tmp / "family").write_text(family)
+    except BaseException:  # a full disk (torch reports it as a RuntimeError), a second Ctrl-C: leave no half copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
+    checkpoints = checkpoints_of(run_dir)
     for old in checkpoints[: max(0, len(checkpoints) - limit)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 # ------------------------------------------------------------------------------------------ the trainer
-def train(method: Method, config, resume: bool = False, on_step=None) -> Path:
-    """Run ``method``. ``on_step(step, metrics)`` is called after each iteration; returning True stops the run."""
+@interrupts.handles_stop_signals
+def train(method: Method, config, resume: bool = False, on_step=None, overwrite: bool = False) -> Path:
+    """Run ``method``. ``on_step(step, metrics)`` is called after each iteration; returning True stops the run.
+
+    ``overwrite`` lets a new run replace the run already in ``config.output`` (see :mod:`.run_dir`); SIGINT and
+    SIGTERM stop after a checkpoint (see :mod:`.interrupts`).
+    """
     from accelerate import Accelerator
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -280,17 +322,19 @@ def train(method: Method, config, resume: bool = False, on_step=None) -> Path:
     from .hf_dataset import read_training_data
     from .lora_io import save_diffusers_lora, save_kohya_lora
 
-    if not config.teacher:
-        raise TrainingError("--teacher is required (a Hub id, a local diffusers folder or a .safetensors file)")
+    check_config(config)
     if not config.output:
         raise TrainingError("--output is required (the run directory)")
     resolve_report_to(config.report_to)  # an unusable tracker fails before the teacher loads
     run_dir = Path(config.output)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainingError(f"--output {run_dir} is a file; give a directory")
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise TrainingError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    checkpoint = claim_run_dir(run_dir, resume, overwrite)
+    if checkpoint is not None:
+        check_method(run_dir, method)
+        check_resume(config, saved_options(checkpoint), checkpoint)
+    if not config.teacher:
+        raise TrainingError("--teacher is required (a Hub id, a local diffusers folder or a .safetensors file)")
+    if getattr(config, "timesteps", None):
+        validate_timesteps(config.timesteps)  # before minutes of loading
 
     # 1. Data first (cheap to check), then the teacher, its family and the family's defaults -----------
     prompts, real_items = read_training_data(config, run_dir)  # --prompts, --images, --dataset
@@ -311,6 +355,8 @@ def train(method: Method, config, resume: bool = False, on_step=None) -> Path:
     resolution = config.resolution or teachers.default_resolution(pipe)
     teachers.check_resolution(pipe, resolution)
     config = dataclasses.replace(config, resolution=resolution)
+    if checkpoint is not None:
+        check_resume(config, saved_options(checkpoint), checkpoint)  # now with the family's defaults too
     wants_gan = method.wants_real_images(config)
     if wants_gan and not real_items:
         print("fewstep: no --images given, training without the GAN loss (DMD2 stage 1)")
@@ -319,14 +365,11 @@ def train(method: Method, config, resume: bool = False, on_step=None) -> Path:
     device = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
 
+    if overwrite and accelerator.is_main_process:  # once, before any process writes into the directory
+        clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved_method = run_dir / METHOD_FILE
-    if checkpoint is not None and saved_method.is_file() and saved_method.read_text().strip() != method.key:
-        raise TrainingError(
-            f"{run_dir} is a --method {saved_method.read_text().strip()} run; resume it with that method or start a "
-            "new --output"
-        )
-    saved_method.write_text(method.key + "\n")
+    if accelerator.is_main_process:
+        (run_dir / METHOD_FILE).write_text(method.key + "\n")
     save_yaml(config, run_dir / "config.yaml")
 
     # 2. Cached encodings; then only the UNet (and the VAE decoder) stay --------------------------
@@ -404,7 +447,9 @@ def train(method: Method, config, resume: bool = False, on_step=None) -> Path:
         for name, optimizer in loop.optimizers.items():
             optimizer.load_state_dict(state[f"{name}_optimizer"])
         for name, scheduler in loop.lr_schedulers.items():
+            configured = list(scheduler.base_lrs)  # this run's rates (--lr, --fake-lr), as the method set them
             scheduler.load_state_dict(state[f"{name}_scheduler"])
+            set_base_lr(scheduler, configured)  # a new --lr takes effect, not only in config.yaml
         loop.load_state_dict(state["loop"])
         data_rng.set_state(state["data_rng"])
         if ema is not None and (checkpoint / f"{GENERATOR}_ema.safetensors").is_file():
@@ -434,8 +479,10 @@ def train(method: Method, config, resume: bool = False, on_step=None) -> Path:
         disable=not accelerator.is_main_process,
     )  # fmt: skip
     teacher_x0 = run.teacher
-    if config.validate_every and loop.step == 0 and accelerator.is_main_process:
-        validator.run(loop.step, teacher_x0)
+    if validation_missed(run_dir, loop.step, config.validate_every) and accelerator.is_main_process:
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # step 0, or a grid a kill lost
+            validator.run(loop.step, teacher_x0)
+    interrupts.arm()
     stopped = False
     shown: dict[str, str] = {}
     while loop.step < config.max_steps and not stopped:
@@ -462,6 +509,13 @@ def train(method: Method, config, resume: bool = False, on_step=None) -> Path:
                 validator.run(step, teacher_x0, writer)
         if on_step is not None and on_step(step, metrics):
             stopped = True
+        if interrupts.stop_requested(world, device) and step < config.max_steps:  # else the run ends now anyway
+            if not checkpoint_path(run_dir, step).is_dir():
+                checkpoint_now()
+            bar.close()
+            if writer is not None:
+                writer.close()
+            raise interrupts.interrupted(run_dir, step)
     bar.close()
     accelerator.wait_for_everyone()
     if world > 1:
@@ -484,6 +538,16 @@ def train(method: Method, config, resume: bool = False, on_step=None) -> Path:
 
 RECIPE_FILE = "fewstep_recipe.json"
 METHOD_FILE = "method"
+
+
+def check_method(run_dir: Path, method: Method) -> None:
+    """A resumed run continues with the method it was started with (recorded in ``RUN_DIR/method``)."""
+    saved = run_dir / METHOD_FILE
+    if saved.is_file() and saved.read_text().strip() != method.key:
+        raise TrainingError(
+            f"{run_dir} is a --method {saved.read_text().strip()} run; resume it with that method or start a new "
+            "--output"
+        )
 
 
 def write_recipe(directory: Path, recipe: dict) -> None:

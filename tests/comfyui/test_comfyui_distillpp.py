@@ -21,11 +21,11 @@ SEED = 11
 ATOL = 1e-4
 
 
-def _distillpp(node, family, lam, guided_steps=1, teacher_cfg=3.0, steps=4, student=None):
+def _distillpp(node, family, lam, guided_steps=1, teacher_cfg=3.0, steps=4, student=None, rule=None):
     student = family.student if student is None else student
     return node("DistillationPPKSampler").execute(
         student, family.model, family.positive, family.negative, lam, guided_steps, teacher_cfg, empty_latent(), SEED,
-        steps, 999,
+        steps, 999, rule=rule,
     ).result[0]  # fmt: skip
 
 
@@ -53,6 +53,17 @@ def test_distillpp_equals_the_diffusers_pipeline(node, student, guided_steps):
         **student.pipe_kwargs, **student.negative_pipe_kwargs,
     ).images  # fmt: skip
     torch.testing.assert_close(model_space(latent, student.model), reference, rtol=0, atol=ATOL)
+
+
+def test_eps_mix_rule_equals_the_diffusers_pipeline_and_differs_from_x0_lerp(node, student):
+    latent = _distillpp(node, student, 0.1, 2, rule="eps_mix")
+    reference = fewstep_pipeline(student)(
+        latents=comfy_noise(SEED), num_inference_steps=4, generator=torch.Generator().manual_seed(SEED),
+        teacher_guidance=0.1, teacher_guided_steps=2, teacher_guidance_scale=3.0, teacher_guidance_rule="eps_mix",
+        output_type="latent", **student.pipe_kwargs, **student.negative_pipe_kwargs,
+    ).images  # fmt: skip
+    torch.testing.assert_close(model_space(latent, student.model), reference, rtol=0, atol=ATOL)
+    assert (latent["samples"] - _distillpp(node, student, 0.1, 2)["samples"]).abs().max() > 1e-3
 
 
 class _FixedNoise:

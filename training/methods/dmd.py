@@ -29,12 +29,13 @@ class DMDTrainConfig(DMD2TrainConfig):
     """``fewstep train --method dmd`` options (DMD2's, minus the GAN and multi-step, plus the regression weight)."""
 
     regression_weight: float = field(
-        default=0.25, metadata={"help": "weight of the regression loss on teacher ODE pairs (DMD's λ_reg = 0.25)"}
+        default=0.25,
+        metadata={"help": "weight of the regression loss on teacher ODE pairs (DMD's λ_reg = 0.25)", "min": 0},
     )
     # DMD's own defaults where they differ from DMD2's: no GAN, both networks updated every iteration.
-    gan_weight: float | None = field(default=0.0, metadata={"help": "DMD has no GAN: keep 0"})
+    gan_weight: float | None = field(default=0.0, metadata={"help": "DMD has no GAN: keep 0", "min": 0})
     dfake_gen_update_ratio: int | None = field(
-        default=1, metadata={"help": "fake-score updates per generator update (DMD: 1)"}
+        default=1, metadata={"help": "fake-score updates per generator update (DMD: 1)", "min": 1}
     )
 
 
@@ -163,14 +164,12 @@ class DMD:
                                 "(--regression-weight)")  # fmt: skip
         if len(student_timesteps_of(config)) != 1:
             raise TrainingError("DMD trains a one-step generator; for several steps use --method dmd2 or progressive")
-        if config.regression_weight < 0:
-            raise TrainingError(f"--regression-weight {config.regression_weight} must be ≥ 0")
         check_option_combinations(config, use_gan, 1)
 
     def build(self, ctx: TrainingContext) -> MethodRun:
         return build_with_pairs(ctx, use_gan=False, regression_weight=ctx.config.regression_weight, method_key=self.key)
 
 
-def train_dmd(config: DMDTrainConfig, resume: bool = False, on_step=None):
+def train_dmd(config: DMDTrainConfig, resume: bool = False, on_step=None, overwrite: bool = False):
     """Run DMD. ``on_step(step, metrics)`` is called after each iteration; returning True stops the run."""
-    return train(DMD(), config, resume=resume, on_step=on_step)
+    return train(DMD(), config, resume=resume, on_step=on_step, overwrite=overwrite)

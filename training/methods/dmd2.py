@@ -33,8 +33,10 @@ FAR_BELOW_REFERENCE = 16  # warn when the effective batch is under 1/16 of the r
 class TeacherPairOptions:
     """Teacher ODE pairs (noise z, the teacher's DDIM sample from z): DMD's regression data, DMD2's warm start."""
 
-    num_pairs: int = field(default=1000, metadata={"help": "teacher ODE pairs generated once into RUN_DIR/pairs"})
-    pair_steps: int = field(default=50, metadata={"help": "teacher DDIM steps (with CFG) per pair"})
+    num_pairs: int = field(
+        default=1000, metadata={"help": "teacher ODE pairs generated once into RUN_DIR/pairs", "min": 1}
+    )
+    pair_steps: int = field(default=50, metadata={"help": "teacher DDIM steps (with CFG) per pair", "min": 1})
     regression_loss: str = field(
         default="pseudo_huber", metadata={"help": "distance of the regression loss, on latents (LPIPS is not offered: "
                                                   "it needs pretrained VGG/AlexNet weights)",
@@ -46,22 +48,28 @@ class TeacherPairOptions:
 class DMD2TrainConfig(TeacherPairOptions, TrainConfig):
     """``fewstep train --method dmd2`` options. None means "the teacher family's default"."""
 
-    num_steps: int = field(default=1, metadata={"help": "student sampling steps: 1 = [999], 4 = [999,749,499,249]"})
-    timesteps: list[int] | None = field(default=None, metadata={"help": "custom student timesteps, e.g. 999,499"})
+    num_steps: int = field(
+        default=1, metadata={"help": "student sampling steps: 1 = [999], 4 = [999,749,499,249]", "min": 1}
+    )
+    timesteps: list[int] | None = field(
+        default=None, metadata={"help": "custom student timesteps, e.g. 999,499", "max": 999}
+    )
     fake_lr: float | None = field(
-        default=None, metadata={"help": "AdamW learning rate of the fake-score adapter and the GAN head (default: --lr)"}
-    )
+        default=None,
+        metadata={"help": "AdamW learning rate of the fake-score adapter and the GAN head (default: --lr)", "above": 0,
+                  "on_resume": "may change"},
+    )  # fmt: skip
     dfake_gen_update_ratio: int | None = field(
-        default=None, metadata={"help": "fake-score updates per generator update (sd15 10, sdxl 5)"}
+        default=None, metadata={"help": "fake-score updates per generator update (sd15 10, sdxl 5)", "min": 1}
     )
-    fake_rank: int = field(default=64, metadata={"help": "fake-score LoRA rank"})
+    fake_rank: int = field(default=64, metadata={"help": "fake-score LoRA rank", "min": 1})
     fake_alpha: float | None = field(
-        default=None, metadata={"help": "fake-score LoRA alpha (default: --fake-rank, i.e. LoRA scale 1)"}
+        default=None, metadata={"help": "fake-score LoRA alpha (default: --fake-rank, i.e. LoRA scale 1)", "above": 0}
     )
     gan_weight: float | None = field(
-        default=None, metadata={"help": "generator GAN loss weight (sd15 1e-3, sdxl 5e-3; 0 = no GAN)"}
+        default=None, metadata={"help": "generator GAN loss weight (sd15 1e-3, sdxl 5e-3; 0 = no GAN)", "min": 0}
     )
-    disc_weight: float = field(default=1e-2, metadata={"help": "discriminator loss weight"})
+    disc_weight: float = field(default=1e-2, metadata={"help": "discriminator loss weight", "min": 0})
     backward_simulation: bool = field(default=True, metadata={"help": "multi-step: train on the student's own inputs"})
     init_regression_steps: int = field(
         default=0, metadata={"help": "first N iterations: regression onto teacher ODE pairs only (warm start)"}
@@ -90,9 +98,7 @@ def check_option_combinations(config: DMD2TrainConfig, use_gan: bool, num_steps:
             "a multi-step student without --backward-simulation trains on noised real images; give --images DIR "
             "or keep backward simulation on (the default)"
         )
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise TrainingError(f"--ema-decay {config.ema_decay} must be in [0, 1) (e.g. 0.99; 0 = off)")
-    if config.init_regression_steps < 0 or config.init_regression_steps > config.max_steps:
+    if config.init_regression_steps > config.max_steps:  # ≥ 0 is the field's limit
         raise TrainingError(
             f"--init-regression-steps {config.init_regression_steps} must be in [0, --max-steps {config.max_steps}]"
         )
@@ -208,6 +214,6 @@ class DMD2:
         return build_with_pairs(ctx, use_gan, regression_weight=0.0, method_key=self.key)
 
 
-def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None):
+def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, overwrite: bool = False):
     """Run DMD2. ``on_step(step, metrics)`` is called after each iteration; returning True stops the run."""
-    return train(DMD2(), config, resume=resume, on_step=on_step)
+    return train(DMD2(), config, resume=resume, on_step=on_step, overwrite=overwrite)

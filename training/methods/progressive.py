@@ -39,10 +39,17 @@ PREVIOUS = "previous"  # the previous round's student: a frozen adapter, the tea
 class ProgressiveTrainConfig(TeacherPairOptions, TrainConfig):
     """``fewstep train --method progressive`` options (``--max-steps`` is split evenly over the rounds)."""
 
-    start_steps: int = field(
-        default=32, metadata={"help": "round 0's student steps (its teacher, the base UNet, takes twice as many)"}
+    # The rounds split --max-steps evenly, so a resumed run keeps its --max-steps (a new one would move the rounds).
+    max_steps: int = field(
+        default=1000, metadata={"help": "training iterations, all rounds together (split evenly)", "min": 1}
     )
-    end_steps: int = field(default=1, metadata={"help": "the last round's student steps (start / end a power of 2)"})
+    start_steps: int = field(
+        default=32,
+        metadata={"help": "round 0's student steps (its teacher, the base UNet, takes twice as many)", "min": 1},
+    )
+    end_steps: int = field(
+        default=1, metadata={"help": "the last round's student steps (start / end a power of 2)", "min": 1}
+    )
 
 
 def round_step_counts(start_steps: int, end_steps: int) -> list[int]:
@@ -243,6 +250,6 @@ class Progressive:
         )
 
 
-def train_progressive(config: ProgressiveTrainConfig, resume: bool = False, on_step=None):
+def train_progressive(config: ProgressiveTrainConfig, resume: bool = False, on_step=None, overwrite: bool = False):
     """Run Progressive Distillation. ``on_step(step, metrics)`` after each iteration; True stops the run."""
-    return train(Progressive(), config, resume=resume, on_step=on_step)
+    return train(Progressive(), config, resume=resume, on_step=on_step, overwrite=overwrite)
