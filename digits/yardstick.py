@@ -43,7 +43,9 @@ DEFAULT_GUIDANCE_SCALE = 2.0  # the scale DMD2 distils the digits teacher at
 DEFAULT_DISTILLPP_LAMBDA = 0.1
 TEACHER_ROWS = {"teacher_50": 50, "teacher_4": 4, "teacher_1": 1}
 STUDENT_ROWS = {"student_1": 1, "student_4": 4}
-ROWS = ("real", *TEACHER_ROWS, *STUDENT_ROWS, "student_distillpp", "student")
+DEFAULT_ROWS = ("real", *TEACHER_ROWS, *STUDENT_ROWS, "student_distillpp")
+# "student": the LoRA at its own recipe (fewstep_recipe.json), asked for by name (demo --method, bench methods).
+ROWS = (*DEFAULT_ROWS, "student")
 
 
 # ----------------------------------------------------------------------------------------------- classifier
@@ -390,7 +392,7 @@ def evaluate(
     model = load_digits_model(teacher_dir, lora, device)
     student_scale = model.student.guidance_scale if model.student is not None else None
     scale = float(guidance_scale if guidance_scale is not None else student_scale or DEFAULT_GUIDANCE_SCALE)
-    rows = list(rows or [r for r in ROWS[:-1] if model.student is not None or not r.startswith("student")])
+    rows = list(rows or [r for r in DEFAULT_ROWS if model.student is not None or not r.startswith("student")])
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; use any of {', '.join(ROWS)}")

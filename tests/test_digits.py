@@ -192,7 +192,7 @@ def test_eval_json_schema(tiny_teacher, tiny_classifier, tmp_path, monkeypatch, 
     argv = ["eval", "--teacher", str(tiny_teacher), "--lora", str(run_dir), "--n", "10", "--json", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
-    assert set(result["rows"]) == set(yardstick.ROWS)
+    assert set(result["rows"]) == set(yardstick.DEFAULT_ROWS)
     assert result["n"] == 10 and result["seed"] == 0 and result["guidance_scale"] == 1.5  # from the run config
     for row in result["rows"].values():
         assert set(row) == {"fd", "acc", "seconds"} and all(math.isfinite(v) for v in row.values())
