@@ -57,13 +57,12 @@ class Run:
 
     @property
     def timesteps(self) -> list[int]:
-        import json
-
         from ..core.schedule import student_timesteps
 
-        recipe = self.directory / "lora" / "fewstep_recipe.json"  # written by the trainer for every method
-        if recipe.is_file():
-            return [int(t) for t in json.loads(recipe.read_text())["timesteps"]]
+        if self.directory is not None:  # a Run made in code (no directory) has only its config
+            recipe = Path(self.directory) / "lora" / "fewstep_recipe.json"  # written by the trainer for every method
+            if recipe.is_file():
+                return [int(t) for t in json.loads(recipe.read_text())["timesteps"]]
         if self.config.get("timesteps"):
             return [int(t) for t in self.config["timesteps"]]
         return student_timesteps(int(self.config.get("num_steps") or 1))
