@@ -107,7 +107,10 @@ def run(args) -> dict:
         run_dir, seconds, iterations = _train("dmd2", config, budget)
         dmd2_iterations = dmd2_iterations or iterations
         rows.append(measured(label, run_dir / "lora", seconds, iterations))
-    config = DMDTrainConfig(output=str(runs / "dmd"), **{**fake, "dfake_gen_update_ratio": 1}, **pairs, **common)
+    config = DMDTrainConfig(
+        output=str(runs / "dmd"), regression_weight=settings.dmd_regression_weight,
+        **{**fake, "dfake_gen_update_ratio": 1}, **pairs, **common,
+    )  # fmt: skip
     run_dir, seconds, iterations = _train("dmd", config, budget)
     rows.append(measured("DMD", run_dir / "lora", seconds, iterations))
     rounds = round_step_counts(args.pd_start_steps, 1)
