@@ -69,7 +69,7 @@ def run_one(
         command = external.format(seed=seed, run_dir=run_dir, teacher=teacher, prompts=prompts, images=real_dir)
         subprocess.run(command, shell=True, check=True, stdout=subprocess.DEVNULL)
     else:
-        train_dmd2(settings.train_config(teacher, run_dir, prompts, real_dir, 1, seed))
+        train_dmd2(settings.train_config(teacher, run_dir, prompts, real_dir, 1, seed), overwrite=True)  # re-run anew
     train_seconds = time.perf_counter() - started
     result = evaluate(teacher, lora=run_dir, n=n, seed=seed, rows=["student_1"], progress=False, device=device)
     return {"variant": name, "seed": seed, "train_seconds": round(train_seconds, 1), **result["rows"]["student_1"]}
