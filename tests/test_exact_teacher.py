@@ -14,7 +14,7 @@ from fewstep.toy.exact_teacher import ExactTeacherConfig, biased_student_distill
 def report(name, result):
     print(f"\n{name}: swd_student={result.swd_student:.4f} swd_teacher_50={result.swd_teacher_50:.4f} "
           f"floor={result.swd_data_floor:.4f} modes={result.modes_covered} fractions={result.mode_fractions} "
-          f"({result.seconds:.1f}s)")
+          f"within 2σ={result.within_2std} cross-entropy={result.cross_entropy} ({result.seconds:.1f}s)")
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,13 @@ def test_distillpp_moves_a_biased_student_toward_the_data_monotonically_in_lambd
 def test_distillpp_on_the_first_two_of_four_steps_helps_a_biased_student():
     distances = biased_student_distillpp([0.0, 0.5], guided_steps=2)
     assert distances[0.5] < distances[0.0]
+
+
+def test_density_metrics_of_the_data_are_the_closed_form_values(one_step):
+    # Within 2σ of a 2-D isotropic Gaussian: 1 − e^(−2) ≈ 0.865; E[−log p] of the ring ≈ the entropy of one mode
+    # (1 + log 2πs²) + log 8 for well-separated modes.
+    import math
+
+    assert abs(one_step.within_2std["data"] - (1 - math.exp(-2))) < 0.02
+    entropy = 1 + math.log(2 * math.pi * 0.25**2) + math.log(8)
+    assert abs(one_step.cross_entropy["data"] - entropy) < 0.05
