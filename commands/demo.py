@@ -2,7 +2,7 @@
 
 Default: the digits teacher (a tiny Stable Diffusion built from scikit-learn's digits, cached) → DMD2 on one shared
 base UNet with the GAN loss on the real training digits → the yardstick (FD, accuracy) → a sample grid, the
-metrics and the LoRA files. ``--exact``: DMD2 on an exact 2-D Gaussian-mixture teacher (half a minute).
+metrics and the LoRA files. ``--exact``: DMD2 on an exact 2-D Gaussian-mixture teacher (a few minutes on one core).
 """
 
 from __future__ import annotations

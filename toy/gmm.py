@@ -39,6 +39,23 @@ class GaussianMixture:
         counts = torch.bincount(self.nearest_mode(x), minlength=self.means.shape[0])
         return counts.double() / x.shape[0]
 
+    def log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log p_data(x), (N,)."""
+        x = x.double()
+        dim = x.shape[1]
+        squared = torch.cdist(x, self.means) ** 2  # (N, K)
+        log_components = -0.5 * squared / self.std**2 - 0.5 * dim * math.log(2 * math.pi * self.std**2)
+        return torch.logsumexp(self.weights.log()[None] + log_components, dim=1)
+
+    def cross_entropy(self, x: torch.Tensor) -> float:
+        """E_x[−log p_data(x)] over samples x: the data's entropy for data samples, higher for any other sampler."""
+        return float(-self.log_density(x).mean())
+
+    def fraction_within(self, x: torch.Tensor, num_std: float = 2.0) -> float:
+        """Fraction of samples within ``num_std`` component stds of their nearest mode (data: 1 − e^(−2) ≈ 0.865 at 2)."""
+        distance = torch.cdist(x.double(), self.means).min(dim=1).values
+        return float((distance <= num_std * self.std).double().mean())
+
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor | int, schedule: NoiseSchedule) -> torch.Tensor:
         """Exact E[x0 | x_t] (float64 internally)."""
         x = x_t.double()
