@@ -55,15 +55,14 @@ def run_one(
 ) -> dict:
     """Distil with the demo's settings + ``overrides`` (or ``external``) at ``seed``; the student's row at n images."""
     from ..commands.demo import DigitsDemoSettings
-    from ..training.cache import cache_root
-    from ..digits.teacher import caption, write_digits_folder
+    from ..digits.teacher import cached_train_images
     from ..training.dmd2 import train_dmd2
     from ..digits.yardstick import evaluate
 
     settings = dataclasses.replace(DigitsDemoSettings(), **overrides)
     run_dir = out / "runs" / f"{name.replace(' ', '_').replace('/', '-')}-seed{seed}"
     prompts = out / "prompts.txt"
-    real_dir = cache_root() / "digits-train-images"
+    real_dir = cached_train_images()
     started = time.perf_counter()
     if external:
         command = external.format(seed=seed, run_dir=run_dir, teacher=teacher, prompts=prompts, images=real_dir)
@@ -137,18 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from ..commands.demo import DigitsDemoSettings
-    from ..training.cache import cache_root
-    from ..digits.teacher import caption, digits_teacher, write_digits_folder
+    from ..digits.teacher import cached_train_images, digits_teacher, write_digit_prompts
     from ..digits.yardstick import digit_classifier
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher = args.teacher or str(digits_teacher(device=args.device))
     digit_classifier()  # built once, before the workers need it
-    real_dir = cache_root() / "digits-train-images"
-    if not (real_dir / "metadata.jsonl").is_file():
-        write_digits_folder(real_dir, "train")
-    (out / "prompts.txt").write_text("\n".join(caption(d) for d in range(10)) + "\n")
+    cached_train_images()  # written once, before the workers read it
+    write_digit_prompts(out / "prompts.txt")
     variants = [parse_variant(v) for v in args.variant] or [("demo", {})]
     common = dict(teacher=teacher, out=str(out), n=args.n, device=args.device)
     jobs = [{**common, "variant": name, "overrides": o, "seed": seed} for name, o in variants for seed in args.seeds]

@@ -58,9 +58,8 @@ def run(args) -> dict:
     import shutil
 
     from ..commands.demo import QUICK, DigitsDemoSettings
-    from ..digits.teacher import DigitsTeacherConfig, caption, digits_teacher, write_digits_folder
+    from ..digits.teacher import DigitsTeacherConfig, cached_train_images, digits_teacher, write_digit_prompts
     from ..digits.yardstick import digit_classifier, evaluate
-    from ..training.cache import cache_root
     from ..training.methods.dmd import DMDTrainConfig
     from ..training.methods.dmd2 import DMD2TrainConfig
     from ..training.methods.progressive import ProgressiveTrainConfig, round_step_counts
@@ -74,11 +73,8 @@ def run(args) -> dict:
     )
     teacher_dir = Path(args.teacher) if args.teacher else digits_teacher(teacher_config)
     classifier = digit_classifier()
-    real_dir = cache_root() / "digits-train-images"
-    if not (real_dir / "metadata.jsonl").is_file():
-        write_digits_folder(real_dir, "train")
-    prompts = out / "prompts.txt"
-    prompts.write_text("\n".join(caption(d) for d in range(10)) + "\n")
+    real_dir = cached_train_images()
+    prompts = write_digit_prompts(out / "prompts.txt")
     common = _common(settings, teacher_dir, prompts, args.seed)
     pairs = dict(num_pairs=20 if args.quick else 500, pair_steps=4 if args.quick else 25)
     fake = dict(fake_rank=settings.rank, fake_alpha=float(settings.rank), fake_lr=settings.lr,

@@ -109,8 +109,7 @@ class _Stages:
 
 
 def _demo_digits(args: argparse.Namespace) -> None:
-    from ..training.cache import cache_root
-    from ..digits.teacher import DigitsTeacherConfig, caption, digits_teacher, write_digits_folder
+    from ..digits.teacher import DigitsTeacherConfig, cached_train_images, digits_teacher, write_digit_prompts
     from ..training.methods import get_method
     from ..training.trainer import train
     from ..digits.yardstick import digit_classifier, evaluate, format_table, load_digits_model, save_digits_grid
@@ -137,11 +136,8 @@ def _demo_digits(args: argparse.Namespace) -> None:
     stages.begin("teacher", "digits teacher: reuse the cached one or build it (first run only)")
     teacher_dir = digits_teacher(teacher_config, device=args.device)
     classifier = digit_classifier()
-    real_dir = cache_root() / "digits-train-images"
-    if not (real_dir / "metadata.jsonl").is_file():
-        write_digits_folder(real_dir, "train")
-    prompts = out / "prompts.txt"
-    prompts.write_text("\n".join(caption(d) for d in range(10)) + "\n")
+    real_dir = cached_train_images()
+    prompts = write_digit_prompts(out / "prompts.txt")
     stages.end()
 
     stages.begin("distill", f"{METHOD_TITLES[args.method]} distillation: {settings.max_steps} iterations")

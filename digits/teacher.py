@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.schedule import SD_TRAINING_SCHEDULE
-from ..training.cache import cached_build, config_hash
+from ..training.cache import cache_root, cached_build, config_hash
 
 VERSION = 1  # bump when the build procedure changes, so old cache entries are not reused
 TEACHER_CONFIG_FILE = "fewstep_teacher.json"
@@ -89,6 +89,21 @@ def write_digits_folder(directory: str | Path, split: str = "train") -> Path:
         lines.append(json.dumps({"file_name": name, "text": caption(label)}))
     (directory / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return directory
+
+
+def cached_train_images() -> Path:
+    """The train split as a captioned image folder (the GAN's real images), written once under the user cache."""
+    directory = cache_root() / "digits-train-images"
+    if not (directory / "metadata.jsonl").is_file():
+        write_digits_folder(directory, "train")
+    return directory
+
+
+def write_digit_prompts(path: str | Path) -> Path:
+    """A prompts file with one caption per digit (what the demo and the benchmarks distil on)."""
+    path = Path(path)
+    path.write_text("\n".join(caption(d) for d in range(10)) + "\n")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------- config
