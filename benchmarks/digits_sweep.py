@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: %(default)s)")
     parser.add_argument("--teacher", help="a built digits teacher folder (default: the cached one)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", help="yardstick device")
+    parser.add_argument("--teacher-rows", nargs="*", default=TEACHER_ROWS, choices=TEACHER_ROWS, metavar="ROW",
+                        help=f"the teacher's rows to measure per seed (default: all of {', '.join(TEACHER_ROWS)}; "
+                        "teacher_50 at n=2000 takes a while on a CPU)")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)  # one job, as JSON (the parallel workers)
     args = parser.parse_args(argv)
     if args.one:
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [{**common, "variant": name, "overrides": {}, "external": command, "seed": s} for s in args.seeds]
     jobs += [  # last: quick, they fill in while the distillations run
         {**common, "variant": "teacher", "row": row, "seed": seed, "guidance_scale": DigitsDemoSettings.guidance_scale}
-        for seed in args.seeds for row in TEACHER_ROWS
+        for seed in args.seeds for row in args.teacher_rows
     ]
     results = []
 

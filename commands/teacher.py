@@ -1,4 +1,4 @@
-"""``fewstep teacher digits``: build (or reuse) the embedded digits teacher."""
+"""``fewstep teacher digits``: the embedded digits teacher: reuse the cached one, unpack the shipped one, or train it."""
 
 from __future__ import annotations
 
@@ -36,13 +36,17 @@ def register(sub) -> None:
         "digits",
         help="the digits teacher (scikit-learn's handwritten digits, 32×32, SD format)",
         description=(
-            "Train the digits teacher in Stable Diffusion format (about 10-15 minutes on 2 CPU cores), cache it "
-            "under $FEWSTEP_CACHE (default ~/.cache/fewstep) and reuse it on later calls. The build config is "
-            "recorded in fewstep_teacher.json next to the weights."
+            "Make the digits teacher in Stable Diffusion format and cache it under $FEWSTEP_CACHE (default "
+            "~/.cache/fewstep) for later calls. The default build ships with fewstep (fp16) and is unpacked in "
+            "seconds; another --seed or --config, or --force, trains one (about 15 minutes on 2 CPU cores). The "
+            "build config is recorded in fewstep_teacher.json next to the weights; `--config` of the shipped "
+            "teacher's record with --force rebuilds an equivalent teacher."
         ),
     )
     digits.add_argument("--out", help="also copy the teacher folder here (created if missing)")
-    digits.add_argument("--force", action="store_true", help="rebuild even if a cached teacher exists")
+    digits.add_argument(
+        "--force", action="store_true", help="train it from its config even if a cached or shipped teacher exists"
+    )
     digits.add_argument("--seed", type=int, default=None, help="random seed of the build (default: 0)")
     digits.add_argument(
         "--config",

@@ -4,7 +4,8 @@
 an ``AutoencoderKL`` (32×32 RGB ↔ 4×8×8 latents scaled to unit std), a frozen random ``CLIPTextModel`` with an
 offline tokenizer, and a ``UNet2DConditionModel`` trained with ε-prediction on the DDPM ``scaled_linear`` schedule
 and 10% caption dropout (so classifier-free guidance works). Captions read "a handwritten digit seven".
-``digits_teacher`` builds it once per config into the user cache (``training/cache.py``) and reuses it.
+``digits_teacher`` makes it once per config in the user cache (``training/cache.py``) and reuses it; the default
+config's teacher ships with the package in fp16 (``digits/shipped.py``) and is unpacked instead of trained.
 
 The data split is fixed (80/20, stratified, ``SPLIT_SEED``) and independent of the teacher's seed: the teacher and
 the yardstick's classifier train on ``train`` only; the yardstick compares generated digits with ``test``.
@@ -385,13 +386,23 @@ def digits_teacher(
     log: Callable[[str], None] = print,
     device: str = "cpu",
 ) -> Path:
-    """The cached digits teacher folder for ``config`` (default config if None), built on first use."""
+    """The cached digits teacher folder for ``config`` (default config if None), made on first use.
+
+    The default config's teacher is unpacked from the one shipped in the package (seconds; ``digits/shipped.py``);
+    any other config, or ``force``, trains one from its config.
+    """
+    from .shipped import ships, unpack_teacher
+
     config = config or DigitsTeacherConfig()
 
     def build(directory: Path) -> None:
+        if not force and ships(config):
+            log("fewstep: unpacking the digits teacher shipped with fewstep (the default build, stored in fp16)")
+            unpack_teacher(directory)
+            return
         log(
             f"fewstep: building the digits teacher (seed {config.seed}; VAE {config.vae_iterations} + UNet "
-            f"{config.unet_iterations} iterations, about 10–15 minutes on 2 CPU cores); it is cached for next time"
+            f"{config.unet_iterations} iterations, about 15 minutes on 2 CPU cores); it is cached for next time"
         )
         build_digits_teacher(config, directory, progress=progress, device=device)
 
