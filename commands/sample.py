@@ -81,6 +81,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     pipe = load_pipeline(teacher, device, dtype)
     pipe.load_lora_weights(args.lora)
+    recipe = getattr(pipe, "fewstep_recipe", None)  # the LoRA's fewstep_recipe.json: its timesteps and sampler
+    if recipe and args.steps is None and args.timesteps is None:
+        timesteps = [int(t) for t in recipe["timesteps"]]
+        steps = len(timesteps)
+    sampler = args.sampler or (recipe or {}).get("sampler") or "few_step"
     resolution = args.resolution or config.get("resolution")
     generator = torch.Generator("cpu").manual_seed(args.seed)
     result = pipe(
@@ -95,8 +100,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         teacher_guidance=args.distillpp,
         teacher_guided_steps=args.distillpp_steps,
         teacher_guidance_scale=args.teacher_guidance_scale,
+        sampler=sampler,
     )
-    described = f"timesteps {timesteps}" if timesteps else f"{steps} step(s)"
+    described = (f"timesteps {timesteps}" if timesteps else f"{steps} step(s)") + f", sampler {sampler}"
     if args.distillpp > 0:
         described += (
             f", Distillation++ λ={args.distillpp} on {args.distillpp_steps} step(s), "
@@ -115,15 +121,21 @@ def register(sub) -> None:
     parser = sub.add_parser(
         "sample",
         help="generate images with a distilled student (optionally Distillation++)",
-        description="Sample a fewstep student: the teacher's pipeline with the run's LoRA, DMD2's few-step rule, "
-        "and optionally Distillation++ (the teacher refines the first steps).",
+        description="Sample a fewstep student: the teacher's pipeline with the run's LoRA at the timesteps and with "
+        "the sampler its fewstep_recipe.json records, and optionally Distillation++ (the teacher refines the first "
+        "steps).",
     )
     parser.add_argument("--teacher", help="teacher Hub id or diffusers folder (default: the run's config)")
     parser.add_argument("--lora", required=True, help="fewstep run directory, its lora/ folder or a .safetensors file")
     parser.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     parser.add_argument("--negative-prompt", help="negative prompt (used by the teacher's CFG under --distillpp)")
-    parser.add_argument("--steps", type=int, help="student steps 1/2/4/8 (default: the run's, else 1)")
+    parser.add_argument("--steps", type=int, help="student steps 1/2/4/8 (default: the LoRA's recorded ones, else 1)")
     parser.add_argument("--timesteps", help="explicit student timesteps, e.g. 999,499 or 399 (overrides --steps)")
+    parser.add_argument(
+        "--sampler", choices=["few_step", "ddim"],
+        help="few_step: DMD2's re-noising rule (DMD2, DMD); ddim: deterministic DDIM (progressive distillation) "
+        "(default: the LoRA's recorded sampler, else few_step)",
+    )  # fmt: skip
     parser.add_argument("--distillpp", type=float, default=0.0, help="Distillation++ λ in [0, 1] (default 0 = off)")
     parser.add_argument("--distillpp-steps", type=int, default=1, help="teacher-guided steps K (default %(default)s)")
     parser.add_argument("--teacher-guidance-scale", type=float, default=7.5, help="teacher CFG w (default %(default)s)")

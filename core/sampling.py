@@ -90,12 +90,20 @@ def sample_ddim(
     timesteps: list[int],
     schedule: NoiseSchedule,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    refine: Refiner | None = None,
+    end_timestep: int = -1,
 ) -> torch.Tensor:
-    """Deterministic DDIM (the teacher's ODE sampler)."""
+    """Deterministic DDIM (the teacher's ODE sampler, and Progressive Distillation's students).
+
+    ``refine`` may change each step's x0 before the step is taken (as in :func:`sample_few_step`); the run ends at
+    ``end_timestep`` (−1 = clean; a later timestep hands a partly denoised x_t to another sampler).
+    """
     x = noise
     for i, t in enumerate(timesteps):
         x0 = denoise(x, t)
+        if refine is not None:
+            x0 = refine(x0, i, t, x)
         if callback is not None:
             callback(i, t, x0)
-        x = ddim_step(x0, x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, schedule)
+        x = ddim_step(x0, x, t, timesteps[i + 1] if i + 1 < len(timesteps) else end_timestep, schedule)
     return x

@@ -37,6 +37,18 @@ def _first_timestep_input() -> io.Int.Input:
     )  # fmt: skip
 
 
+SAMPLINGS = {"dmd2": "few_step", "ddim": "ddim"}  # the node's choice → fewstep's sampler name (pipelines' ``sampler``)
+
+
+def _sampling_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "sampling", options=list(SAMPLINGS), default="dmd2", optional=True,
+        tooltip="dmd2: predict x0, then re-noise it with fresh seeded noise (DMD2 and DMD students). ddim: "
+        "deterministic DDIM (Progressive Distillation students). The LoRA's model card and fewstep_recipe.json "
+        "say which.",
+    )  # fmt: skip
+
+
 def _timesteps_problem(steps, first_timestep, timesteps="") -> bool | str:
     """Validation shared by the nodes that pick timesteps: True, or the one-line reason they are invalid."""
     if steps is None or first_timestep is None or timesteps is None:
@@ -91,15 +103,16 @@ class FewStepSampler(io.ComfyNode):
             node_id="FewStepSampler",
             display_name="FewStep Sampler",
             category=CATEGORY,
-            description="DMD2's few-step rule: predict x0, then re-noise it to the next timestep with seeded noise. "
-            "Starts from pure noise on an empty latent, also at a shifted first timestep. Use with FewStep Scheduler.",
-            inputs=[],
+            description="DMD2's few-step rule: predict x0, then re-noise it to the next timestep with seeded noise "
+            "(or deterministic DDIM for Progressive Distillation students). Starts from pure noise on an empty "
+            "latent, also at a shifted first timestep. Use with FewStep Scheduler.",
+            inputs=[_sampling_input()],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
-    def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(FewStepKSAMPLER())
+    def execute(cls, sampling="dmd2") -> io.NodeOutput:
+        return io.NodeOutput(FewStepKSAMPLER(SAMPLINGS[sampling]))
 
 
 class FewStepKSampler(io.ComfyNode):
@@ -123,19 +136,22 @@ class FewStepKSampler(io.ComfyNode):
                     "negative", optional=True,
                     tooltip="Not used: distilled students run at CFG 1. Here so KSampler graphs wire up.",
                 ),
+                _sampling_input(),
             ],  # fmt: skip
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
-    def validate_inputs(cls, steps, first_timestep) -> bool | str:
+    def validate_inputs(cls, steps, first_timestep, **_) -> bool | str:
         return _timesteps_problem(steps, first_timestep)
 
     @classmethod
-    def execute(cls, model, seed, steps, first_timestep, positive, latent_image, negative=None) -> io.NodeOutput:
+    def execute(
+        cls, model, seed, steps, first_timestep, positive, latent_image, negative=None, sampling="dmd2"
+    ) -> io.NodeOutput:
         sigmas = _sigmas(model, steps, first_timestep)
         guider = student_guider(model, positive)
-        return io.NodeOutput(sample_latent(guider, FewStepKSAMPLER(), sigmas, latent_image, seed))
+        return io.NodeOutput(sample_latent(guider, FewStepKSAMPLER(SAMPLINGS[sampling]), sigmas, latent_image, seed))
 
 
 def _distillpp_inputs() -> list[io.Input]:

@@ -45,8 +45,9 @@ def model_schedule(model) -> NoiseSchedule:
 
 
 @torch.no_grad()
-def sample_fewstep(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """k-diffusion sampler function: DMD2's x0-then-re-noise rule with noise seeded by the run's seed."""
+def sample_fewstep(model, x, sigmas, extra_args=None, callback=None, disable=None, sampler="few_step"):
+    """k-diffusion sampler function: DMD2's x0-then-re-noise rule with noise seeded by the run's seed, or
+    (``sampler="ddim"``) deterministic DDIM for Progressive Distillation students."""
     extra_args = {} if extra_args is None else extra_args
     if len(sigmas) < 2:
         return x
@@ -60,7 +61,7 @@ def sample_fewstep(model, x, sigmas, extra_args=None, callback=None, disable=Non
             callback({"x": x0, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
 
     model_x0 = lambda x_sigma, sigma: model(x_sigma, sigma, **extra_args)
-    return sample_sigma_space(model_x0, x, sigmas, timesteps, schedule, generator, callback=on_step)
+    return sample_sigma_space(model_x0, x, sigmas, timesteps, schedule, generator, callback=on_step, sampler=sampler)
 
 
 class FewStepKSAMPLER(comfy.samplers.KSAMPLER):
@@ -71,8 +72,8 @@ class FewStepKSAMPLER(comfy.samplers.KSAMPLER):
     t = 399) would see noise of std 0.76 instead of 1. With a non-empty latent (img2img) ComfyUI's rule stands.
     """
 
-    def __init__(self):
-        super().__init__(sample_fewstep)
+    def __init__(self, sampler: str = "few_step"):
+        super().__init__(sample_fewstep, extra_options={"sampler": sampler})
         self.pure_noise_start = True
 
     def sample(

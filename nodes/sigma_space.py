@@ -5,8 +5,8 @@ Pure torch (no ComfyUI import), so CI tests it. For a discrete VP schedule (Karr
     σ_t = sqrt((1 − ᾱ_t) / ᾱ_t),    x_σ = x_t / sqrt(ᾱ_t) = x0 + σ_t·ε.
 
 A ComfyUI model call ``model(x_σ, σ) -> x0`` (ε-, v- and x0-models alike) becomes fewstep's ``denoise(x_t, t) -> x0``
-through :func:`vp_denoiser`; :func:`sample_sigma_space` is ``core.sample_few_step`` behind ComfyUI's sampler
-contract (``x`` and ``sigmas`` in, x0 out).
+through :func:`vp_denoiser`; :func:`sample_sigma_space` is ``core.sample_few_step`` (or ``core.sample_ddim``) behind
+ComfyUI's sampler contract (``x`` and ``sigmas`` in, x0 out).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..core.sampling import Denoiser, Refiner, randn_like, sample_few_step
+from ..core.sampling import Denoiser, Refiner, randn_like, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, parse_timesteps, student_timesteps, validate_timesteps
 
 # model_x0(x_σ, σ) -> x0 with σ of shape (B,): a ComfyUI model as its samplers call it.
@@ -83,16 +83,25 @@ def sample_sigma_space(
     generator: torch.Generator | None = None,
     refine: Refiner | None = None,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    sampler: str = "few_step",
 ) -> torch.Tensor:
-    """DMD2's multistep rule (``core.sample_few_step``) on ComfyUI's terms.
+    """A student's sampler (``core.sample_few_step``: DMD2's rule; ``sampler="ddim"``: ``core.sample_ddim``, for
+    Progressive Distillation students) on ComfyUI's terms.
 
     ``x`` is the sampler's input at ``sigmas[0]`` (sigma space); ``timesteps[i]`` is the training timestep of
     ``sigmas[i]`` for every step; ``sigmas[-1]`` is where the run ends: 0 returns the last x0, a σ > 0 (a split
-    schedule handing over to another sampler) returns that x0 re-noised to σ, in sigma space.
+    schedule handing over to another sampler) returns the run's x_t at σ (DMD2: the last x0 re-noised; DDIM: its
+    deterministic step), in sigma space.
     """
     x_t = from_sigma_space(x, sigmas[0])
-    x0 = sample_few_step(vp_denoiser(model_x0, schedule), x_t, timesteps, schedule, generator, refine, callback)
-    if sigmas[-1] <= 0:
+    denoise = vp_denoiser(model_x0, schedule)
+    t_end = -1 if sigmas[-1] <= 0 else int(timesteps_of_sigmas(sigmas[-1:], schedule)[0])
+    if sampler == "ddim":
+        x_end = sample_ddim(denoise, x_t, timesteps, schedule, callback, refine, end_timestep=t_end)
+        return x_end if t_end < 0 else to_sigma_space(x_end, sigmas[-1])
+    if sampler != "few_step":
+        raise ValueError(f"sampler must be few_step or ddim, got {sampler!r}")
+    x0 = sample_few_step(denoise, x_t, timesteps, schedule, generator, refine, callback)
+    if t_end < 0:
         return x0
-    t_end = int(timesteps_of_sigmas(sigmas[-1:], schedule)[0])
     return to_sigma_space(schedule.add_noise(x0, randn_like(x0, generator), t_end), sigmas[-1])

@@ -16,23 +16,48 @@ from typing import Callable, Mapping
 import torch
 
 from ..core.distillpp import RULES as TEACHER_GUIDANCE_RULES
-from ..core.sampling import Denoiser, cfg
+from ..core.sampling import Denoiser, cfg, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from ..training.lora_io import DIFFUSERS_LORA_WEIGHT_NAME, lora_family_of_state_dict
 
 RUN_DIR_LORA = "lora"
 KOHYA_WEIGHT_NAME = "fewstep_comfyui.safetensors"
+RECIPE_FILE = "fewstep_recipe.json"  # how a fewstep LoRA samples: {"method", "timesteps", "sampler"}
+# "few_step": predict x0, re-noise with fresh noise (DMD2, DMD); "ddim": deterministic DDIM (Progressive Distillation).
+SAMPLERS = ("few_step", "ddim")
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def few_step_timesteps(num_inference_steps: int, timesteps, num_train_timesteps: int) -> list[int]:
-    """The student's timesteps: ``timesteps`` if given, else DMD2's list for ``num_inference_steps``."""
+def few_step_timesteps(
+    num_inference_steps: int | None, timesteps, num_train_timesteps: int, recipe: Mapping | None = None
+) -> list[int]:
+    """The student's timesteps: ``timesteps`` if given, else DMD2's list for ``num_inference_steps``, else the loaded
+    LoRA's recorded timesteps (its ``fewstep_recipe.json``), else one step."""
     if timesteps is not None:
         return validate_timesteps(list(timesteps), num_train_timesteps)
+    if num_inference_steps is None:
+        if recipe and recipe.get("timesteps"):
+            return validate_timesteps([int(t) for t in recipe["timesteps"]], num_train_timesteps)
+        num_inference_steps = 1
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, Integral) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps!r}")
     return student_timesteps(int(num_inference_steps), num_train_timesteps)
+
+
+def student_sampler(sampler: str | None, recipe: Mapping | None = None) -> str:
+    """``sampler`` if given, else the loaded LoRA's recorded one, else DMD2's re-noising rule."""
+    chosen = sampler or (recipe or {}).get("sampler") or "few_step"
+    if chosen not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {chosen!r}")
+    return chosen
+
+
+def run_student(sampler: str, denoise, latents, timesteps: list[int], schedule, generator, hook) -> torch.Tensor:
+    """The sampling loop of ``sampler`` (fewstep.core); ``hook`` is :func:`step_hook`'s per-step function."""
+    if sampler == "ddim":
+        return sample_ddim(denoise, latents, timesteps, schedule, refine=hook)
+    return sample_few_step(denoise, latents, timesteps, schedule, generator, refine=hook)
 
 
 def check_teacher_inputs(
@@ -223,6 +248,35 @@ def resolve_lora_source(source, family: str, kwargs: dict) -> tuple[object, dict
         path = lora_file_of(text)
     check_lora_family(path, family, text)
     return str(path.parent), {**kwargs, "weight_name": path.name}
+
+
+def read_lora_recipe(source, kwargs: Mapping) -> dict | None:
+    """The ``fewstep_recipe.json`` beside a LoRA that :func:`resolve_lora_source` resolved: a local folder's, or a
+    Hub repo's (fetched like the LoRA itself, honouring ``HF_HUB_OFFLINE``); None when there is none."""
+    import json
+
+    if isinstance(source, Mapping):
+        return None
+    text = str(source)
+    if looks_like_path(text):
+        path = Path(text).expanduser() / RECIPE_FILE
+        if not path.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        options = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        try:
+            path = Path(hf_hub_download(text, RECIPE_FILE, **options))
+        except Exception:  # no recipe in the repo, offline, …: the LoRA still loads, sampled at the given steps
+            return None
+    try:
+        recipe = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); fix or remove it") from None
+    if recipe.get("sampler", "few_step") not in SAMPLERS or not recipe.get("timesteps"):
+        raise ValueError(f"{path} is not a fewstep sampling recipe (needs timesteps and a sampler in {SAMPLERS})")
+    return recipe
 
 
 # ------------------------------------------------------------------------------------------ the loop

@@ -7,8 +7,10 @@
     image = pipe("a photo of a cat", num_inference_steps=4, teacher_guidance=0.05).images[0]   # Distillation++
 
 Sampling is fewstep's math layer (``fewstep.core.sample_few_step``): x0 = G(x_t, t_i), then re-noise x0 to
-t_{i+1} with fresh noise (DMD2's rule, the same as LCMScheduler's at these timesteps). The pipeline's scheduler
-only supplies ᾱ_t and the prediction type (ε or v). This file is uploaded to the Hub as ``pipeline.py`` by
+t_{i+1} with fresh noise (DMD2's rule, the same as LCMScheduler's at these timesteps); a Progressive Distillation
+student samples with deterministic DDIM (``sampler="ddim"``). A fewstep LoRA's ``fewstep_recipe.json`` sets both
+defaults (timesteps, sampler) when it is loaded. The pipeline's scheduler only supplies ᾱ_t and the prediction
+type (ε or v). This file is uploaded to the Hub as ``pipeline.py`` by
 ``fewstep push``, with the fewstep modules it imports copied next to it and the imports made relative, so
 the pushed repo works without fewstep installed. It holds exactly one ``DiffusionPipeline`` subclass, as
 diffusers requires.
@@ -26,13 +28,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from fewstep.core.distillpp import distillpp_refiner
-from fewstep.core.sampling import sample_few_step
 from fewstep.core.schedule import NoiseSchedule
 from fewstep.pipelines.common import (
     check_teacher_inputs,
     few_step_timesteps,
+    read_lora_recipe,
     resolve_lora_source,
+    run_student,
     step_hook,
+    student_sampler,
     teacher_unet_and_context,
     unet_denoiser,
     uses_teacher,
@@ -73,9 +77,17 @@ class FewStepSDPipeline(StableDiffusionPipeline):
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
         """diffusers' ``load_lora_weights``, also given a fewstep run directory (``RUN_DIR/lora/...``) or a kohya
-        file; a LoRA made for SDXL is refused with a one-line error."""
+        file; a LoRA made for the other model family is refused with a one-line error. A fewstep LoRA's
+        ``fewstep_recipe.json`` (its timesteps and sampler) becomes the default of ``__call__``."""
         source, kwargs = resolve_lora_source(pretrained_model_name_or_path_or_dict, self.family, kwargs)
+        recipe = read_lora_recipe(source, kwargs)  # a broken recipe is refused before anything is loaded
         super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+        if recipe is not None:  # a style LoRA loaded beside the student has none and keeps the student's
+            self.fewstep_recipe = recipe
+
+    def unload_lora_weights(self, *args, **kwargs):
+        super().unload_lora_weights(*args, **kwargs)
+        self.fewstep_recipe = None
 
     @torch.no_grad()
     def __call__(
@@ -83,7 +95,7 @@ class FewStepSDPipeline(StableDiffusionPipeline):
         prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 1,
+        num_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
         guidance_scale: float = 1.0,
         negative_prompt: str | list[str] | None = None,
@@ -102,12 +114,14 @@ class FewStepSDPipeline(StableDiffusionPipeline):
         teacher_guided_steps: int = 1,
         teacher_guidance_scale: float = 7.5,
         teacher_guidance_rule: str = "x0_lerp",
+        sampler: str | None = None,
     ):
         """Generate images with the few-step student.
 
         Args:
             num_inference_steps: student steps; DMD2's timesteps ``range(999, 0, -1000 // N)`` (1 → [999],
-                4 → [999, 749, 499, 249]). Ignored when ``timesteps`` is given.
+                4 → [999, 749, 499, 249]). Ignored when ``timesteps`` is given. Default: the timesteps recorded
+                with the loaded fewstep LoRA (its ``fewstep_recipe.json``), else 1 step.
             timesteps: explicit, strictly descending student timesteps, e.g. ``[399]`` for a shifted one-step start.
             guidance_scale: CFG of the *student*; DMD2 students are distilled with guidance and run at 1 (off).
             negative_prompt: used by whichever CFG runs (the student's when ``guidance_scale > 1``, the teacher's
@@ -119,6 +133,9 @@ class FewStepSDPipeline(StableDiffusionPipeline):
             teacher_guidance_rule: "x0_lerp" (the paper: x̂0 ← lerp(x̂0_student, x̂0_teacher, λ)) or "eps_mix" (the
                 authors' code: ε ← ε_student + λ·(ε_teacher − ε_student), x̂0 recomputed from x_t; about 3.6× the
                 x0 weight on SD's first step, so use a smaller λ, e.g. 0.01).
+            sampler: "few_step" (DMD2's rule: x0, then fresh noise to the next timestep; DMD and DMD2 students) or
+                "ddim" (deterministic DDIM; Progressive Distillation students). Default: the loaded fewstep LoRA's
+                recorded sampler, else "few_step".
             callback_on_step_end: ``fn(pipe, step, timestep, tensors) -> dict`` after each step; ``tensors["latents"]``
                 is the step's x0 estimate and a returned ``"latents"`` replaces it.
         Returns:
@@ -135,7 +152,9 @@ class FewStepSDPipeline(StableDiffusionPipeline):
             prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds, None, None,
             callback_on_step_end_tensor_inputs,
         )  # fmt: skip
-        student_steps = few_step_timesteps(num_inference_steps, timesteps, schedule.num_train_timesteps)
+        recipe = getattr(self, "fewstep_recipe", None)
+        student_steps = few_step_timesteps(num_inference_steps, timesteps, schedule.num_train_timesteps, recipe)
+        sampler = student_sampler(sampler, recipe)
         check_teacher_inputs(teacher_guidance, teacher_guided_steps, teacher_guidance_scale, teacher_guidance_rule)
         teacher = uses_teacher(teacher_guidance, teacher_guided_steps)
         teacher_unet, teacher_context = teacher_unet_and_context(self) if teacher else (None, None)
@@ -201,7 +220,7 @@ class FewStepSDPipeline(StableDiffusionPipeline):
         tensors = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         with self.progress_bar(total=len(student_steps)) as progress_bar:
             hook = step_hook(self, refine, callback_on_step_end, callback_on_step_end_tensor_inputs, tensors, progress_bar)
-            latents = sample_few_step(student, latents, student_steps, schedule, generator, refine=hook)
+            latents = run_student(sampler, student, latents, student_steps, schedule, generator, hook)
 
         # 8. Decode, safety check, post-process
         has_nsfw_concept = None

@@ -54,6 +54,8 @@ def make_run_dir(family: str, directory: Path, teacher: str, samples: bool = Tru
         "resolution": 32, "max_steps": 10, "lr": 1e-4, "guidance_scale": 1.75, "gen_rank": 4, "gen_alpha": 2.0,
     }  # fmt: skip
     (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    recipe = {"method": "dmd2", "timesteps": [999, 749, 499, 249], "sampler": "few_step"}  # as the trainer writes it
+    (directory / "lora" / "fewstep_recipe.json").write_text(json.dumps(recipe))
     if metrics:
         (directory / "metrics.json").write_text(json.dumps({"fd": 12.5, "accuracy": 0.91}))
     if samples:

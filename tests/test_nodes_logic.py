@@ -12,7 +12,7 @@ import torch
 
 import fewstep
 from fewstep.core.distillpp import sample_distillpp
-from fewstep.core.sampling import sample_few_step
+from fewstep.core.sampling import sample_ddim, sample_few_step
 from fewstep.core.schedule import NoiseSchedule
 from fewstep.nodes.comfyui_support import comfyui_version_problem
 from fewstep.nodes.sigma_space import (
@@ -144,6 +144,32 @@ def test_a_split_schedule_hands_over_a_renoised_sample_in_sigma_space():
     generator = torch.Generator().manual_seed(1)
     x0 = sample_few_step(_analytic, noise, [999, 749], SD, generator)
     expected = to_sigma_space(SD.add_noise(x0, torch.randn(x0.shape, generator=generator), 499), sigmas[-1])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("timesteps", [[999], [999, 499], [999, 749, 499, 249]])
+def test_ddim_through_the_adapter_is_core_sample_ddim(timesteps):
+    """The FewStep Sampler's ``ddim`` choice (Progressive Distillation students) is the pipelines' sampler."""
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.stack([sigma_of(COMFY, t) for t in timesteps] + [torch.tensor(0.0)])
+    student = lambda x_t, t: 0.5 * _analytic(x_t, t)  # not the exact denoiser, so DDIM and re-noising differ
+    out = sample_sigma_space(
+        _sigma_space_model(student, []), to_sigma_space(noise, sigmas[0]), sigmas, timesteps, COMFY,
+        torch.Generator().manual_seed(1), sampler="ddim",
+    )  # fmt: skip
+    torch.testing.assert_close(out, sample_ddim(student, noise, timesteps, SD), rtol=1e-5, atol=1e-5)
+    if len(timesteps) > 1:
+        renoised = sample_few_step(student, noise, timesteps, SD, torch.Generator().manual_seed(1))
+        assert (out - renoised).abs().max() > 1e-2
+
+
+def test_a_split_ddim_schedule_hands_over_its_deterministic_step():
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.stack([sigma_of(COMFY, t) for t in (999, 749, 499)])  # ends at σ(499), not 0
+    out = sample_sigma_space(
+        _sigma_space_model(_analytic, []), to_sigma_space(noise, sigmas[0]), sigmas, [999, 749], COMFY, sampler="ddim"
+    )
+    expected = to_sigma_space(sample_ddim(_analytic, noise, [999, 749], SD, end_timestep=499), sigmas[-1])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -15,7 +15,7 @@ from fake_runs import (
 )
 
 from fewstep.cli import main
-from fewstep.core.sampling import sample_few_step
+from fewstep.core.sampling import sample_ddim, sample_few_step
 from fewstep.core.schedule import NoiseSchedule, student_timesteps
 
 FAMILIES = ["sd15", "sdxl"]
@@ -61,7 +61,7 @@ def conditioning(pipe, family, prompt=PROMPT):
     return {"encoder_hidden_states": embeds}
 
 
-def direct_sample(pipe, family, timesteps, seed=0):
+def direct_sample(pipe, family, timesteps, seed=0, sampler="few_step"):
     """The math layer's sampler called directly on the UNet, decoded like the pipeline: the reference."""
     schedule = NoiseSchedule.from_config(dict(pipe.scheduler.config))
     kwargs = conditioning(pipe, family)
@@ -73,7 +73,10 @@ def direct_sample(pipe, family, timesteps, seed=0):
         return schedule.to_x0(pipe.unet(x_t, t, **kwargs).sample, x_t, t)
 
     with torch.no_grad():
-        x0 = sample_few_step(denoise, noise, timesteps, schedule, generator)
+        if sampler == "ddim":
+            x0 = sample_ddim(denoise, noise, timesteps, schedule)
+        else:
+            x0 = sample_few_step(denoise, noise, timesteps, schedule, generator)
         image = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
     return (image / 2 + 0.5).clamp(0, 1)
 
@@ -111,6 +114,52 @@ def test_pipeline_equals_math_layer_sampler(students, family, steps):
     assert (images - reference).abs().max().item() <= 1e-5
 
 
+# ------------------------------------------------------------------------------------------ recipes
+def run_with_recipe(run, tmp_path, recipe: dict):
+    """A copy of a fake run whose LoRA records ``recipe`` (as fewstep train writes lora/fewstep_recipe.json)."""
+    import json
+    import shutil
+
+    copy = shutil.copytree(run, tmp_path / "run")
+    (copy / "lora" / "fewstep_recipe.json").write_text(json.dumps(recipe))
+    return copy
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_progressive_lora_samples_with_ddim_at_its_recorded_timesteps(bases, runs, family, tmp_path):
+    run = run_with_recipe(runs[family], tmp_path, {"method": "progressive", "timesteps": [999, 499], "sampler": "ddim"})
+    pipe = load(bases[family], family)
+    pipe.load_lora_weights(str(run))
+    images = pipe(PROMPT, generator=seeded(), output_type="pt").images
+    assert (images - direct_sample(pipe, family, [999, 499], sampler="ddim")).abs().max().item() <= 1e-5
+    renoised = pipe(PROMPT, generator=seeded(), output_type="pt", sampler="few_step").images
+    assert (renoised - direct_sample(pipe, family, [999, 499])).abs().max().item() <= 1e-5
+    assert (renoised - images).abs().max().item() > 1e-3  # the two samplers differ at 2 steps
+
+
+def test_recorded_timesteps_are_the_default_and_explicit_steps_win(bases, runs, tmp_path):
+    run = run_with_recipe(runs["sd15"], tmp_path, {"method": "dmd2", "timesteps": [399], "sampler": "few_step"})
+    pipe = load(bases["sd15"], "sd15")
+    pipe.load_lora_weights(str(run / "lora"))
+    assert pipe(PROMPT, generator=seeded(), output_type="pt").images.allclose(direct_sample(pipe, "sd15", [399]))
+    one_step = pipe(PROMPT, generator=seeded(), output_type="pt", num_inference_steps=1).images
+    assert one_step.allclose(direct_sample(pipe, "sd15", [999]))
+
+
+def test_unloading_the_lora_forgets_its_recipe(bases, runs, tmp_path):
+    run = run_with_recipe(runs["sd15"], tmp_path, {"method": "progressive", "timesteps": [999, 499], "sampler": "ddim"})
+    pipe = load(bases["sd15"], "sd15")
+    pipe.load_lora_weights(str(run))
+    assert pipe.fewstep_recipe["sampler"] == "ddim"
+    pipe.unload_lora_weights()
+    assert pipe.fewstep_recipe is None
+
+
+def test_a_broken_recipe_is_a_one_line_error(bases, runs, tmp_path):
+    run = run_with_recipe(runs["sd15"], tmp_path, {"timesteps": [999], "sampler": "karras"})
+    one_line_error(lambda: load(bases["sd15"], "sd15").load_lora_weights(str(run)), "is not a fewstep sampling recipe")
+
+
 def test_decodes_with_a_tiny_autoencoder(bases, runs):
     """``vae=AutoencoderTiny(...)`` (TAESD-style fast decoding) is used as given, scaling factor included."""
     from diffusers import AutoencoderTiny
@@ -123,7 +172,7 @@ def test_decodes_with_a_tiny_autoencoder(bases, runs):
     pipe = load(bases["sd15"], "sd15", vae=tiny)
     pipe.load_lora_weights(str(runs["sd15"]))
     assert pipe.vae_scale_factor == 2
-    images = pipe(PROMPT, generator=seeded(), output_type="pt").images
+    images = pipe(PROMPT, num_inference_steps=1, generator=seeded(), output_type="pt").images
     reference = direct_sample(pipe, "sd15", student_timesteps(1))
     assert images.shape == reference.shape == (1, 3, 32, 32)
     assert (images - reference).abs().max().item() <= 1e-5
@@ -304,6 +353,24 @@ def test_lora_from_a_run_its_folder_or_either_file(bases, runs, students, where)
     assert (images - expected).abs().max().item() <= 1e-5
 
 
+def test_ddim_sampler_equals_the_model_cards_stock_ddim_scheduler_recipe(bases, runs):
+    """The card's plain-diffusers recipe for Progressive Distillation students: stock StableDiffusionPipeline +
+    DDIMScheduler (trailing spacing, set_alpha_to_one=True) at guidance 0 samples as ``sampler="ddim"`` does."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    students = load(bases["sd15"], "sd15")
+    students.load_lora_weights(str(runs["sd15"]))
+    stock = StableDiffusionPipeline.from_pretrained(str(bases["sd15"]), safety_checker=None)
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(runs["sd15"] / "lora"), weight_name="pytorch_lora_weights.safetensors")
+    stock.scheduler = DDIMScheduler.from_config(stock.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True)
+    latents = torch.randn(1, 4, 16, 16, generator=seeded(3))
+    for steps in (2, 4):
+        ours = students(PROMPT, num_inference_steps=steps, sampler="ddim", latents=latents, output_type="pt").images
+        theirs = stock(PROMPT, num_inference_steps=steps, guidance_scale=0, latents=latents, output_type="pt").images
+        assert (ours - theirs).abs().max().item() <= 1e-4
+
+
 def test_dmd2_authors_kohya_lora_matches_lcm_scheduler_pipeline(tmp_path):
     """A LoRA in the format of DMD2's published SDXL LoRAs (diffusers' ``convert_state_dict_to_kohya``: kohya keys,
     alpha = rank, no metadata) loads through ``load_lora_weights``, and fewstep's pipeline then equals diffusers'
@@ -362,6 +429,7 @@ def test_missing_lora_is_refused(bases, tmp_path):
         ({"teacher_guidance": 1.5}, r"must be in \[0, 1\], got 1.5"),
         ({"teacher_guidance": -0.1}, r"got -0.1"),
         ({"teacher_guided_steps": -1}, "teacher_guided_steps must be an integer ≥ 0, got -1"),
+        ({"sampler": "euler"}, "sampler must be one of few_step, ddim, got 'euler'"),
     ],
 )
 def test_bad_call_arguments_are_one_line_errors(students, kwargs, match):
@@ -380,6 +448,13 @@ def test_sample_command_writes_pngs(runs, tmp_path, capsys):
     assert len(written) == 4
     assert Image.open(written[0]).size == (32, 32)
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(written[-1])
+
+
+def test_sample_command_samples_a_lora_at_its_recorded_recipe(runs, tmp_path, capsys):
+    run = run_with_recipe(runs["sd15"], tmp_path, {"method": "progressive", "timesteps": [999, 499], "sampler": "ddim"})
+    code = main(["sample", "--lora", str(run), "--prompt", PROMPT, "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert "timesteps [999, 499], sampler ddim" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

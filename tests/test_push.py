@@ -44,7 +44,7 @@ def test_dry_run_folder_and_model_card(runs, tmp_path, capsys, family):
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     assert files == sorted([
         "README.md", "pytorch_lora_weights.safetensors", "fewstep_comfyui.safetensors", "pipeline.py",
-        "config.yaml", "metrics.json", "images/samples.png", *PUSHED_MODULES,
+        "config.yaml", "metrics.json", "images/samples.png", "fewstep_recipe.json", *PUSHED_MODULES,
     ])  # fmt: skip
     assert (folder / "pipeline.py").read_text() == pushed_code(family)["pipeline.py"]
     assert (folder / "images" / "samples.png").read_bytes() == (runs[family] / "samples" / "step-0000010.png").read_bytes()
@@ -238,7 +238,7 @@ def test_push_uploads_with_create_repo_and_upload_folder(runs, fake_hub, tmp_pat
     files = committed_files(fake_hub[-1][2])
     assert set(files) == {
         "README.md", "pytorch_lora_weights.safetensors", "fewstep_comfyui.safetensors", "pipeline.py", "config.yaml",
-        "metrics.json", "images/samples.png", *PUSHED_MODULES,
+        "metrics.json", "images/samples.png", "fewstep_recipe.json", *PUSHED_MODULES,
     }  # fmt: skip
     assert files["pipeline.py"].decode() == pushed_code("sdxl")["pipeline.py"]
     assert files["fewstep_comfyui.safetensors"] == (run / "lora" / "fewstep_comfyui.safetensors").read_bytes()

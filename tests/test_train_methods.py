@@ -306,6 +306,36 @@ def test_every_method_stops_on_sigterm_after_a_checkpoint_and_resumes_bit_identi
     )
 
 
+@pytest.mark.parametrize("method", ["dmd", "progressive"])
+def test_ctrl_c_while_making_pairs_says_what_is_kept_and_resume_finishes_the_same_run(
+    teachers, prompts, tmp_path, monkeypatch, capsys, uninterrupted_runs, method
+):
+    import os
+    import signal
+
+    from fewstep.training import pair_cache
+
+    make_shard = pair_cache.sample_ddim
+
+    def interrupted_shard(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first shard is being made
+        return make_shard(*args, **kwargs)
+
+    run = tmp_path / "run"
+    capsys.readouterr()
+    with monkeypatch.context() as patches:
+        patches.setattr(pair_cache, "sample_ddim", interrupted_shard)
+        assert main(cli_args(method, teachers["sd15", "epsilon"], prompts, run)) == 128 + signal.SIGINT
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"stopped while making the teacher ODE pairs: 0 of 6 are saved in {run / 'pairs'}" in last
+    assert last.endswith(f"continue with: fewstep train --output {run} --resume")
+    assert main(["train", "--output", str(run), "--resume"]) == 0
+    uninterrupted = uninterrupted_runs / method
+    for path in (uninterrupted / "lora").rglob("*.safetensors"):
+        other = load_file(run / path.relative_to(uninterrupted))
+        assert all(torch.equal(tensor, other[key]) for key, tensor in load_file(path).items()), path
+
+
 def test_a_new_lr_takes_effect_on_resume_of_a_progressive_run(teachers, prompts, tmp_path):
     run = tmp_path / "run"
     run_method("progressive", config("progressive", teachers["sd15", "epsilon"], run, prompts, max_steps=4), stop_at=2)

@@ -56,16 +56,23 @@ class Run:
         return self.directory / "lora" / KOHYA_WEIGHT_NAME
 
     @property
-    def timesteps(self) -> list[int]:
+    def recipe(self) -> dict:
+        """How the LoRA samples: ``lora/fewstep_recipe.json`` (written by the trainer for every method), else what
+        the config implies (a DMD2 run: its timesteps, DMD2's rule)."""
         from ..core.schedule import student_timesteps
 
         if self.directory is not None:  # a Run made in code (no directory) has only its config
-            recipe = Path(self.directory) / "lora" / "fewstep_recipe.json"  # written by the trainer for every method
-            if recipe.is_file():
-                return [int(t) for t in json.loads(recipe.read_text())["timesteps"]]
-        if self.config.get("timesteps"):
-            return [int(t) for t in self.config["timesteps"]]
-        return student_timesteps(int(self.config.get("num_steps") or 1))
+            path = Path(self.directory) / "lora" / "fewstep_recipe.json"
+            if path.is_file():
+                recipe = json.loads(path.read_text())
+                return {**recipe, "timesteps": [int(t) for t in recipe["timesteps"]]}
+        timesteps = [int(t) for t in self.config.get("timesteps") or []]
+        timesteps = timesteps or student_timesteps(int(self.config.get("num_steps") or 1))
+        return {"method": "dmd2", "timesteps": timesteps, "sampler": "few_step"}
+
+    @property
+    def timesteps(self) -> list[int]:
+        return self.recipe["timesteps"]
 
 
 def read_run(run_dir: str | Path) -> Run:
@@ -129,6 +136,8 @@ def build_upload_folder(
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run.diffusers_lora, folder / DIFFUSERS_LORA_WEIGHT_NAME)
     shutil.copyfile(run.kohya_lora, folder / KOHYA_WEIGHT_NAME)
+    # The pipeline reads it on load_lora_weights(repo_id): the LoRA's timesteps and sampler become its defaults.
+    (folder / "fewstep_recipe.json").write_text(json.dumps(run.recipe, indent=2) + "\n")
     write_pushed_code(run.family, folder)
     (folder / "config.yaml").write_text(yaml.safe_dump(public_config(run.config, base), sort_keys=False))
     if run.metrics is not None:

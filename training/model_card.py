@@ -62,7 +62,23 @@ def _format_value(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _method(config: dict) -> str:
+METHOD_PAPERS = {
+    "dmd2": "DMD2 (Yin et al., *Improved Distribution Matching Distillation for Fast Image Synthesis*, 2024)",
+    "dmd": "DMD (Yin et al., *One-step Diffusion with Distribution Matching Distillation*, 2023)",
+    "progressive": "Progressive Distillation (Salimans & Ho, *Progressive Distillation for Fast Sampling of "
+    "Diffusion Models*, 2022)",
+}
+SAMPLING_RULES = {
+    "few_step": "predict x0, re-noise it to the next timestep with fresh noise (LCM's rule)",
+    "ddim": "deterministic DDIM from pure noise (η = 0; the rule Progressive Distillation trains for)",
+}
+
+
+def _method(config: dict, method: str = "dmd2") -> str:
+    if method == "dmd":
+        return "DMD (distribution matching + regression on the teacher's ODE pairs)"
+    if method == "progressive":
+        return "Progressive Distillation (each round: one student DDIM step = two of its teacher's)"
     gan = float(config.get("gan_weight") or 0) > 0 and bool(config.get("images") or config.get("dataset"))
     return "DMD2 (distribution matching + GAN)" if gan else "DMD2 (distribution matching, no GAN)"
 
@@ -72,18 +88,20 @@ def _facts_table(run, base_model: str, recipe: SamplingRecipe, styles: list[Styl
     rows = [
         ("base model", f"[{base_model}](https://huggingface.co/{base_model}) ({FAMILY_NAMES[run.family]})"),
         ("style LoRAs fused into the teacher", style_text),
-        ("method", _method(run.config)),
+        ("method", _method(run.config, recipe.method)),
         ("steps", str(recipe.steps)),
         ("timesteps", f"`{recipe.timesteps}` (exactly these; other timesteps give blurry or noisy images)"),
         ("CFG", f"{recipe.cfg:g} (guidance is distilled in; the teacher used CFG {run.config.get('guidance_scale')})"),
         ("LoRA scale", f"{recipe.lora_scale:g}"),
-        ("sampling rule", "predict x0, re-noise it to the next timestep with fresh noise (LCM's rule)"),
+        ("sampling rule", SAMPLING_RULES[recipe.sampler]),
     ]
     return "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
 def _diffusers_sections(repo_id: str, base_model: str, recipe: SamplingRecipe, styles: list[StyleLora]) -> list[str]:
     step_kwargs = f"num_inference_steps={recipe.steps}" if recipe.default_spacing else f"timesteps={recipe.timesteps}"
+    if recipe.sampler == "ddim":
+        step_kwargs += ', sampler="ddim"'
     style_lines = ""
     if styles:
         style_lines = (
@@ -111,16 +129,37 @@ def _diffusers_sections(repo_id: str, base_model: str, recipe: SamplingRecipe, s
         f'image = pipe("{PROMPT}", {step_kwargs}, teacher_guidance=0.05, teacher_guided_steps=1,\n'
         "             teacher_guidance_scale=7.5).images[0]\n"
         "```",
-        "## Use with plain diffusers (stock LCMScheduler)",
-        "DMD2's sampling rule is LCMScheduler's at these timesteps; pass them explicitly and keep guidance off:",
+    ] + _plain_diffusers_section(base_model, repo_id, recipe, style_lines)
+
+
+def _plain_diffusers_section(base_model: str, repo_id: str, recipe: SamplingRecipe, style_lines: str) -> list[str]:
+    if recipe.sampler == "ddim":
+        intro = (
+            "Deterministic DDIM at the trained timesteps: `DDIMScheduler` with trailing spacing, ending at the clean "
+            "image (`set_alpha_to_one=True`), guidance off:"
+        )
+        scheduler = (
+            "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=\"trailing\",\n"
+            "                                           set_alpha_to_one=True)\n"
+        )
+        call = f'image = pipe("{PROMPT}", guidance_scale=0, num_inference_steps={recipe.steps}).images[0]\n'
+        name = "DDIMScheduler"
+    else:
+        intro = "DMD2's sampling rule is LCMScheduler's at these timesteps; pass them explicitly and keep guidance off:"
+        scheduler = "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
+        call = f'image = pipe("{PROMPT}", guidance_scale=0, timesteps={recipe.timesteps}).images[0]\n'
+        name = "LCMScheduler"
+    return [
+        f"## Use with plain diffusers (stock {name})",
+        intro,
         "```python\n"
         "import torch\n"
-        "from diffusers import DiffusionPipeline, LCMScheduler\n\n"
+        f"from diffusers import DiffusionPipeline, {name}\n\n"
         f'pipe = DiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")\n'
         f"{style_lines}"
         f'pipe.load_lora_weights("{repo_id}")\n'
-        "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
-        f'image = pipe("{PROMPT}", guidance_scale=0, timesteps={recipe.timesteps}).images[0]\n'
+        f"{scheduler}"
+        f"{call}"
         "```",
     ]
 
@@ -128,22 +167,25 @@ def _diffusers_sections(repo_id: str, base_model: str, recipe: SamplingRecipe, s
 def _comfyui_section(recipe: SamplingRecipe, styles: list[StyleLora]) -> list[str]:
     loras = "".join(f"**LoraLoaderModelOnly** `{s.path.name}` (strength {s.scale:g}), then " for s in styles)
     chain = f"Load the base checkpoint, then {loras}**LoraLoaderModelOnly** `{KOHYA_WEIGHT_NAME}` (strength 1.0)."
+    sampling = "ddim" if recipe.sampler == "ddim" else "dmd2"
     if recipe.evenly_spaced:
         fewstep_nodes = (
-            f"**FewStep KSampler**: steps `{recipe.steps}`, first_timestep `{recipe.first_timestep}` "
-            f"(samples exactly {recipe.timesteps}; **Distillation++ KSampler** adds teacher guidance)."
+            f"**FewStep KSampler**: steps `{recipe.steps}`, first_timestep `{recipe.first_timestep}`, sampling "
+            f"`{sampling}` (samples exactly {recipe.timesteps}; **Distillation++ KSampler** adds teacher guidance)."
         )
     else:
         custom = ",".join(str(t) for t in recipe.timesteps)
         fewstep_nodes = (
-            f"**FewStep Scheduler** with timesteps `{custom}` + **FewStep Sampler** in **SamplerCustom** (cfg 1.0)."
+            f"**FewStep Scheduler** with timesteps `{custom}` + **FewStep Sampler** (sampling `{sampling}`) in "
+            "**SamplerCustom** (cfg 1.0)."
         )
     lines = ["- With the fewstep nodes (ComfyUI-Manager: *fewstep*; they need only ComfyUI): " + fewstep_nodes]
     stock = recipe.comfyui_stock_scheduler
     if stock is not None:
         lines.append(
-            f"- With stock nodes: **KSampler** with steps `{recipe.steps}`, cfg `1.0`, sampler `lcm`, scheduler "
-            f"`{stock}` (hits the trained timesteps exactly; `sgm_uniform` lands within one timestep of them)."
+            f"- With stock nodes: **KSampler** with steps `{recipe.steps}`, cfg `1.0`, sampler "
+            f"`{recipe.comfyui_stock_sampler}`, scheduler `{stock}` (hits the trained timesteps exactly; "
+            "`sgm_uniform` lands within one timestep of them)."
         )
     elif recipe.first_timestep != 999:
         lines.append(
@@ -162,9 +204,10 @@ def _comfyui_section(recipe: SamplingRecipe, styles: list[StyleLora]) -> list[st
 
 def _a1111_section(recipe: SamplingRecipe, styles: list[StyleLora]) -> list[str]:
     tags = "".join(f"<lora:{s.path.stem}:{s.scale:g}> " for s in styles) + f"<lora:{Path(KOHYA_WEIGHT_NAME).stem}:1>"
+    sampler = "Euler" if recipe.sampler == "ddim" else "LCM"  # k-diffusion's Euler in σ is deterministic DDIM
     text = (
         f"Put `{KOHYA_WEIGHT_NAME}` in `models/Lora/`, add `{tags}` to the prompt and generate with sampler "
-        f"**LCM**, schedule type **SGM Uniform** (or **Simple**), {recipe.steps} step(s), CFG scale 1."
+        f"**{sampler}**, schedule type **SGM Uniform** (or **Simple**), {recipe.steps} step(s), CFG scale 1."
     )
     if recipe.comfyui_stock_scheduler is None:
         text += f" Its schedules do not reach the timesteps {recipe.timesteps} exactly: expect lower quality."
@@ -176,7 +219,8 @@ def model_card(run, repo_id: str, base_model: str, license: str) -> str:
     tool, samples, training config, metrics, files."""
     from huggingface_hub import ModelCardData
 
-    recipe = SamplingRecipe(run.timesteps)
+    recipe = SamplingRecipe(run.recipe["timesteps"], sampler=run.recipe.get("sampler", "few_step"),
+                            method=run.recipe.get("method", "dmd2"))  # fmt: skip
     styles = style_loras_of(run.config)
     data = ModelCardData(
         base_model=base_model,
@@ -184,15 +228,14 @@ def model_card(run, repo_id: str, base_model: str, license: str) -> str:
         license=license,
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        tags=["lora", "text-to-image", "diffusers", "dmd2", "fewstep", "distillation", FAMILY_TAGS[run.family],
+        tags=["lora", "text-to-image", "diffusers", recipe.method, "fewstep", "distillation", FAMILY_TAGS[run.family],
               f"{recipe.steps}-step"],  # fmt: skip
     )
     name = repo_id.split("/")[-1]
     sections = [
         f"# {name}",
-        f"A {recipe.steps}-step student of [{base_model}](https://huggingface.co/{base_model}), distilled with DMD2 "
-        "(Yin et al., *Improved Distribution Matching Distillation for Fast Image Synthesis*, 2024) by "
-        "[fewstep](https://github.com/fewstep/fewstep), as a LoRA on the base UNet.",
+        f"A {recipe.steps}-step student of [{base_model}](https://huggingface.co/{base_model}), distilled with "
+        f"{METHOD_PAPERS[recipe.method]} by [fewstep](https://github.com/fewstep/fewstep), as a LoRA on the base UNet.",
         "## How to sample",
         _facts_table(run, base_model, recipe, styles),
     ]
@@ -224,6 +267,7 @@ def model_card(run, repo_id: str, base_model: str, license: str) -> str:
         "## Files",
         f"- `{DIFFUSERS_LORA_WEIGHT_NAME}`: diffusers/PEFT LoRA (the adapter config is in the file's metadata)\n"
         f"- `{KOHYA_WEIGHT_NAME}`: the same LoRA in kohya format with its real alpha (ComfyUI, A1111)\n"
+        "- `fewstep_recipe.json`: how it samples (timesteps, sampler); the pipeline reads it on `load_lora_weights`\n"
         "- `pipeline.py` + `fewstep_*.py`: the few-step pipeline for `custom_pipeline=` (copied from fewstep)\n"
         "- `config.yaml`: the training configuration",
         f"License: `{license}`, inherited from the base model.",

@@ -113,6 +113,12 @@ def ensure_teacher_pairs(
     bar.close()
 
 
+def count_saved_pairs(directory: str | Path, num_pairs: int, shard_size: int = SHARD_SIZE) -> int:
+    """How many of ``num_pairs`` pairs are already in finished shards."""
+    starts = range(0, num_pairs, shard_size)
+    return sum(min(shard_size, num_pairs - s) for s in starts if _shard_path(Path(directory), s).is_file())
+
+
 def load_teacher_pairs(directory: str | Path, num_pairs: int, shard_size: int = SHARD_SIZE) -> TeacherPairs:
     """The first ``num_pairs`` cached pairs, in index order."""
     from safetensors.torch import load_file

@@ -67,6 +67,8 @@ def _resume_point(run_dir: Path) -> Path:
         for leftover in (run_dir / "checkpoints").glob("*.tmp"):  # a checkpoint write cut short by a kill
             shutil.rmtree(leftover, ignore_errors=True)
         return checkpoints[-1]
+    if (run_dir / "pairs").is_dir():
+        return None  # stopped while making the teacher ODE pairs: start at step 0 and keep the pairs made so far
     if _is_run(run_dir):
         raise RunDirError(
             f"--resume: the run in {run_dir} stopped before its first checkpoint; start it again with --overwrite"

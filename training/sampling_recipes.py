@@ -1,7 +1,7 @@
 """How a distilled student must be sampled, in each tool, derived from its trained timesteps.
 
-A DMD2 student only works at the timesteps it was trained on, at CFG 1, with the "predict x0, re-noise with fresh
-noise" rule (LCM's). Users get this wrong in predictable ways (a Karras schedule, CFG 7, ComfyUI's
+A DMD2 (or DMD) student only works at the timesteps it was trained on, at CFG 1, with the "predict x0, re-noise with
+fresh noise" rule (LCM's); a Progressive Distillation student at its timesteps with deterministic DDIM. Users get this wrong in predictable ways (a Karras schedule, CFG 7, ComfyUI's
 ``ModelSamplingDiscrete`` "lcm" patch); the model card states the recipe that holds for *this* run, computed here.
 The ComfyUI facts are checked against a real ComfyUI in tests/comfyui/test_comfyui_card_recipes.py.
 """
@@ -29,6 +29,8 @@ class SamplingRecipe:
     timesteps: list[int]
     cfg: float = 1.0
     lora_scale: float = 1.0
+    sampler: str = "few_step"  # "few_step": x0 then fresh noise (DMD2, DMD); "ddim": deterministic DDIM (PD)
+    method: str = "dmd2"
 
     @property
     def steps(self) -> int:
@@ -58,3 +60,9 @@ class SamplingRecipe:
         if self.first_timestep != 999:
             return None
         return "simple" if self.timesteps == comfyui_simple_timesteps(self.steps) else None
+
+    @property
+    def comfyui_stock_sampler(self) -> str:
+        """The stock ComfyUI sampler of this rule: ``lcm`` is DMD2's x0-then-fresh-noise rule; ``ddim`` (Euler in
+        σ, i.e. deterministic DDIM) is Progressive Distillation's."""
+        return "ddim" if self.sampler == "ddim" else "lcm"

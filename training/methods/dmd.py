@@ -12,6 +12,7 @@ so, like DMD2's staged backward, no backward ever crosses two adapters (exact wi
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,8 @@ import torch
 
 from ...core.losses import regression_loss
 from ..dmd2_loop import GENERATOR, DMD2Batch, DMD2Loop, frozen
-from ..pair_cache import PairCacheMismatch, TeacherPairs, ensure_teacher_pairs, load_teacher_pairs
+from ..interrupts import RunInterrupted
+from ..pair_cache import PairCacheMismatch, TeacherPairs, count_saved_pairs, ensure_teacher_pairs, load_teacher_pairs
 from ..trainer import MethodRun, TrainingContext, TrainingError, train
 from .dmd2 import DMD2TrainConfig, build_distribution_matching, check_option_combinations, student_timesteps_of
 
@@ -117,6 +119,14 @@ def teacher_pairs(ctx: TrainingContext, teacher_x0) -> TeacherPairs:
             )  # fmt: skip
         except PairCacheMismatch as error:
             raise TrainingError(str(error)) from None
+        except RunInterrupted as stop:  # Ctrl-C before the loop: the finished shards stay and are reused
+            saved = count_saved_pairs(pairs_dir, config.num_pairs)
+            command = f"fewstep train --output {shlex.quote(str(ctx.run_dir))} --resume"
+            raise RunInterrupted(
+                stop.exit_code - 128,
+                f"stopped while making the teacher ODE pairs: {saved} of {config.num_pairs} are saved in {pairs_dir}; "
+                f"continue with: {command}",
+            ) from None
     ctx.wait_for_everyone()
     return load_teacher_pairs(pairs_dir, config.num_pairs)
 
