@@ -50,6 +50,10 @@ class DigitsDemoSettings:
     # was 177.8 at 0.25 and 92.8 at 1.0 (0.25 with 3 fake-score updates per generator update: 104.1); the full
     # bench re-run at 1.0 gave 95.6 (teacher 1-step: 284.2).
     dmd_regression_weight: float = 1.0
+    # DMD2's one-step SDXL recipe: condition the one-step student on t = 399 after a regression warm start on the
+    # teacher's ODE pairs (``--timesteps 399 --init-regression-steps N``); 999 and 0 are fewstep's defaults.
+    conditioning_timestep: int = 999
+    init_regression_steps: int = 0
 
     def train_config(self, teacher_dir, run_dir, prompts, real_dir, num_steps: int, seed: int, method: str = "dmd2"):
         """The ``fewstep train --method METHOD`` options of the demo's distillation."""
@@ -74,10 +78,13 @@ class DigitsDemoSettings:
             return DMDTrainConfig(
                 dfake_gen_update_ratio=1, regression_weight=self.dmd_regression_weight, **fake, **pairs, **common
             )
+        shifted = num_steps == 1 and self.conditioning_timestep != 999
         return DMD2TrainConfig(
             images=str(real_dir) if self.gan_weight else None, num_steps=num_steps,
-            dfake_gen_update_ratio=self.dfake_gen_update_ratio, gan_weight=self.gan_weight,
-            disc_weight=self.disc_weight, ema_decay=self.ema_decay, **fake, **common,
+            timesteps=[self.conditioning_timestep] if shifted else None,
+            init_regression_steps=self.init_regression_steps, dfake_gen_update_ratio=self.dfake_gen_update_ratio,
+            gan_weight=self.gan_weight, disc_weight=self.disc_weight, ema_decay=self.ema_decay, **pairs, **fake,
+            **common,
         )  # fmt: skip
 
 
