@@ -132,7 +132,8 @@ def _demo_digits(args: argparse.Namespace) -> None:
         if args.quick
         else DigitsTeacherConfig(seed=args.seed)
     )
-    # The teacher build (first run only, ~15 min) is announced by the build itself; the estimate covers the rest.
+    # The default teacher ships with fewstep (unpacked in seconds on the first run); a --seed other than 0 builds
+    # one (~15 min, announced by the build itself). The estimate covers the rest.
     stages = _Stages({"teacher": 0, "distill": 30 if args.quick else 540, "eval": 60 if args.quick else 150})
     print(
         f"fewstep demo: distil the digits teacher (a tiny Stable Diffusion) into a {args.num_steps}-step student "
@@ -140,7 +141,7 @@ def _demo_digits(args: argparse.Namespace) -> None:
         f"{' + GAN on the real digits' if settings.gan_weight and args.method == 'dmd2' else ''}; outputs in {out}"
     )
 
-    stages.begin("teacher", "digits teacher: reuse the cached one or build it (first run only)")
+    stages.begin("teacher", "digits teacher: the cached one, else the shipped one (seed 0) or a new build (other seeds)")
     teacher_dir = digits_teacher(teacher_config, device=args.device)
     classifier = digit_classifier()
     real_dir = cached_train_images()
