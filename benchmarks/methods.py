@@ -22,7 +22,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget", type=float, default=300.0, help="training seconds per run (default: %(default)s)")
     parser.add_argument("--n", type=int, default=500, help="images per yardstick row (default: %(default)s)")
     parser.add_argument("--pd-start-steps", type=int, default=8, help="PD's first round (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0],
+        help="seeds: every method is trained and measured once per seed; rows give mean ± sd (default: 0)",
+    )  # fmt: skip
+    parser.add_argument("--device", help="yardstick device (default: cuda when available, else cpu)")
     parser.add_argument("--teacher", help="a built digits teacher folder (default: the cached one)")
     parser.add_argument("--quick", action="store_true", help="tiny budget and teacher: checks the path, no quality")
 
@@ -57,12 +61,11 @@ def run(args) -> dict:
     import dataclasses
     import shutil
 
+    import torch
+
     from ..commands.demo import QUICK, DigitsDemoSettings
     from ..digits.teacher import DigitsTeacherConfig, cached_train_images, digits_teacher, write_digit_prompts
-    from ..digits.yardstick import digit_classifier, evaluate
-    from ..training.methods.dmd import DMDTrainConfig
-    from ..training.methods.dmd2 import DMD2TrainConfig
-    from ..training.methods.progressive import ProgressiveTrainConfig, round_step_counts
+    from ..digits.yardstick import digit_classifier
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,15 +74,39 @@ def run(args) -> dict:
     teacher_config = (
         DigitsTeacherConfig(vae_iterations=2, unet_iterations=2, batch_size=8) if args.quick else DigitsTeacherConfig()
     )
-    teacher_dir = Path(args.teacher) if args.teacher else digits_teacher(teacher_config)
-    classifier = digit_classifier()
-    real_dir = cached_train_images()
-    prompts = write_digit_prompts(out / "prompts.txt")
-    common = _common(settings, teacher_dir, prompts, args.seed)
-    pairs = dict(num_pairs=20 if args.quick else 500, pair_steps=4 if args.quick else 25)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher_dir = Path(args.teacher) if args.teacher else digits_teacher(teacher_config, device=device)
+    context = dict(
+        settings=settings, teacher_dir=teacher_dir, classifier=digit_classifier(), real_dir=cached_train_images(),
+        prompts=write_digit_prompts(out / "prompts.txt"), budget=budget, n=n, device=device, quick=args.quick,
+        pd_start_steps=args.pd_start_steps,
+    )  # fmt: skip
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    per_seed = {seed: _run_seed(seed, out / "runs" / f"seed{seed}", **context) for seed in args.seeds}
+    result = {"rows": aggregate(list(per_seed.values())), "n": n, "budget_seconds": budget, "seeds": list(args.seeds),
+              "settings": dataclasses.asdict(settings), "teacher": str(teacher_dir)}  # fmt: skip
+    (out / "methods.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_fd_vs_steps(result["rows"], out / "fd_vs_steps.png")
+    print(f"wrote {out / 'methods.json'} and {out / 'fd_vs_steps.png'}")
+    return result
+
+
+def _run_seed(
+    seed: int, runs: Path, settings, teacher_dir, classifier, real_dir, prompts, budget, n, device, quick,
+    pd_start_steps,
+) -> list[dict]:  # fmt: skip
+    """Every method trained and measured at one seed: the rows of the table."""
+    from ..digits.yardstick import evaluate
+    from ..training.methods.dmd import DMDTrainConfig
+    from ..training.methods.dmd2 import DMD2TrainConfig
+    from ..training.methods.progressive import ProgressiveTrainConfig, round_step_counts
+
+    common = _common(settings, teacher_dir, prompts, seed)
+    pairs = dict(num_pairs=20 if quick else 500, pair_steps=4 if quick else 25)
     fake = dict(fake_rank=settings.rank, fake_alpha=float(settings.rank), fake_lr=settings.lr,
                 dfake_gen_update_ratio=settings.dfake_gen_update_ratio)  # fmt: skip
-    measure = dict(n=n, seed=args.seed, classifier=classifier, progress=False, guidance_scale=settings.guidance_scale)
+    measure = dict(n=n, seed=seed, classifier=classifier, progress=False, guidance_scale=settings.guidance_scale,
+                   device=device)  # fmt: skip
 
     rows = []
     teacher = evaluate(teacher_dir, rows=list(TEACHER_ROWS), **measure)["rows"]
@@ -92,8 +119,6 @@ def run(args) -> dict:
         return dict(method=label, steps=len(recipe["timesteps"]), **_scores(result), train_seconds=train_seconds,
                     iterations=iterations, timesteps=recipe["timesteps"])  # fmt: skip
 
-    runs = out / "runs"
-    shutil.rmtree(runs, ignore_errors=True)
     dmd2_iterations = 0
     for label, num_steps in (("DMD2", 1), ("DMD2 (backward simulation)", 4)):
         config = DMD2TrainConfig(
@@ -109,21 +134,32 @@ def run(args) -> dict:
     )  # fmt: skip
     run_dir, seconds, iterations = _train("dmd", config, budget)
     rows.append(measured("DMD", run_dir / "lora", seconds, iterations))
-    rounds = round_step_counts(args.pd_start_steps, 1)
+    rounds = round_step_counts(pd_start_steps, 1)
     pd_common = {**common, "max_steps": max(len(rounds), dmd2_iterations)}
     config = ProgressiveTrainConfig(
-        output=str(runs / "progressive"), start_steps=args.pd_start_steps, end_steps=1, **pairs, **pd_common
+        output=str(runs / "progressive"), start_steps=pd_start_steps, end_steps=1, **pairs, **pd_common
     )
     run_dir, seconds, iterations = _train("progressive", config, float("inf"))
     for steps in rounds:
         rows.append(measured("PD", run_dir / "lora" / f"steps-{steps}", seconds, iterations))
+    return rows
 
-    result = {"rows": rows, "n": n, "budget_seconds": budget, "seed": args.seed,
-              "settings": dataclasses.asdict(settings), "teacher": str(teacher_dir)}  # fmt: skip
-    (out / "methods.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_fd_vs_steps(rows, out / "fd_vs_steps.png")
-    print(f"wrote {out / 'methods.json'} and {out / 'fd_vs_steps.png'}")
-    return result
+
+def aggregate(rows_per_seed: list[list[dict]]) -> list[dict]:
+    """One row per (method, steps): FD and accuracy as mean ± sd over seeds, seconds as means, the seeds' rows kept."""
+    import statistics
+
+    table = []
+    for rows in zip(*rows_per_seed):
+        fds, accs = [r["fd"] for r in rows], [r["acc"] for r in rows]
+        sd = (lambda values: round(statistics.stdev(values), 3)) if len(rows) > 1 else (lambda values: 0.0)
+        mean = lambda key: round(statistics.mean(r[key] for r in rows), 2)
+        table.append({
+            **rows[0], "fd": round(statistics.mean(fds), 2), "fd_sd": sd(fds), "acc": round(statistics.mean(accs), 4),
+            "acc_sd": sd(accs), "train_seconds": mean("train_seconds"), "sample_seconds": mean("sample_seconds"),
+            "per_seed": list(rows),
+        })  # fmt: skip
+    return table
 
 
 def _scores(row: dict) -> dict:
@@ -131,14 +167,19 @@ def _scores(row: dict) -> dict:
 
 
 def format_table(result: dict) -> str:
-    header = f"{'method':28}{'steps':>6}{'FD':>9}{'acc':>7}{'train s':>9}{'sample s':>10}"
+    header = f"{'method':28}{'steps':>6}{'FD':>16}{'acc':>16}{'train s':>9}{'sample s':>10}"
     lines = [header, "-" * len(header)]
     for r in result["rows"]:
+        fd = f"{r['fd']:.2f} ± {r['fd_sd']:.2f}" if "fd_sd" in r else f"{r['fd']:.2f}"
+        acc = f"{r['acc']:.3f} ± {r['acc_sd']:.3f}" if "acc_sd" in r else f"{r['acc']:.3f}"
         lines.append(
-            f"{r['method']:28}{r['steps']:>6}{r['fd']:>9.2f}{r['acc']:>7.3f}{r['train_seconds']:>9.0f}"
-            f"{r['sample_seconds']:>10.1f}"
+            f"{r['method']:28}{r['steps']:>6}{fd:>16}{acc:>16}{r['train_seconds']:>9.0f}{r['sample_seconds']:>10.1f}"
         )
-    lines.append(f"({result['n']} images per row; training budget {result['budget_seconds']:.0f} s per run)")
+    seeds = result.get("seeds") or [result.get("seed", 0)]
+    lines.append(
+        f"({result['n']} images per row and seed; seeds {', '.join(map(str, seeds))} (mean ± sd); training budget "
+        f"{result['budget_seconds']:.0f} s per run)"
+    )
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ ROWS = [
 
 
 def test_table_has_one_line_per_row_with_every_column():
-    table = format_table({"rows": ROWS, "n": 100, "budget_seconds": 300})
+    table = format_table({"rows": ROWS, "n": 100, "budget_seconds": 300, "seeds": [0]})
     lines = table.splitlines()
     assert lines[0].split() == ["method", "steps", "FD", "acc", "train", "s", "sample", "s"]
     assert len(lines) == 2 + len(ROWS) + 1 and "DMD2 (backward simulation)" in table
@@ -40,3 +40,14 @@ def test_quick_bench_methods_writes_json_table_and_plot(tmp_path, monkeypatch):
     assert [r["method"] for r in rows] == ["teacher (DDIM, CFG)"] * 3 + ["DMD2", "DMD2 (backward simulation)", "DMD", "PD", "PD"]
     assert [r["steps"] for r in rows[-2:]] == [2, 1]
     assert (out / "fd_vs_steps.png").stat().st_size > 0
+
+
+def test_rows_of_several_seeds_become_mean_and_sd():
+    from fewstep.benchmarks.methods import aggregate
+
+    other = [{**r, "fd": r["fd"] + 2.0, "acc": r["acc"] - 0.1} for r in ROWS]
+    rows = aggregate([ROWS, other])
+    assert [r["method"] for r in rows] == [r["method"] for r in ROWS]
+    assert rows[0]["fd"] == 11.0 and rows[0]["fd_sd"] == pytest.approx(1.414, abs=1e-3)
+    assert rows[0]["acc"] == pytest.approx(0.85) and len(rows[0]["per_seed"]) == 2
+    assert "11.00 ± 1.41" in format_table({"rows": rows, "n": 2000, "budget_seconds": 300, "seeds": [0, 1]})
