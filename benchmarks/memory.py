@@ -63,6 +63,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations after a warm-up (default: %(default)s)")
     parser.add_argument("--layouts", default="shared,reference", help="comma-separated layouts to measure")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per layout (default: %(default)s)")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="ROWS",
+        help="also profile one more iteration per layout (torch.profiler) and print its top ROWS ops by self time; "
+        "each network role's passes are labelled fewstep::generator, fewstep::real_score, ... (default: off)",
+    )  # fmt: skip
 
 
 def _settings(args) -> dict:
@@ -77,7 +82,7 @@ def _settings(args) -> dict:
     return dict(
         family=args.family, rank=args.rank, resolution=resolution, device=device,
         precision=args.precision or ("bf16" if device.startswith("cuda") else "fp32"),
-        gradient_checkpointing=args.gradient_checkpointing, iterations=args.iterations,
+        gradient_checkpointing=args.gradient_checkpointing, iterations=args.iterations, profile=args.profile,
     )  # fmt: skip
 
 
@@ -139,6 +144,44 @@ def _conditioning(family: str, resolution: int, device):
     return make().to(device), make().to(device)
 
 
+class LabelledNetworks:
+    """The networks with each role's calls named in a profile (``fewstep::real_score``: the teacher's CFG pass, ...)."""
+
+    ROLES = ("generator", "real_score", "fake_score", "discriminator")
+
+    def __init__(self, networks):
+        self._networks = networks
+
+    def __getattr__(self, name):
+        import torch
+
+        attribute = getattr(self._networks, name)
+        if name not in self.ROLES:
+            return attribute
+
+        def labelled(*args, **kwargs):
+            with torch.profiler.record_function(f"fewstep::{name}"):
+                return attribute(*args, **kwargs)
+
+        return labelled
+
+
+def profile_table(step, device, rows: int) -> str:
+    """torch.profiler's table of one call of ``step`` (self time, top ``rows`` ops, the role labels included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = prof.key_averages()
+    roles = [e for e in averages if e.key.startswith("fewstep::")]
+    table = averages.table(sort_by=sort, row_limit=rows)
+    total = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    lines = [f"{e.key:<28}{getattr(e, total) / 1e3:>12.1f} ms total, {e.count} calls" for e in roles]
+    return table + "\nper role (forward passes, children included):\n" + "\n".join(lines)
+
+
 def measure_layout(settings: dict, layout: str) -> dict:
     """Build one layout, run 1 + ``iterations`` DMD2 iterations with the GAN on, return peak memory and time."""
     import torch
@@ -173,6 +216,8 @@ def measure_layout(settings: dict, layout: str) -> dict:
     if settings["gradient_checkpointing"]:
         for unet in unets:
             unet.enable_gradient_checkpointing()
+    if settings.get("profile"):
+        networks = LabelledNetworks(networks)
     adamw = lambda params: torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
     loop = DMD2Loop(
         networks, adamw(networks.generator_parameters()), adamw(networks.fake_score_parameters()),
@@ -205,7 +250,7 @@ def measure_layout(settings: dict, layout: str) -> dict:
         peak = {"peak_gb": torch.cuda.max_memory_allocated(device) / 1e9, "peak_kind": "torch.cuda.max_memory_allocated"}
     else:
         peak = {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "peak_kind": "peak RSS"}
-    return {
+    result = {
         "layout": layout,
         "unets": len(unets),
         **peak,
@@ -213,6 +258,9 @@ def measure_layout(settings: dict, layout: str) -> dict:
         "trainable_params": trainable,
         "finite": all(v == v for v in metrics.values()),
     }
+    if settings.get("profile"):
+        result["profile"] = profile_table(lambda: (iteration(), sync()), device, settings["profile"])
+    return result
 
 
 def _run_subprocess(layout: str, settings: dict, timeout: int) -> dict:
@@ -320,6 +368,9 @@ def format_table(result: dict) -> str:
         f"SDXL UNet ({sdxl['unet_params'] / 1e9:.2f} B params), {sdxl['note']}: shared {sdxl['shared_state_gb']:.1f} GB"
         f" vs reference {sdxl['reference_state_gb']:.1f} GB, ratio {sdxl['ratio']:.3f}"
     )
+    for name, row in result["layouts"].items():
+        if row.get("profile"):
+            lines += ["", f"profile of one {name} iteration:", row["profile"]]
     return "\n".join(lines)
 
 
