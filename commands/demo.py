@@ -54,6 +54,7 @@ class DigitsDemoSettings:
     # teacher's ODE pairs (``--timesteps 399 --init-regression-steps N``); 999 and 0 are fewstep's defaults.
     conditioning_timestep: int = 999
     init_regression_steps: int = 0
+    gan_real_latents: str = "sample"  # the GAN's real latents: VAE posterior samples (the reference) or means
 
     def train_config(self, teacher_dir, run_dir, prompts, real_dir, num_steps: int, seed: int, method: str = "dmd2"):
         """The ``fewstep train --method METHOD`` options of the demo's distillation."""
@@ -83,8 +84,8 @@ class DigitsDemoSettings:
             images=str(real_dir) if self.gan_weight else None, num_steps=num_steps,
             timesteps=[self.conditioning_timestep] if shifted else None,
             init_regression_steps=self.init_regression_steps, dfake_gen_update_ratio=self.dfake_gen_update_ratio,
-            gan_weight=self.gan_weight, disc_weight=self.disc_weight, ema_decay=self.ema_decay, **pairs, **fake,
-            **common,
+            gan_weight=self.gan_weight, disc_weight=self.disc_weight, ema_decay=self.ema_decay,
+            gan_real_latents=self.gan_real_latents, **pairs, **fake, **common,
         )  # fmt: skip
 
 

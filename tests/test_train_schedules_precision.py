@@ -144,6 +144,28 @@ def test_gan_real_latents_are_drawn_from_the_vae_posterior_not_its_mean(tmp_path
     torch.testing.assert_close(draws.std(0), posteriors.std[0], atol=0.1, rtol=0.1)
 
 
+@pytest.mark.parametrize("kind", ["sample", "mean"])
+def test_the_trainer_gives_the_gan_posterior_samples_or_with_gan_real_latents_mean_the_means(
+    teacher, prompts, tmp_path, monkeypatch, kind
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate([(200, 30, 90), (20, 180, 60)]):
+        Image.new("RGB", (32, 32), colour).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text("a red thing")
+    posteriors = encode_images(build_tiny_sd15_pipeline(), [CaptionedImage(images / f"{i}.png", "") for i in range(2)], 32)
+    seen = []
+    train_step = DMD2Loop.train_step
+    record = lambda self, batches: (seen.extend(b.real_x0 for b in batches), train_step(self, batches))[1]
+    monkeypatch.setattr(DMD2Loop, "train_step", record)
+    train_dmd2(config(teacher, tmp_path / "run", prompts, images=str(images), gan_weight=1e-3, max_steps=2,
+                      gan_real_latents=kind))  # fmt: skip
+    assert seen and all(real is not None for real in seen)
+    for real in seen:
+        is_mean = [any(torch.allclose(x, m, atol=1e-5) for m in posteriors.mean) for x in real]
+        assert all(is_mean) if kind == "mean" else not any(is_mean)
+
+
 # ----------------------------------------------------------------------------------------- warnings, refusals
 def test_an_effective_batch_far_below_the_reference_warns_in_one_line():
     small = effective_batch_warning(DMD2TrainConfig(batch_size=1), "sdxl", num_processes=1)

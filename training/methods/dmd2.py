@@ -70,6 +70,11 @@ class DMD2TrainConfig(TeacherPairOptions, TrainConfig):
         default=None, metadata={"help": "generator GAN loss weight (sd15 1e-3, sdxl 5e-3; 0 = no GAN)", "min": 0}
     )
     disc_weight: float = field(default=1e-2, metadata={"help": "discriminator loss weight", "min": 0})
+    gan_real_latents: str = field(
+        default="sample",
+        metadata={"help": "the GAN's real latents: 'sample' each from its image's VAE posterior (as SD teachers and the "
+                          "reference draw them) or take the posterior 'mean'", "choices": ["sample", "mean"]},
+    )  # fmt: skip
     backward_simulation: bool = field(default=True, metadata={"help": "multi-step: train on the student's own inputs"})
     init_regression_steps: int = field(
         default=0, metadata={"help": "first N iterations: regression onto teacher ODE pairs only (warm start)"}
@@ -165,7 +170,10 @@ def build_distribution_matching(
         batch = DMD2Batch(shape=(config.batch_size, *ctx.latent_shape), cond=ctx.prompt_cond.select(idx).to(ctx.device))
         if ctx.real_latents is not None:
             ridx = torch.randint(0, len(ctx.real_latents), (config.batch_size,), generator=ctx.data_rng)
-            batch.real_x0 = ctx.real_latents.sample(ridx, ctx.data_rng).to(ctx.device)
+            if config.gan_real_latents == "mean":
+                batch.real_x0 = ctx.real_latents.mean[ridx].to(ctx.device)
+            else:
+                batch.real_x0 = ctx.real_latents.sample(ridx, ctx.data_rng).to(ctx.device)
             batch.real_cond = ctx.real_cond.select(ridx).to(ctx.device)
         return batch
 
