@@ -135,7 +135,7 @@ def _demo_digits(args: argparse.Namespace) -> None:
     )
     # The default teacher ships with fewstep (unpacked in seconds on the first run); a --seed other than 0 builds
     # one (~15 min, announced by the build itself). The estimate covers the rest.
-    stages = _Stages({"teacher": 0, "distill": 30 if args.quick else 540, "eval": 60 if args.quick else 150})
+    stages = _Stages({"teacher": 0, "distill": 30 if args.quick else 240, "eval": 60})
     print(
         f"fewstep demo: distil the digits teacher (a tiny Stable Diffusion) into a {args.num_steps}-step student "
         f"with {METHOD_TITLES[args.method]} on one shared UNet"
