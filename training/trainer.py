@@ -388,7 +388,9 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
         pipe.text_encoder_2 = pipe.tokenizer_2 = None
     vae.encoder = None  # only the decoder is needed, for validation images
     del pipe
-    unet.to(device, weight_dtype)
+    unet.to(device)
+    if unet.dtype != weight_dtype:  # diffusers warns on any dtype cast, even a no-op one (the full-precision runs)
+        unet.to(dtype=weight_dtype)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     latent_size = resolution // teachers.vae_scale_factor_of(vae)
