@@ -88,13 +88,13 @@ def summarise(results: list[dict]) -> dict:
     for r in results:
         if "error" not in r:
             groups.setdefault(r["variant"], []).append(r)
+    from ..digits.yardstick import mean_sd
+
     summary = {}
     for name, rows in groups.items():
-        fds, accs = [r["fd"] for r in rows], [r["acc"] for r in rows]
+        (fd_mean, fd_sd), (acc_mean, acc_sd) = mean_sd(r["fd"] for r in rows), mean_sd(r["acc"] for r in rows)
         summary[name] = {
-            "seeds": len(rows),
-            "fd_mean": statistics.mean(fds), "fd_sd": statistics.stdev(fds) if len(fds) > 1 else 0.0,
-            "acc_mean": statistics.mean(accs), "acc_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "seeds": len(rows), "fd_mean": fd_mean, "fd_sd": fd_sd, "acc_mean": acc_mean, "acc_sd": acc_sd,
             "train_seconds_mean": statistics.mean(r.get("train_seconds", 0.0) for r in rows),
         }  # fmt: skip
     return summary

@@ -97,6 +97,7 @@ def _run_seed(
 ) -> list[dict]:  # fmt: skip
     """Every method trained and measured at one seed: the rows of the table."""
     from ..digits.yardstick import evaluate
+    from ..training.lora_io import RECIPE_FILE
     from ..training.methods.dmd import DMDTrainConfig
     from ..training.methods.dmd2 import DMD2TrainConfig
     from ..training.methods.progressive import ProgressiveTrainConfig, round_step_counts
@@ -116,7 +117,7 @@ def _run_seed(
 
     def measured(label: str, lora: Path, train_seconds: float, iterations: int) -> dict:
         result = evaluate(teacher_dir, lora=lora, rows=["student"], **measure)["rows"]["student"]
-        recipe = json.loads((lora / "fewstep_recipe.json").read_text())
+        recipe = json.loads((lora / RECIPE_FILE).read_text())
         return dict(method=label, steps=len(recipe["timesteps"]), **_scores(result), train_seconds=train_seconds,
                     iterations=iterations, timesteps=recipe["timesteps"])  # fmt: skip
 
@@ -148,17 +149,15 @@ def _run_seed(
 
 def aggregate(rows_per_seed: list[list[dict]]) -> list[dict]:
     """One row per (method, steps): FD and accuracy as mean ± sd over seeds, seconds as means, the seeds' rows kept."""
-    import statistics
+    from ..digits.yardstick import mean_sd
 
     table = []
     for rows in zip(*rows_per_seed):
-        fds, accs = [r["fd"] for r in rows], [r["acc"] for r in rows]
-        sd = (lambda values: round(statistics.stdev(values), 3)) if len(rows) > 1 else (lambda values: 0.0)
-        mean = lambda key: round(statistics.mean(r[key] for r in rows), 2)
+        (fd, fd_sd), (acc, acc_sd) = mean_sd(r["fd"] for r in rows), mean_sd(r["acc"] for r in rows)
+        mean = lambda key: round(mean_sd(r[key] for r in rows)[0], 2)
         table.append({
-            **rows[0], "fd": round(statistics.mean(fds), 2), "fd_sd": sd(fds), "acc": round(statistics.mean(accs), 4),
-            "acc_sd": sd(accs), "train_seconds": mean("train_seconds"), "sample_seconds": mean("sample_seconds"),
-            "per_seed": list(rows),
+            **rows[0], "fd": round(fd, 2), "fd_sd": round(fd_sd, 3), "acc": round(acc, 4), "acc_sd": round(acc_sd, 3),
+            "train_seconds": mean("train_seconds"), "sample_seconds": mean("sample_seconds"), "per_seed": list(rows),
         })  # fmt: skip
     return table
 

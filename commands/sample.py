@@ -62,7 +62,7 @@ def load_pipeline(teacher: str, device: str, dtype_name: str):
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from ..pipelines.common import check_teacher_inputs, looks_like_path, lora_file_of
+    from ..pipelines.common import check_teacher_inputs, looks_like_path, lora_file_of, student_sampler
 
     if looks_like_path(args.lora):
         lora_file_of(args.lora)  # a missing or empty LoRA source fails before the teacher is loaded
@@ -85,7 +85,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if recipe and args.steps is None and args.timesteps is None:
         timesteps = [int(t) for t in recipe["timesteps"]]
         steps = len(timesteps)
-    sampler = args.sampler or (recipe or {}).get("sampler") or "few_step"
+    sampler = student_sampler(args.sampler, recipe)
     resolution = args.resolution or config.get("resolution")
     generator = torch.Generator("cpu").manual_seed(args.seed)
     result = pipe(

@@ -91,10 +91,12 @@ def pack_teacher(built: str | Path, out: str | Path = SHIPPED_DIR) -> Path:
     """Write a built teacher folder as the shipped one: its weights in fp16, everything else as it is."""
     import torch
 
+    from .teacher import TEACHER_CONFIG_FILE
+
     built, out = Path(built), Path(out)
     weights = _weight_paths(built, None)
     missing = [str(p) for p in weights.values() if not p.is_file()]
-    if missing or not (built / "fewstep_teacher.json").is_file():
+    if missing or not (built / TEACHER_CONFIG_FILE).is_file():
         raise SystemExit(f"{built} is not a built digits teacher folder (missing {', '.join(missing) or 'its record'})")
     if out.exists():
         shutil.rmtree(out)
@@ -108,14 +110,13 @@ def measure_teacher(
     n: int = 2000, seeds: tuple[int, ...] = (0, 1, 2), rows: tuple[str, ...] = ("real", "teacher_50", "teacher_4", "teacher_1")
 ) -> dict:
     """The shipped teacher's yardstick rows (as unpacked, fp32) at n images per seed and the demo's CFG."""
-    import statistics
     import tempfile
     import time
 
     import torch
 
     from ..commands.demo import DigitsDemoSettings
-    from .yardstick import evaluate
+    from .yardstick import evaluate, mean_sd
 
     guidance_scale = DigitsDemoSettings.guidance_scale
     per_seed: dict[str, list[dict]] = {row: [] for row in rows}
@@ -129,12 +130,8 @@ def measure_teacher(
                 print(f"{row} seed {seed}: FD {result['rows'][row]['fd']:.2f}, acc {result['rows'][row]['acc']:.4f}")
     summary = {}
     for row, values in per_seed.items():
-        fds, accs = [v["fd"] for v in values], [v["acc"] for v in values]
-        summary[row] = {
-            "fd_mean": statistics.mean(fds), "fd_sd": statistics.stdev(fds) if len(fds) > 1 else 0.0,
-            "acc_mean": statistics.mean(accs), "acc_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "per_seed": values,
-        }  # fmt: skip
+        (fd_mean, fd_sd), (acc_mean, acc_sd) = mean_sd(v["fd"] for v in values), mean_sd(v["acc"] for v in values)
+        summary[row] = {"fd_mean": fd_mean, "fd_sd": fd_sd, "acc_mean": acc_mean, "acc_sd": acc_sd, "per_seed": values}
     return {
         "n": n, "seeds": list(seeds), "guidance_scale": guidance_scale, "rows": summary,
         "command": f"python -m fewstep.digits.shipped measure --n {n} --seeds {' '.join(map(str, seeds))}",

@@ -34,6 +34,7 @@ from ..core.distillpp import sample_distillpp
 from ..core.sampling import Denoiser, cfg, ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from ..training.cache import cached_build
+from ..training.lora_io import RECIPE_FILE
 from .teacher import IMAGE_SIZE, caption, load_digits_split
 
 CLASSIFIER_VERSION = 1
@@ -146,6 +147,14 @@ def digit_classifier(
 
 
 # ----------------------------------------------------------------------------------------------- Fréchet distance
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (sd 0 for a single seed)."""
+    import statistics
+
+    values = list(values)
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """FD between Gaussians fitted to two (N, D) feature sets (float64).
 
@@ -224,7 +233,7 @@ def _student_info(weights: Path, run_dir: Path | None) -> StudentInfo:
     import yaml
 
     info = StudentInfo(lora=weights)
-    recipe_path = weights.parent / "fewstep_recipe.json"
+    recipe_path = weights.parent / RECIPE_FILE
     if recipe_path.is_file():
         recipe = json.loads(recipe_path.read_text())
         info.sampler = recipe.get("sampler", "few_step")

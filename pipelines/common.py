@@ -18,11 +18,10 @@ import torch
 from ..core.distillpp import RULES as TEACHER_GUIDANCE_RULES
 from ..core.sampling import Denoiser, cfg, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
-from ..training.lora_io import DIFFUSERS_LORA_WEIGHT_NAME, lora_family_of_state_dict
+from ..training.lora_io import DIFFUSERS_LORA_WEIGHT_NAME, RECIPE_FILE, lora_family_of_state_dict
 
 RUN_DIR_LORA = "lora"
 KOHYA_WEIGHT_NAME = "fewstep_comfyui.safetensors"
-RECIPE_FILE = "fewstep_recipe.json"  # how a fewstep LoRA samples: {"method", "timesteps", "sampler"}
 # "few_step": predict x0, re-noise with fresh noise (DMD2, DMD); "ddim": deterministic DDIM (Progressive Distillation).
 SAMPLERS = ("few_step", "ddim")
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}

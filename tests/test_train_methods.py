@@ -251,6 +251,13 @@ def cli_args(method, teacher, prompts, run, *extra):
     return [*args, *extra]
 
 
+def assert_same_tensors(paths, reference_run, run):
+    """Each safetensors file under ``reference_run`` holds exactly the tensors of its twin under ``run``."""
+    for path in paths:
+        other = load_file(run / path.relative_to(reference_run))
+        assert all(torch.equal(tensor, other[key]) for key, tensor in load_file(path).items()), path
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_runs(teachers, prompts, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
@@ -297,9 +304,7 @@ def test_every_method_stops_on_sigterm_after_a_checkpoint_and_resumes_bit_identi
     )  # the missed grid is made on resume
     final = [*(uninterrupted / "checkpoints" / "step-0000006").glob("*.safetensors"),
              *(uninterrupted / "lora").rglob("*.safetensors")]  # fmt: skip  (PD: every round's LoRA files)
-    for path in final:
-        other = load_file(run / path.relative_to(uninterrupted))
-        assert all(torch.equal(tensor, other[key]) for key, tensor in load_file(path).items()), path
+    assert_same_tensors(final, uninterrupted, run)
     state = lambda r: torch.load(r / "checkpoints" / "step-0000006" / "training_state.pt", weights_only=True)
     assert state(run)["generator_optimizer"]["state"][0]["exp_avg"].equal(
         state(uninterrupted)["generator_optimizer"]["state"][0]["exp_avg"]
@@ -331,9 +336,7 @@ def test_ctrl_c_while_making_pairs_says_what_is_kept_and_resume_finishes_the_sam
     assert last.endswith(f"continue with: fewstep train --output {run} --resume")
     assert main(["train", "--output", str(run), "--resume"]) == 0
     uninterrupted = uninterrupted_runs / method
-    for path in (uninterrupted / "lora").rglob("*.safetensors"):
-        other = load_file(run / path.relative_to(uninterrupted))
-        assert all(torch.equal(tensor, other[key]) for key, tensor in load_file(path).items()), path
+    assert_same_tensors((uninterrupted / "lora").rglob("*.safetensors"), uninterrupted, run)
 
 
 def test_a_new_lr_takes_effect_on_resume_of_a_progressive_run(teachers, prompts, tmp_path):

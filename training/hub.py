@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from .config import load_yaml
-from .lora_io import DIFFUSERS_LORA_WEIGHT_NAME, FAMILIES, lora_family_of_state_dict
+from .lora_io import DIFFUSERS_LORA_WEIGHT_NAME, FAMILIES, RECIPE_FILE, lora_family_of_state_dict
 from .model_card import KOHYA_WEIGHT_NAME, SAMPLE_GRID, looks_like_hub_id, model_card, public_config
 from .pushed_code import write_pushed_code
 
@@ -62,7 +62,7 @@ class Run:
         from ..core.schedule import student_timesteps
 
         if self.directory is not None:  # a Run made in code (no directory) has only its config
-            path = Path(self.directory) / "lora" / "fewstep_recipe.json"
+            path = Path(self.directory) / "lora" / RECIPE_FILE
             if path.is_file():
                 recipe = json.loads(path.read_text())
                 return {**recipe, "timesteps": [int(t) for t in recipe["timesteps"]]}
@@ -137,7 +137,7 @@ def build_upload_folder(
     shutil.copyfile(run.diffusers_lora, folder / DIFFUSERS_LORA_WEIGHT_NAME)
     shutil.copyfile(run.kohya_lora, folder / KOHYA_WEIGHT_NAME)
     # The pipeline reads it on load_lora_weights(repo_id): the LoRA's timesteps and sampler become its defaults.
-    (folder / "fewstep_recipe.json").write_text(json.dumps(run.recipe, indent=2) + "\n")
+    (folder / RECIPE_FILE).write_text(json.dumps(run.recipe, indent=2) + "\n")
     write_pushed_code(run.family, folder)
     (folder / "config.yaml").write_text(yaml.safe_dump(public_config(run.config, base), sort_keys=False))
     if run.metrics is not None:

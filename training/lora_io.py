@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 DIFFUSERS_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+RECIPE_FILE = "fewstep_recipe.json"  # how a fewstep LoRA samples: {"method", "timesteps", "sampler"}
 FAMILY_METADATA_KEY = "fewstep_base_family"
 FAMILIES = ("sd15", "sdxl")
 # kohya's own spelling of the base model, read by its tools and by LoRA browsers.

@@ -24,6 +24,7 @@ from ..core.sampling import ddim_timesteps, sample_ddim
 from ..core.schedule import validate_timesteps
 from . import interrupts
 from .config import build_config, check_config, load_yaml, save_yaml
+from .lora_io import RECIPE_FILE
 from .networks import GENERATOR, TextConditioning
 from .resume import check_resume, saved_options, set_base_lr
 from .run_dir import checkpoint_path, checkpoints_of, claim_run_dir, clear_run_dir, validation_missed
@@ -538,7 +539,6 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     return run_dir
 
 
-RECIPE_FILE = "fewstep_recipe.json"
 METHOD_FILE = "method"
 
 
