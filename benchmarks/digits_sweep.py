@@ -1,13 +1,20 @@
 """Sweep the digits demo's distillation settings on the yardstick: n images per row, several seeds, mean ± sd.
 
-Each (variant, seed) distils the digits teacher with the demo's settings plus the variant's overrides, then measures
-the one-step student (FD, accuracy) at n images; the teacher's rows are measured once per seed. Runs go in
-parallel processes (``--jobs``), so a GPU with many CPU cores runs a sweep in minutes.
+Each (variant, seed) distils the digits teacher with the demo's settings plus the variant's overrides into a
+``--num-steps`` student (1: one step; more: DMD2's backward simulation), then measures it at its own timesteps (FD,
+accuracy) at n images; the teacher's rows are measured once per seed. ``--distillpp NAME:SETTINGS`` also measures
+every trained student with Distillation++ (see below). Runs go in parallel processes (``--jobs``, one torch thread
+each), so a GPU with many CPU cores runs a sweep in minutes.
 
     python -m fewstep.benchmarks.digits_sweep --out sweep/ --seeds 0 1 2 --n 2000 --jobs 12 \
         --variant "demo:" --variant "fake scale 1/8:fake_alpha=4" --variant "fake lr 2x:fake_lr=1e-3"
 
 A variant is ``NAME:key=value,key=value`` over :class:`~fewstep.commands.demo.DigitsDemoSettings` fields.
+A Distillation++ setting is ``NAME:key=value,...`` over :class:`~fewstep.digits.yardstick.DistillppSettings`
+(``lam``, ``guided_steps``, ``rule``, ``teacher_guidance_scale``), e.g. ``--distillpp "eps 0.02 cfg4:rule=eps_mix,
+lam=0.02,teacher_guidance_scale=4"``; its rows are named ``VARIANT + NAME``.
+``--reuse`` keeps a run that already finished in OUT (its LoRA and ``train_seconds.json``), so more Distillation++
+settings can be measured on the same students later.
 ``--external "NAME:COMMAND"`` adds runs made by another program (e.g. an older fewstep, for a before/after table):
 COMMAND is formatted with {seed}, {run_dir}, {teacher}, {prompts} and {images}, must leave a run directory (with
 ``lora/``) at {run_dir}, and is then measured exactly like the variants.
@@ -50,9 +57,39 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name.strip(), typed
 
 
+def parse_distillpp(text: str) -> tuple[str, dict]:
+    """``"name:lam=0.1,guided_steps=2,rule=eps_mix,teacher_guidance_scale=4"`` → (name, DistillppSettings fields)."""
+    from ..digits.yardstick import DistillppSettings
+
+    name, _, body = text.partition(":")
+    fields = {f.name for f in dataclasses.fields(DistillppSettings)}
+    kinds = {"lam": float, "guided_steps": int, "rule": str, "teacher_guidance_scale": float}
+    settings = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"Distillation++ setting {name!r}: unknown key {key!r}; known: {', '.join(sorted(fields))}")
+        settings[key] = kinds[key](value)
+    try:
+        DistillppSettings(**settings)
+    except ValueError as error:
+        raise SystemExit(f"Distillation++ setting {name!r}: {error}") from None
+    return name.strip(), settings
+
+
+def run_directory(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / f"{name.replace(' ', '_').replace('/', '-')}-seed{seed}"
+
+
+def student_row(num_steps: int) -> str:
+    """The yardstick row of a ``num_steps`` student at its own timesteps (``student_1`` as in the earlier sweeps)."""
+    return "student_1" if num_steps == 1 else "student"
+
+
 def run_one(
-    teacher: str, out: Path, name: str, overrides: dict, seed: int, n: int, device: str, external: str | None = None
-) -> dict:
+    teacher: str, out: Path, name: str, overrides: dict, seed: int, n: int, device: str, external: str | None = None,
+    num_steps: int = 1, reuse: bool = False,
+) -> dict:  # fmt: skip
     """Distil with the demo's settings + ``overrides`` (or ``external``) at ``seed``; the student's row at n images."""
     from ..commands.demo import DigitsDemoSettings
     from ..digits.teacher import cached_train_images
@@ -60,23 +97,45 @@ def run_one(
     from ..digits.yardstick import evaluate
 
     settings = dataclasses.replace(DigitsDemoSettings(), **overrides)
-    run_dir = out / "runs" / f"{name.replace(' ', '_').replace('/', '-')}-seed{seed}"
+    run_dir = run_directory(out, name, seed)
+    record = run_dir / "train_seconds.json"
     prompts = out / "prompts.txt"
     real_dir = cached_train_images()
-    started = time.perf_counter()
-    if external:
-        command = external.format(seed=seed, run_dir=run_dir, teacher=teacher, prompts=prompts, images=real_dir)
-        subprocess.run(command, shell=True, check=True, stdout=subprocess.DEVNULL)
+    if reuse and record.is_file():
+        train_seconds = json.loads(record.read_text())["train_seconds"]
     else:
-        train_dmd2(settings.train_config(teacher, run_dir, prompts, real_dir, 1, seed), overwrite=True)  # re-run anew
-    train_seconds = time.perf_counter() - started
-    result = evaluate(teacher, lora=run_dir, n=n, seed=seed, rows=["student_1"], progress=False, device=device)
-    return {"variant": name, "seed": seed, "train_seconds": round(train_seconds, 1), **result["rows"]["student_1"]}
+        started = time.perf_counter()
+        if external:
+            command = external.format(seed=seed, run_dir=run_dir, teacher=teacher, prompts=prompts, images=real_dir)
+            subprocess.run(command, shell=True, check=True, stdout=subprocess.DEVNULL)
+        else:
+            config = settings.train_config(teacher, run_dir, prompts, real_dir, num_steps, seed)
+            train_dmd2(config, overwrite=True)  # re-run anew
+        train_seconds = round(time.perf_counter() - started, 1)
+        record.write_text(json.dumps({"train_seconds": train_seconds}))
+    row = student_row(num_steps)
+    result = evaluate(teacher, lora=run_dir, n=n, seed=seed, rows=[row], progress=False, device=device)
+    return {"variant": name, "seed": seed, "train_seconds": train_seconds, **result["rows"][row]}
+
+
+def run_distillpp(teacher: str, out: Path, name: str, seed: int, n: int, device: str, label: str, settings: dict):
+    """The trained student of (``name``, ``seed``) sampled with Distillation++ at ``settings``: its row at n images."""
+    from ..digits.yardstick import DistillppSettings, evaluate
+
+    run_dir = run_directory(out, name, seed)
+    result = evaluate(teacher, lora=run_dir, n=n, seed=seed, rows=["student_distillpp"], progress=False,
+                      device=device, distillpp=DistillppSettings(**settings))  # fmt: skip
+    return {"variant": f"{name} + {label}", "seed": seed, "distillpp": settings, **result["rows"]["student_distillpp"]}
 
 
 def _subprocess(args, job: dict) -> dict:
+    import os
+
     command = [sys.executable, "-m", "fewstep.benchmarks.digits_sweep", "--out", job["out"], "--one", json.dumps(job)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # One thread per job: parallel jobs with torch's default threads each oversubscribe the cores and busy-wait.
+    threads = os.environ.get("OMP_NUM_THREADS") or ("1" if args.jobs > 1 else "")
+    environment = {**os.environ, **({"OMP_NUM_THREADS": threads} if threads else {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if done.returncode != 0:
         return {**job, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -100,13 +159,16 @@ def summarise(results: list[dict]) -> dict:
     return summary
 
 
-def format_summary(summary: dict, n: int) -> str:
-    lines = [f"digits yardstick, one-step student, n={n} per seed", f"{'row':36}{'FD ↓':>16}{'acc ↑':>16}{'train s':>9}"]
+def format_summary(summary: dict, n: int, num_steps: int = 1) -> str:
+    lines = [
+        f"digits yardstick, {num_steps}-step student, n={n} per seed",
+        f"{'row':52}{'FD ↓':>16}{'acc ↑':>16}{'train s':>9}",
+    ]
     for name, s in summary.items():
         fd = f"{s['fd_mean']:.2f} ± {s['fd_sd']:.2f}"
         acc = f"{s['acc_mean']:.3f} ± {s['acc_sd']:.3f}"
         label = f"{name} ({s['seeds']} seeds)"
-        lines.append(f"{label:36}{fd:>16}{acc:>16}{s['train_seconds_mean']:>9.0f}")
+        lines.append(f"{label:52}{fd:>16}{acc:>16}{s['train_seconds_mean']:>9.0f}")
     return "\n".join(lines)
 
 
@@ -115,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (runs, results.json) (required)")
     parser.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (repeatable)")
     parser.add_argument("--external", action="append", default=[], help="NAME:COMMAND runs of another program")
+    parser.add_argument(
+        "--num-steps", type=int, default=1,
+        help="the students' sampling steps (1; more trains with DMD2's backward simulation) (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distillpp", action="append", default=[],
+        help="NAME:key=value,... Distillation++ setting measured on every trained student (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished in OUT")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="distillation/eval seeds")
     parser.add_argument("--n", type=int, default=2000, help="images per row and seed (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: %(default)s)")
@@ -133,10 +204,17 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate(job["teacher"], n=job["n"], seed=job["seed"], rows=[job["row"]], progress=False,
                               device=job["device"], guidance_scale=job["guidance_scale"])  # fmt: skip
             print(json.dumps({"variant": job["row"], "seed": job["seed"], **result["rows"][job["row"]]}))
+        elif "distillpp" in job:
+            print(json.dumps(run_distillpp(job["teacher"], Path(job["out"]), job["variant"], job["seed"], job["n"],
+                                           job["device"], job["label"], job["distillpp"])))  # fmt: skip
         else:
             print(json.dumps(run_one(job["teacher"], Path(job["out"]), job["variant"], job["overrides"], job["seed"],
-                                     job["n"], job["device"], job.get("external"))))  # fmt: skip
+                                     job["n"], job["device"], job.get("external"), job["num_steps"],
+                                     job["reuse"])))  # fmt: skip
         return 0
+    if args.num_steps < 1:
+        parser.error(f"--num-steps must be ≥ 1, got {args.num_steps}")
+    distillpp = [parse_distillpp(text) for text in args.distillpp]
 
     from ..commands.demo import DigitsDemoSettings
     from ..digits.teacher import cached_train_images, digits_teacher, write_digit_prompts
@@ -150,10 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     write_digit_prompts(out / "prompts.txt")
     variants = [parse_variant(v) for v in args.variant] or [("demo", {})]
     common = dict(teacher=teacher, out=str(out), n=args.n, device=args.device)
-    jobs = [{**common, "variant": name, "overrides": o, "seed": seed} for name, o in variants for seed in args.seeds]
+    training = dict(num_steps=args.num_steps, reuse=args.reuse)
+    jobs = [
+        {**common, **training, "variant": name, "overrides": o, "seed": seed}
+        for name, o in variants for seed in args.seeds
+    ]  # fmt: skip
     for text in args.external:
         name, _, command = text.partition(":")
-        jobs += [{**common, "variant": name, "overrides": {}, "external": command, "seed": s} for s in args.seeds]
+        jobs += [
+            {**common, **training, "variant": name, "overrides": {}, "external": command, "seed": s} for s in args.seeds
+        ]  # fmt: skip
+    guided = [  # after every distillation: they sample the trained students
+        {**common, "variant": job["variant"], "seed": job["seed"], "label": label, "distillpp": settings}
+        for job in jobs for label, settings in distillpp
+    ]  # fmt: skip
     jobs += [  # last: quick, they fill in while the distillations run
         {**common, "variant": "teacher", "row": row, "seed": seed, "guidance_scale": DigitsDemoSettings.guidance_scale}
         for seed in args.seeds for row in args.teacher_rows
@@ -168,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run_job, jobs))
+        list(pool.map(run_job, guided))
     summary = summarise(results)
     (out / "results.json").write_text(json.dumps({"n": args.n, "results": results, "summary": summary}, indent=2))
-    print(format_summary(summary, args.n))
+    print(format_summary(summary, args.n, args.num_steps))
     for r in results:
         if "error" in r:
             print(f"failed: {r['variant']} seed {r['seed']}: {r['error']}")

@@ -92,7 +92,14 @@ class DigitsDemoSettings:
 
 
 METHOD_TITLES = {"dmd2": "DMD2", "dmd": "DMD", "progressive": "Progressive Distillation"}
-# DMD2 keeps the demo's full table; DMD and PD students are measured at their own recipe (PD: DDIM, its steps).
+# A DMD2 student is measured at the steps it was trained for (+ Distillation++ when multi-step: the yardstick's
+# default rows); DMD and PD students at their own recipe (PD: DDIM, its steps).
+GRID_ROWS = {method: ["teacher_50", "teacher_1", "student"] for method in ("dmd", "progressive")}
+DMD2_GRID_ROWS = {
+    1: ["teacher_50", "teacher_1", "student_1"],
+    **{k: ["teacher_50", "teacher_4", "student", "student_distillpp"] for k in (2, 3)},
+    4: ["teacher_50", "teacher_4", "student_4", "student_distillpp"],
+}
 DEMO_ROWS = {
     "dmd2": None,
     "dmd": ["real", "teacher_50", "teacher_4", "teacher_1", "student"],
@@ -167,7 +174,7 @@ def _demo_digits(args: argparse.Namespace) -> None:
     metrics["settings"] = {**settings.__dict__, "num_steps": args.num_steps}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     model = load_digits_model(teacher_dir, run_dir)
-    grid_rows = ["teacher_50", "teacher_1", "student_1", "student_4"] if args.method == "dmd2" else ["teacher_50", "teacher_1", "student"]
+    grid_rows = GRID_ROWS[args.method] if args.method != "dmd2" else DMD2_GRID_ROWS[min(args.num_steps, 4)]
     save_digits_grid(model, grid_rows, out / "samples.png", seed=args.seed)
     lora_out = out / "lora"
     if lora_out.exists():

@@ -13,9 +13,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from ..cli import UserError
     from ..digits.teacher import digits_teacher
-    from ..digits.yardstick import balanced_labels, evaluate, format_table
+    from ..digits.yardstick import DistillppSettings, balanced_labels, evaluate, format_table
 
     balanced_labels(args.n)  # validate before loading anything
+    distillpp = DistillppSettings(
+        lam=args.distillpp_lambda, guided_steps=args.distillpp_steps, rule=args.distillpp_rule,
+        teacher_guidance_scale=args.distillpp_teacher_cfg,
+    )  # fmt: skip
     json_path = Path(args.json) if args.json else None
     if json_path is not None and json_path.is_dir():
         raise UserError(f"--json {json_path} is a directory; give a file name")
@@ -27,7 +31,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         n=args.n,
         guidance_scale=args.guidance_scale,
         seed=args.seed,
-        distillpp_lambda=args.distillpp_lambda,
+        distillpp=distillpp,
     )
     print(format_table(result))
     if json_path is not None:
@@ -37,6 +41,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
+    from ..core.distillpp import RULES
+    from ..digits.yardstick import DistillppSettings
+
     parser = sub.add_parser(
         "eval",
         help="the quality yardstick: FD and accuracy of teacher and student on the digits teacher",
@@ -53,12 +60,24 @@ def register(sub) -> None:
     parser.add_argument(
         "--guidance-scale", type=float, default=None, help="teacher CFG scale (default: the student run's, else 2.0)"
     )
+    distillpp = DistillppSettings()
     parser.add_argument(
-        "--distillpp-lambda",
-        type=float,
-        default=0.1,
-        help="Distillation++ interpolation weight λ (default: %(default)s)",
-    )
+        "--distillpp-lambda", type=float, default=distillpp.lam,
+        help="student_distillpp row: the rule's step size λ in [0, 1] (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distillpp-steps", type=int, default=distillpp.guided_steps,
+        help="student_distillpp row: teacher-guided steps (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distillpp-rule", choices=RULES, default=distillpp.rule,
+        help="student_distillpp row: x0_lerp (the paper: x̂0 ← lerp(x̂0_student, x̂0_teacher, λ)) or eps_mix (the "
+        "authors' code: noise predictions mixed with weight λ) (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distillpp-teacher-cfg", type=float, default=distillpp.teacher_guidance_scale,
+        help="student_distillpp row: the guiding teacher's CFG scale (default: the distillation's, --guidance-scale)",
+    )  # fmt: skip
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     parser.set_defaults(func=cmd_eval)

@@ -10,7 +10,7 @@ generated images (N/10 per digit, prompt "a handwritten digit <word>") are score
 Rows: ``real`` (N real train images vs the held-out ones: the floor; its accuracy is the classifier's held-out
 accuracy, the ceiling), ``teacher_50``/``teacher_4``/``teacher_1`` (DDIM, "trailing" timesteps, with CFG), and with
 a student LoRA ``student_1``/``student_4`` (DMD2's few-step rule, no CFG) and ``student_distillpp``
-(Distillation++: the LoRA-disabled base refines the student's first step), and ``student``: the student at the
+(Distillation++: the LoRA-disabled base refines the student's first steps, :class:`DistillppSettings`), and ``student``: the student at the
 timesteps and with the sampler its LoRA's ``fewstep_recipe.json`` records (deterministic DDIM for Progressive
 Distillation's students, whose one step is trained to equal two DDIM steps). All sampling goes through
 ``fewstep.core``; every row starts from the same initial noise.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.distillpp import sample_distillpp
+from ..core.distillpp import check_teacher_guidance, sample_distillpp
 from ..core.sampling import Denoiser, cfg, ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from ..training.cache import cached_build
@@ -41,12 +41,31 @@ CLASSIFIER_VERSION = 1
 CLASSIFIER_FILE = "classifier.safetensors"
 CLASSIFIER_RECORD = "fewstep_classifier.json"
 DEFAULT_GUIDANCE_SCALE = 2.0  # the scale DMD2 distils the digits teacher at
-DEFAULT_DISTILLPP_LAMBDA = 0.1
 TEACHER_ROWS = {"teacher_50": 50, "teacher_4": 4, "teacher_1": 1}
 STUDENT_ROWS = {"student_1": 1, "student_4": 4}
-DEFAULT_ROWS = ("real", *TEACHER_ROWS, *STUDENT_ROWS, "student_distillpp")
 # "student": the LoRA at its own recipe (fewstep_recipe.json), asked for by name (demo --method, bench methods).
-ROWS = (*DEFAULT_ROWS, "student")
+ROWS = ("real", *TEACHER_ROWS, *STUDENT_ROWS, "student_distillpp", "student")
+
+
+
+
+@dataclass(frozen=True)
+class DistillppSettings:
+    """How the ``student_distillpp`` row applies Distillation++ (``core.distillpp``) on the student's own grid."""
+
+    lam: float = 0.1  # the rule's step size λ
+    guided_steps: int = 1  # the first K student steps are refined by the teacher
+    rule: str = "x0_lerp"  # "x0_lerp" (the paper) or "eps_mix" (the authors' code)
+    teacher_guidance_scale: float | None = None  # the guiding teacher's CFG; None: the row's (the distillation CFG)
+
+    def __post_init__(self):
+        check_teacher_guidance(self.lam, self.guided_steps, self.rule)
+        if self.teacher_guidance_scale is not None and self.teacher_guidance_scale < 0:
+            raise ValueError(f"teacher guidance scale must be ≥ 0, got {self.teacher_guidance_scale}")
+
+    def describe(self, scale: float) -> str:
+        cfg_scale = self.teacher_guidance_scale if self.teacher_guidance_scale is not None else scale
+        return f"{self.rule} λ={self.lam:g}, {self.guided_steps} guided step(s), teacher CFG {cfg_scale:g}"
 
 
 # ----------------------------------------------------------------------------------------------- classifier
@@ -209,6 +228,21 @@ class DigitsModel:
     student: StudentInfo | None = None
 
 
+def default_rows(student: StudentInfo | None) -> list[str]:
+    """The teacher's rows and a student's at the steps it was trained for; Distillation++ on multi-step students.
+
+    A one-step student is not measured at 4 steps by default: it never trained on those timesteps (ask for
+    ``student_4``/``student_distillpp`` by name to see it anyway).
+    """
+    rows = ["real", *TEACHER_ROWS]
+    if student is None:
+        return rows
+    if student.num_steps == 1:
+        return rows + ["student_1"]
+    own = f"student_{student.num_steps}"
+    return rows + [own if own in STUDENT_ROWS else "student", "student_distillpp"]
+
+
 def _resolve_lora(lora: str | Path) -> tuple[Path, Path | None]:
     """(LoRA weights file, run directory or None) from a run dir, its ``lora/`` dir or a .safetensors file."""
     from ..training.lora_io import DIFFUSERS_LORA_WEIGHT_NAME
@@ -319,7 +353,7 @@ def sample_digits(
     noise: torch.Tensor,
     generator: torch.Generator,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    distillpp_lambda: float = DEFAULT_DISTILLPP_LAMBDA,
+    distillpp: DistillppSettings = DistillppSettings(),
 ) -> torch.Tensor:
     """Images (B, 3, 32, 32) in [0, 1] of ``labels`` for one yardstick row (not ``real``), from latent ``noise``."""
     from ..training.teacher import decode_latents
@@ -343,9 +377,16 @@ def sample_digits(
             timesteps = model.student.timesteps_for(STUDENT_ROWS[row])
             latents = model.student.sample(student, noise, timesteps, schedule, generator)
         else:
-            # The paper's setting: the student's multi-step grid (4 steps for a 1-step student), 1 guided step.
+            # The paper's setting: the student's own multi-step grid (4 steps for a 1-step student).
             timesteps = model.student.timesteps_for(model.student.num_steps if model.student.num_steps > 1 else 4)
-            latents = sample_distillpp(student, teacher, noise, timesteps, schedule, distillpp_lambda, 1, generator)
+            teacher_scale = distillpp.teacher_guidance_scale
+            guide = teacher if teacher_scale is None else unet_denoiser(
+                unet, schedule, embeds, model.uncond_embeds, teacher_scale
+            )  # fmt: skip
+            latents = sample_distillpp(
+                student, guide, noise, timesteps, schedule, distillpp.lam, distillpp.guided_steps, generator,
+                distillpp.rule,
+            )  # fmt: skip
     else:
         raise ValueError(f"unknown row {row!r}; use one of {', '.join(ROWS[1:])}")
     return decode_latents(model.pipe.vae, latents)
@@ -384,7 +425,7 @@ def evaluate(
     guidance_scale: float | None = None,
     seed: int = 0,
     rows: list[str] | None = None,
-    distillpp_lambda: float = DEFAULT_DISTILLPP_LAMBDA,
+    distillpp: DistillppSettings = DistillppSettings(),
     batch_size: int = 100,
     classifier: DigitClassifier | None = None,
     progress: bool = True,
@@ -392,8 +433,8 @@ def evaluate(
 ) -> dict:
     """The yardstick table as a dict: ``{"rows": {name: {"fd", "acc", "seconds"}}, "n", "seed", ...}``.
 
-    ``guidance_scale`` defaults to the student run's (its ``config.yaml``), else 2.0. ``rows`` defaults to every
-    row that applies (the student rows only with ``lora``).
+    ``guidance_scale`` defaults to the student run's (its ``config.yaml``), else 2.0. ``rows`` defaults to
+    :func:`default_rows` (the student's only with ``lora``).
     """
     from tqdm import tqdm
 
@@ -401,7 +442,7 @@ def evaluate(
     model = load_digits_model(teacher_dir, lora, device)
     student_scale = model.student.guidance_scale if model.student is not None else None
     scale = float(guidance_scale if guidance_scale is not None else student_scale or DEFAULT_GUIDANCE_SCALE)
-    rows = list(rows or [r for r in DEFAULT_ROWS if model.student is not None or not r.startswith("student")])
+    rows = list(rows or default_rows(model.student))
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; use any of {', '.join(ROWS)}")
@@ -421,7 +462,7 @@ def evaluate(
             for start in batches:
                 chunk = slice(start, start + batch_size)
                 images.append(
-                    sample_digits(model, row, labels[chunk], noise[chunk], generator, scale, distillpp_lambda)
+                    sample_digits(model, row, labels[chunk], noise[chunk], generator, scale, distillpp)
                 )
             features, predicted = classifier.embed(torch.cat(images))
             results[row] = {
@@ -434,7 +475,7 @@ def evaluate(
         "n": n,
         "seed": seed,
         "guidance_scale": scale,
-        "distillpp_lambda": distillpp_lambda,
+        "distillpp": asdict(distillpp),
         "teacher": str(teacher_dir),
         "lora": str(model.student.lora) if model.student is not None else None,
     }
@@ -471,7 +512,7 @@ def save_digits_grid(
     path: str | Path,
     seed: int = 0,
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-    distillpp_lambda: float = DEFAULT_DISTILLPP_LAMBDA,
+    distillpp: DistillppSettings = DistillppSettings(),
 ) -> Path:
     """A sample grid: one image row per digit, one column per yardstick row (same noise across columns)."""
     from ..training.images import save_grid
@@ -481,6 +522,6 @@ def save_digits_grid(
     columns = []
     for row in rows:
         generator = torch.Generator().manual_seed(seed + 1)
-        columns.append(sample_digits(model, row, labels, noise, generator, guidance_scale, distillpp_lambda))
+        columns.append(sample_digits(model, row, labels, noise, generator, guidance_scale, distillpp))
     save_grid(list(torch.stack(columns, dim=1)), path)
     return Path(path)

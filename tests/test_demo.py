@@ -7,7 +7,7 @@ import pytest
 
 from fewstep.cli import main
 
-ROWS = {"real", "teacher_50", "teacher_4", "teacher_1", "student_1", "student_4", "student_distillpp"}
+TEACHER_ROWS = {"real", "teacher_50", "teacher_4", "teacher_1"}
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def test_quick_digits_demo_writes_grid_metrics_and_lora_files(private_cache, tmp
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["rows"]) == ROWS
+    assert set(metrics["rows"]) == TEACHER_ROWS | {"student_1"}  # not at 4 steps: it never trained on them
     for row in metrics["rows"].values():
         assert math.isfinite(row["fd"]) and 0.0 <= row["acc"] <= 1.0 and row["seconds"] >= 0
     assert metrics["n"] > 0 and "seed" in metrics
@@ -32,12 +32,20 @@ def test_quick_digits_demo_writes_grid_metrics_and_lora_files(private_cache, tmp
     assert "[1/3]" in printed and "[3/3]" in printed and "student_1" in printed
 
 
+def test_quick_four_step_demo_measures_its_own_steps_and_distillpp(private_cache, tmp_path):
+    out = tmp_path / "four"
+    assert main(["demo", "--quick", "--num-steps", "4", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["rows"]) == TEACHER_ROWS | {"student_4", "student_distillpp"}
+    assert metrics["distillpp"]["guided_steps"] >= 1 and (out / "samples.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("method,num_steps", [("progressive", "2")])  # dmd: same path, tests/test_train_methods.py
 def test_quick_demo_of_another_method_measures_its_student_at_its_own_recipe(private_cache, tmp_path, method, num_steps):
     out = tmp_path / method
     assert main(["demo", "--quick", "--method", method, "--num-steps", num_steps, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["rows"]) == {"real", "teacher_50", "teacher_4", "teacher_1", "student"}
+    assert set(metrics["rows"]) == TEACHER_ROWS | {"student"}
     recipe = json.loads((out / "lora" / "fewstep_recipe.json").read_text())
     assert recipe["method"] == method and len(recipe["timesteps"]) == int(num_steps)
     assert recipe["sampler"] == ("ddim" if method == "progressive" else "few_step")

@@ -192,12 +192,22 @@ def test_eval_json_schema(tiny_teacher, tiny_classifier, tmp_path, monkeypatch, 
     argv = ["eval", "--teacher", str(tiny_teacher), "--lora", str(run_dir), "--n", "10", "--json", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
-    assert set(result["rows"]) == set(yardstick.DEFAULT_ROWS)
+    assert set(result["rows"]) == {"real", "teacher_50", "teacher_4", "teacher_1", "student_1"}  # a 1-step student
     assert result["n"] == 10 and result["seed"] == 0 and result["guidance_scale"] == 1.5  # from the run config
     for row in result["rows"].values():
         assert set(row) == {"fd", "acc", "seconds"} and all(math.isfinite(v) for v in row.values())
         assert 0.0 <= row["acc"] <= 1.0
     assert "teacher_50" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "num_steps, student_rows",
+    [(1, ["student_1"]), (4, ["student_4", "student_distillpp"]), (2, ["student", "student_distillpp"])],
+)
+def test_default_rows_measure_a_student_at_the_steps_it_trained_for(tmp_path, num_steps, student_rows):
+    student = yardstick.StudentInfo(lora=tmp_path / "lora.safetensors", num_steps=num_steps)
+    assert yardstick.default_rows(student) == ["real", "teacher_50", "teacher_4", "teacher_1", *student_rows]
+    assert yardstick.default_rows(None) == ["real", "teacher_50", "teacher_4", "teacher_1"]
 
 
 def test_student_differs_from_teacher_and_teacher_is_restored(tiny_teacher, tmp_path):
@@ -211,10 +221,32 @@ def test_student_differs_from_teacher_and_teacher_is_restored(tiny_teacher, tmp_
     assert torch.allclose(sample(plain, "teacher_1"), teacher, atol=1e-5)
 
 
+def test_distillpp_row_follows_its_settings(tiny_teacher, tmp_path):
+    """λ = 0 is the plain 4-step student; the rule and the guiding teacher's CFG each change the samples."""
+    model = yardstick.load_digits_model(tiny_teacher, _student_run(tiny_teacher, tmp_path / "run"))
+    labels, noise = torch.arange(10), torch.randn(10, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def sample(row, **settings):
+        distillpp = yardstick.DistillppSettings(**settings)
+        return yardstick.sample_digits(model, row, labels, noise, torch.Generator().manual_seed(1), 1.5, distillpp)
+
+    assert torch.allclose(sample("student_distillpp", lam=0.0), sample("student_4"))
+    lerp = sample("student_distillpp", lam=0.5)
+    assert not torch.allclose(lerp, sample("student_4"), atol=1e-4)
+    assert not torch.allclose(sample("student_distillpp", lam=0.5, rule="eps_mix"), lerp, atol=1e-4)
+    assert not torch.allclose(sample("student_distillpp", lam=0.5, teacher_guidance_scale=4.0), lerp, atol=1e-4)
+    assert torch.allclose(sample("student_distillpp", lam=0.5, teacher_guidance_scale=1.5), lerp)  # = the row's CFG
+    two_steps = sample("student_distillpp", lam=0.5, guided_steps=2)
+    assert not torch.allclose(two_steps, lerp, atol=1e-4)
+
+
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     assert main(["teacher", "digits", "--out", str(not_a_dir)]) == 2
     assert main(["eval", "--n", "15"]) == 2
+    assert main(["eval", "--distillpp-lambda", "2"]) == 2
+    assert main(["eval", "--distillpp-steps", "-1"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and "is a file" in errors[0] and "multiple of 10" in errors[1]
+    assert len(errors) == 4 and "is a file" in errors[0] and "multiple of 10" in errors[1]
+    assert "λ must be in [0, 1]" in errors[2] and "steps must be ≥ 0" in errors[3]

@@ -1,0 +1,28 @@
+"""The digits sweep's command line: variants and Distillation++ settings parse to typed settings or one clear error."""
+
+import pytest
+
+from fewstep.benchmarks.digits_sweep import parse_distillpp, parse_variant, student_row
+
+
+def test_variant_parses_to_typed_demo_settings():
+    assert parse_variant("fake rank 64:fake_rank=64,lr=1e-4") == ("fake rank 64", {"fake_rank": 64, "lr": 1e-4})
+
+
+def test_distillpp_setting_parses_to_typed_fields():
+    name, settings = parse_distillpp("eps cfg4:rule=eps_mix,lam=0.02,guided_steps=2,teacher_guidance_scale=4")
+    assert name == "eps cfg4"
+    assert settings == {"rule": "eps_mix", "lam": 0.02, "guided_steps": 2, "teacher_guidance_scale": 4.0}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("x:lambda=0.1", "unknown key 'lambda'"), ("x:rule=sds", "rule must be one of"), ("x:lam=1.5", "λ must be in")],
+)
+def test_bad_distillpp_setting_is_refused_with_its_reason(text, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_distillpp(text)
+
+
+def test_one_step_students_keep_the_earlier_sweeps_row_and_others_use_their_recipe():
+    assert student_row(1) == "student_1" and student_row(4) == "student"
