@@ -173,6 +173,13 @@ def test_an_effective_batch_far_below_the_reference_warns_in_one_line():
     assert effective_batch_warning(DMD2TrainConfig(batch_size=2, gradient_accumulation_steps=4), "sdxl", 1) is None
 
 
+def test_the_digits_teacher_gets_no_effective_batch_warning(tmp_path):
+    """The reference's batch is for SD at 512/1024 px; the digits demo's batch 32 is the sweep's choice."""
+    (tmp_path / "fewstep_teacher.json").write_text("{}")
+    assert effective_batch_warning(DMD2TrainConfig(teacher=str(tmp_path), batch_size=32), "sd15", 1) is None
+    assert effective_batch_warning(DMD2TrainConfig(teacher=str(tmp_path / "other"), batch_size=32), "sd15", 1)
+
+
 def test_training_prints_the_effective_batch_warning(teacher, prompts, tmp_path, capsys):
     train_dmd2(config(teacher, tmp_path / "run", prompts, max_steps=1))
     assert "warning: effective batch 1" in capsys.readouterr().out

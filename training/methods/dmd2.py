@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -110,7 +111,15 @@ def check_option_combinations(config: DMD2TrainConfig, use_gan: bool, num_steps:
 
 
 def effective_batch_warning(config, family: str, num_processes: int) -> str | None:
-    """A one-line warning when the effective batch is far below what the reference validated."""
+    """A one-line warning when the effective batch is far below what the reference validated.
+
+    Not for the digits teacher (its build record ``fewstep_teacher.json`` beside the weights): the reference's batch
+    is for SD at 512/1024 px, and the demo's batch is the digits sweep's choice, not an oversight.
+    """
+    from ...digits.teacher import TEACHER_CONFIG_FILE
+
+    if config.teacher and (Path(config.teacher) / TEACHER_CONFIG_FILE).is_file():
+        return None
     effective = config.batch_size * config.gradient_accumulation_steps * num_processes
     reference = REFERENCE_EFFECTIVE_BATCH[family]
     if effective * FAR_BELOW_REFERENCE >= reference:
