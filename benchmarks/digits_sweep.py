@@ -9,7 +9,8 @@ each), so a GPU with many CPU cores runs a sweep in minutes.
     python -m fewstep.benchmarks.digits_sweep --out sweep/ --seeds 0 1 2 --n 2000 --jobs 12 \
         --variant "demo:" --variant "fake scale 1/8:fake_alpha=4" --variant "fake lr 2x:fake_lr=1e-3"
 
-A variant is ``NAME:key=value,key=value`` over :class:`~fewstep.commands.demo.DigitsDemoSettings` fields.
+A variant is ``NAME:key=value,key=value`` over :class:`~fewstep.commands.demo.DigitsDemoSettings` fields, and
+``num_steps`` (that variant's student steps, instead of ``--num-steps``).
 A Distillation++ setting is ``NAME:key=value,...`` over :class:`~fewstep.digits.yardstick.DistillppSettings`
 (``lam``, ``guided_steps``, ``rule``, ``teacher_guidance_scale``), e.g. ``--distillpp "eps 0.02 cfg4:rule=eps_mix,
 lam=0.02,teacher_guidance_scale=4"``; its rows are named ``VARIANT + NAME``.
@@ -42,6 +43,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
     name, _, body = text.partition(":")
     fields = {f.name: f for f in dataclasses.fields(DigitsDemoSettings)}
+    fields["num_steps"] = None  # the student's steps for this variant (default: --num-steps)
     overrides = {}
     for item in filter(None, (part.strip() for part in body.split(","))):
         key, _, value = item.partition("=")
@@ -51,8 +53,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
     defaults = DigitsDemoSettings()
     typed = {}
     for key, value in overrides.items():
-        current = getattr(defaults, key)
-        kind = type(current) if current is not None else (int if key == "fake_rank" else float)
+        current = getattr(defaults, key, None)
+        kind = type(current) if current is not None else (int if key in ("fake_rank", "num_steps") else float)
         typed[key] = kind(value)
     return name.strip(), typed
 
@@ -233,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         {**common, **training, "variant": name, "overrides": o, "seed": seed}
         for name, o in variants for seed in args.seeds
     ]  # fmt: skip
+    for job in jobs:  # a variant's own num_steps overrides --num-steps
+        job["overrides"] = dict(job["overrides"])
+        job["num_steps"] = job["overrides"].pop("num_steps", args.num_steps)
     for text in args.external:
         name, _, command = text.partition(":")
         jobs += [

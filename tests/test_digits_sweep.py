@@ -7,6 +7,12 @@ from fewstep.benchmarks.digits_sweep import parse_distillpp, parse_variant, stud
 
 def test_variant_parses_to_typed_demo_settings():
     assert parse_variant("fake rank 64:fake_rank=64,lr=1e-4") == ("fake rank 64", {"fake_rank": 64, "lr": 1e-4})
+    assert parse_variant("long 4-step:num_steps=4,max_steps=1200") == ("long 4-step", {"num_steps": 4, "max_steps": 1200})
+
+
+def test_unknown_variant_setting_is_refused_naming_the_known_ones():
+    with pytest.raises(SystemExit, match="unknown setting 'steps'.*num_steps"):
+        parse_variant("x:steps=4")
 
 
 def test_distillpp_setting_parses_to_typed_fields():
