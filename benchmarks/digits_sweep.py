@@ -12,7 +12,8 @@ each), so a GPU with many CPU cores runs a sweep in minutes.
 A variant is ``NAME:key=value,key=value`` over :class:`~fewstep.commands.demo.DigitsDemoSettings` fields, and
 ``num_steps`` (that variant's student steps, instead of ``--num-steps``).
 A Distillation++ setting is ``NAME:key=value,...`` over :class:`~fewstep.digits.yardstick.DistillppSettings`
-(``lam``, ``guided_steps``, ``rule``, ``teacher_guidance_scale``), e.g. ``--distillpp "eps 0.02 cfg4:rule=eps_mix,
+(``lam``, ``guided_steps``, ``rule``, ``teacher_guidance_scale``; ``guide=student`` is the ablation where the
+student guides itself), e.g. ``--distillpp "eps 0.02 cfg4:rule=eps_mix,
 lam=0.02,teacher_guidance_scale=4"``; its rows are named ``VARIANT + NAME``.
 ``--reuse`` keeps a run that already finished in OUT (its LoRA and ``train_seconds.json``), so more Distillation++
 settings can be measured on the same students later.
@@ -65,7 +66,7 @@ def parse_distillpp(text: str) -> tuple[str, dict]:
 
     name, _, body = text.partition(":")
     fields = {f.name for f in dataclasses.fields(DistillppSettings)}
-    kinds = {"lam": float, "guided_steps": int, "rule": str, "teacher_guidance_scale": float}
+    kinds = {"lam": float, "guided_steps": int, "rule": str, "teacher_guidance_scale": float, "guide": str}
     settings = {}
     for item in filter(None, (part.strip() for part in body.split(","))):
         key, _, value = item.partition("=")

@@ -57,9 +57,14 @@ class DistillppSettings:
     guided_steps: int = 1  # the first K student steps are refined by the teacher
     rule: str = "x0_lerp"  # "x0_lerp" (the paper) or "eps_mix" (the authors' code)
     teacher_guidance_scale: float | None = None  # the guiding teacher's CFG; None: the row's (the distillation CFG)
+    # Ablation: "student" lets the student guide itself through the same rule (fresh noise, re-noising and all), which
+    # separates what the teacher adds from what the rule's own noise does.
+    guide: str = "teacher"
 
     def __post_init__(self):
         check_teacher_guidance(self.lam, self.guided_steps, self.rule)
+        if self.guide not in ("teacher", "student"):
+            raise ValueError(f"Distillation++ guide must be teacher or student, got {self.guide!r}")
         if self.teacher_guidance_scale is not None and self.teacher_guidance_scale < 0:
             raise ValueError(f"teacher guidance scale must be ≥ 0, got {self.teacher_guidance_scale}")
 
@@ -383,6 +388,7 @@ def sample_digits(
             guide = teacher if teacher_scale is None else unet_denoiser(
                 unet, schedule, embeds, model.uncond_embeds, teacher_scale
             )  # fmt: skip
+            guide = student if distillpp.guide == "student" else guide
             latents = sample_distillpp(
                 student, guide, noise, timesteps, schedule, distillpp.lam, distillpp.guided_steps, generator,
                 distillpp.rule,

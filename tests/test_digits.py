@@ -238,6 +238,8 @@ def test_distillpp_row_follows_its_settings(tiny_teacher, tmp_path):
     assert torch.allclose(sample("student_distillpp", lam=0.5, teacher_guidance_scale=1.5), lerp)  # = the row's CFG
     two_steps = sample("student_distillpp", lam=0.5, guided_steps=2)
     assert not torch.allclose(two_steps, lerp, atol=1e-4)
+    self_guided = sample("student_distillpp", lam=0.5, guide="student")  # the ablation: no teacher at all
+    assert not torch.allclose(self_guided, lerp, atol=1e-4)
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):
