@@ -71,7 +71,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if not teacher:
         raise UserError(f"--teacher is needed: {args.lora} is not a fewstep run whose config names its teacher")
     steps, timesteps = student_settings(args, config)
-    check_teacher_inputs(args.distillpp, args.distillpp_steps, args.teacher_guidance_scale)
+    check_teacher_inputs(args.distillpp, args.distillpp_steps, args.teacher_guidance_scale, args.distillpp_rule)
     if args.num_images < 1:
         raise UserError(f"--num-images must be ≥ 1, got {args.num_images}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,12 +100,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
         teacher_guidance=args.distillpp,
         teacher_guided_steps=args.distillpp_steps,
         teacher_guidance_scale=args.teacher_guidance_scale,
+        teacher_guidance_rule=args.distillpp_rule,
         sampler=sampler,
     )
     described = (f"timesteps {timesteps}" if timesteps else f"{steps} step(s)") + f", sampler {sampler}"
     if args.distillpp > 0:
         described += (
-            f", Distillation++ λ={args.distillpp} on {args.distillpp_steps} step(s), "
+            f", Distillation++ ({args.distillpp_rule}) λ={args.distillpp} on {args.distillpp_steps} step(s), "
             f"teacher CFG {args.teacher_guidance_scale}"
         )
     print(f"fewstep sample: {len(result.images)} image(s), {described}, seed {args.seed}")
@@ -136,8 +137,13 @@ def register(sub) -> None:
         help="few_step: DMD2's re-noising rule (DMD2, DMD); ddim: deterministic DDIM (progressive distillation) "
         "(default: the LoRA's recorded sampler, else few_step)",
     )  # fmt: skip
-    parser.add_argument("--distillpp", type=float, default=0.0, help="Distillation++ λ in [0, 1] (default 0 = off)")
+    parser.add_argument("--distillpp", type=float, default=0.0, help="Distillation++ λ in [0, 1] (default 0 = off; try 0.15)")
     parser.add_argument("--distillpp-steps", type=int, default=1, help="teacher-guided steps K (default %(default)s)")
+    parser.add_argument(
+        "--distillpp-rule", choices=["eps_mix", "x0_lerp"], default="eps_mix",
+        help="Distillation++ rule: eps_mix (the authors' code; 0.15 is the digits sweep's λ) or x0_lerp (the "
+        "paper's closed form) (default %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--teacher-guidance-scale", type=float, default=7.5, help="teacher CFG w (default %(default)s)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")

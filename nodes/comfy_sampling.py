@@ -153,12 +153,12 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
 
     The student runs at CFG 1 on ``positive``; on each of the first ``guided_steps`` steps its x0 is re-noised to
     the next step's timestep and denoised by the teacher with CFG ``teacher_cfg`` (``fewstep.core.distillpp``),
-    and ``x0 ← lerp(x0_student, x0_teacher, λ)`` (rule ``x0_lerp``) or the noise predictions are mixed (``eps_mix``). The teacher's own weights run even when the student is the teacher
-    plus a LoRA (see :func:`student_patches_hook`); a student with separate weights loads next to the teacher.
+    and the noise predictions are mixed (rule ``eps_mix``, the default) or ``x0 ← lerp(x0_student, x0_teacher, λ)``
+    (``x0_lerp``). The teacher's own weights run even when the student is the teacher plus a LoRA (see :func:`student_patches_hook`); a student with separate weights loads next to the teacher.
     """
 
     def __init__(
-        self, student, teacher, teacher_guidance: float, guided_steps: int, teacher_cfg: float, rule: str = "x0_lerp"
+        self, student, teacher, teacher_guidance: float, guided_steps: int, teacher_cfg: float, rule: str = "eps_mix"
     ):
         check_teacher_guidance(teacher_guidance, guided_steps, rule)
         self.rule = rule

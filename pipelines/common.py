@@ -60,7 +60,7 @@ def run_student(sampler: str, denoise, latents, timesteps: list[int], schedule, 
 
 
 def check_teacher_inputs(
-    teacher_guidance: float, teacher_guided_steps: int, teacher_guidance_scale: float, rule: str = "x0_lerp"
+    teacher_guidance: float, teacher_guided_steps: int, teacher_guidance_scale: float, rule: str = "eps_mix"
 ) -> None:
     """Distillation++ settings: λ in [0, 1], K ≥ 0 guided steps, teacher CFG scale w ≥ 0."""
     if not 0.0 <= float(teacher_guidance) <= 1.0:

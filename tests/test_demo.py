@@ -32,12 +32,13 @@ def test_quick_digits_demo_writes_grid_metrics_and_lora_files(private_cache, tmp
     assert "[1/3]" in printed and "[3/3]" in printed and "student_1" in printed
 
 
-def test_quick_four_step_demo_measures_its_own_steps_and_distillpp(private_cache, tmp_path):
+def test_quick_four_step_demo_measures_its_own_steps_and_distillpp(private_cache, tmp_path, capsys):
     out = tmp_path / "four"
     assert main(["demo", "--quick", "--num-steps", "4", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["rows"]) == TEACHER_ROWS | {"student_4", "student_distillpp"}
     assert metrics["distillpp"]["guided_steps"] >= 1 and (out / "samples.png").stat().st_size > 0
+    assert "(Distillation++: " in capsys.readouterr().out  # the table says which setting the row used
 
 
 @pytest.mark.parametrize("method,num_steps", [("progressive", "2")])  # dmd: same path, tests/test_train_methods.py

@@ -478,3 +478,18 @@ def test_sample_command_missing_lora(bases, tmp_path, capsys):
     assert main(args) == 2
     error = capsys.readouterr().err.strip()
     assert f"LoRA '{missing}' does not exist" in error and len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize("module, name", [("fewstep_sd", "FewStepSDPipeline"), ("fewstep_sdxl", "FewStepSDXLPipeline")])
+def test_distillpp_rule_default_is_the_digits_sweeps_pick(module, name):
+    """The pipelines, `fewstep sample` and the yardstick default to the rule the sweep chose (docs/sweeps.md)."""
+    import importlib
+    import inspect
+
+    from fewstep.cli import build_parser
+    from fewstep.digits.yardstick import DistillppSettings
+
+    pipeline = getattr(importlib.import_module(f"fewstep.pipelines.{module}"), name)
+    default_rule = inspect.signature(pipeline.__call__).parameters["teacher_guidance_rule"].default
+    sample_args = build_parser().parse_args(["sample", "--lora", "x", "--prompt", "p"])
+    assert default_rule == sample_args.distillpp_rule == DistillppSettings().rule == "eps_mix"

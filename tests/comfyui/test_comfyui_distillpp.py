@@ -63,7 +63,7 @@ def test_eps_mix_rule_equals_the_diffusers_pipeline_and_differs_from_x0_lerp(nod
         output_type="latent", **student.pipe_kwargs, **student.negative_pipe_kwargs,
     ).images  # fmt: skip
     torch.testing.assert_close(model_space(latent, student.model), reference, rtol=0, atol=ATOL)
-    assert (latent["samples"] - _distillpp(node, student, 0.1, 2)["samples"]).abs().max() > 1e-3
+    assert (latent["samples"] - _distillpp(node, student, 0.1, 2, rule="x0_lerp")["samples"]).abs().max() > 1e-3
 
 
 class _FixedNoise:
@@ -88,8 +88,9 @@ def _one_step_from(node, model, positive, x_t):
 
 
 def test_teacher_pass_runs_the_base_weights_not_the_lora(node, student):
-    # λ = 1 on a one-step run: the output *is* the teacher's x0 (CFG 1) at the student's x0 re-noised to t = 999.
-    out = _distillpp(node, student, 1.0, teacher_cfg=1.0, steps=1)
+    # x0_lerp, λ = 1 on a one-step run: the output *is* the teacher's x0 (CFG 1) at the student's x0 re-noised to
+    # t = 999.
+    out = _distillpp(node, student, 1.0, teacher_cfg=1.0, steps=1, rule="x0_lerp")
     x0_student = model_space(_fewstep(node, student.student, student.positive, steps=1), student.model)
     schedule = NoiseSchedule.from_config(dict(student.pipe.scheduler.config))
     eps = torch.randn(x0_student.shape, generator=torch.Generator().manual_seed(SEED))  # the guider's first draw
