@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import errno
 import importlib
+import logging
 import os
 import pkgutil
 import re
@@ -143,7 +144,23 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+class _NoTorchvisionHint(logging.Filter):
+    """Drops transformers' "requires torchvision (not installed)" hint, printed when diffusers imports its image
+    processors: fewstep uses none of them, and PyPI's torchvision breaks beside the CPU torch build (README), so
+    the advice to install it only misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def quiet_torchvision_hint() -> None:
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _NoTorchvisionHint) for f in logger.filters):
+        logger.addFilter(_NoTorchvisionHint())
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_torchvision_hint()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -121,3 +121,19 @@ def test_no_command_answers_bad_input_with_a_traceback(bases, runs, tmp_path, ca
             err = capsys.readouterr().err.strip()
             assert code not in (0, None) and len(err.splitlines()) == 1, (argv, code, err)
             assert err.startswith(f"fewstep {name}") and "Traceback" not in err, (argv, err)
+
+
+def test_transformers_torchvision_hint_is_dropped_and_other_warnings_kept(caplog):
+    """transformers suggests installing torchvision when diffusers loads; with the CPU torch build that breaks."""
+    import logging
+
+    from fewstep.cli import quiet_torchvision_hint
+
+    quiet_torchvision_hint()
+    quiet_torchvision_hint()  # idempotent: main() runs it on every call
+    logger = logging.getLogger("transformers.utils.import_utils")
+    assert sum(type(f).__name__ == "_NoTorchvisionHint" for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to ...")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
