@@ -305,7 +305,14 @@ def load_digits_model(teacher_dir: str | Path, lora: str | Path | None = None, d
     pipe.set_progress_bar_config(disable=True)
     student = None
     if weights is not None:
-        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="student")
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": expected, the LoRA is UNet-only
+        try:
+            pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name="student")
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
         student = _student_info(weights, run_dir)
     pipe.to(device)
     embeds = encode_prompts(pipe, family, [caption(d) for d in range(10)] + [""], IMAGE_SIZE).prompt_embeds.to(device)
