@@ -231,15 +231,15 @@ def test_distillpp_row_follows_its_settings(tiny_teacher, tmp_path):
         return yardstick.sample_digits(model, row, labels, noise, torch.Generator().manual_seed(1), 1.5, distillpp)
 
     assert torch.allclose(sample("student_distillpp", lam=0.0), sample("student_4"))
-    lerp = sample("student_distillpp", lam=0.5)
-    assert not torch.allclose(lerp, sample("student_4"), atol=1e-4)
-    assert not torch.allclose(sample("student_distillpp", lam=0.5, rule="eps_mix"), lerp, atol=1e-4)
-    assert not torch.allclose(sample("student_distillpp", lam=0.5, teacher_guidance_scale=4.0), lerp, atol=1e-4)
-    assert torch.allclose(sample("student_distillpp", lam=0.5, teacher_guidance_scale=1.5), lerp)  # = the row's CFG
+    guided = sample("student_distillpp", lam=0.5)  # the default rule (eps_mix)
+    assert not torch.allclose(guided, sample("student_4"), atol=1e-4)
+    assert not torch.allclose(sample("student_distillpp", lam=0.5, rule="x0_lerp"), guided, atol=1e-4)
+    assert not torch.allclose(sample("student_distillpp", lam=0.5, teacher_guidance_scale=4.0), guided, atol=1e-4)
+    assert torch.allclose(sample("student_distillpp", lam=0.5, teacher_guidance_scale=1.5), guided)  # = the row's CFG
     two_steps = sample("student_distillpp", lam=0.5, guided_steps=2)
-    assert not torch.allclose(two_steps, lerp, atol=1e-4)
+    assert not torch.allclose(two_steps, guided, atol=1e-4)
     self_guided = sample("student_distillpp", lam=0.5, guide="student")  # the ablation: no teacher at all
-    assert not torch.allclose(self_guided, lerp, atol=1e-4)
+    assert not torch.allclose(self_guided, guided, atol=1e-4)
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):
