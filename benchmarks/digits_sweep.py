@@ -38,46 +38,46 @@ from pathlib import Path
 TEACHER_ROWS = ["real", "teacher_50", "teacher_4", "teacher_1"]
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    """``"name:key=value,key=value"`` → (name, overrides) typed as the settings' fields."""
-    from ..commands.demo import DigitsDemoSettings
-
+def _named_settings(text: str, what: str, known: list[str]) -> tuple[str, dict[str, str]]:
+    """``"name:key=value,key=value"`` → (name, {key: value}); an unknown key is refused naming the known ones."""
     name, _, body = text.partition(":")
-    fields = {f.name: f for f in dataclasses.fields(DigitsDemoSettings)}
-    fields["num_steps"] = None  # the student's steps for this variant (default: --num-steps)
-    overrides = {}
+    values = {}
     for item in filter(None, (part.strip() for part in body.split(","))):
         key, _, value = item.partition("=")
-        if key not in fields:
-            raise SystemExit(f"variant {name!r}: unknown setting {key!r}; known: {', '.join(fields)}")
-        overrides[key] = value
+        if key not in known:
+            raise SystemExit(f"{what} {name.strip()!r}: unknown setting {key!r}; known: {', '.join(known)}")
+        values[key] = value
+    return name.strip(), values
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``"name:key=value,..."`` over DigitsDemoSettings' fields (and ``num_steps``) → (name, typed overrides)."""
+    from ..commands.demo import DigitsDemoSettings
+
     defaults = DigitsDemoSettings()
+    known = [f.name for f in dataclasses.fields(DigitsDemoSettings)] + ["num_steps"]  # num_steps: default --num-steps
+    name, values = _named_settings(text, "variant", known)
     typed = {}
-    for key, value in overrides.items():
+    for key, value in values.items():
         current = getattr(defaults, key, None)
         kind = type(current) if current is not None else (int if key in ("fake_rank", "num_steps") else float)
         typed[key] = kind(value)
-    return name.strip(), typed
+    return name, typed
 
 
 def parse_distillpp(text: str) -> tuple[str, dict]:
     """``"name:lam=0.1,guided_steps=2,rule=eps_mix,teacher_guidance_scale=4"`` → (name, DistillppSettings fields)."""
     from ..digits.yardstick import DistillppSettings
 
-    name, _, body = text.partition(":")
-    fields = {f.name for f in dataclasses.fields(DistillppSettings)}
     kinds = {"lam": float, "guided_steps": int, "rule": str, "teacher_guidance_scale": float, "guide": str}
-    settings = {}
-    for item in filter(None, (part.strip() for part in body.split(","))):
-        key, _, value = item.partition("=")
-        if key not in fields:
-            raise SystemExit(f"Distillation++ setting {name!r}: unknown key {key!r}; known: {', '.join(sorted(fields))}")
-        settings[key] = kinds[key](value)
+    known = [f.name for f in dataclasses.fields(DistillppSettings)]
+    name, values = _named_settings(text, "Distillation++ setting", known)
+    settings = {key: kinds[key](value) for key, value in values.items()}
     try:
         DistillppSettings(**settings)
     except ValueError as error:
         raise SystemExit(f"Distillation++ setting {name!r}: {error}") from None
-    return name.strip(), settings
+    return name, settings
 
 
 def run_directory(out: Path, name: str, seed: int) -> Path:

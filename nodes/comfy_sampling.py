@@ -154,7 +154,8 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
     The student runs at CFG 1 on ``positive``; on each of the first ``guided_steps`` steps its x0 is re-noised to
     the next step's timestep and denoised by the teacher with CFG ``teacher_cfg`` (``fewstep.core.distillpp``),
     and the noise predictions are mixed (rule ``eps_mix``, the default) or ``x0 ← lerp(x0_student, x0_teacher, λ)``
-    (``x0_lerp``). The teacher's own weights run even when the student is the teacher plus a LoRA (see :func:`student_patches_hook`); a student with separate weights loads next to the teacher.
+    (``x0_lerp``). The teacher's own weights run even when the student is the teacher plus a LoRA (see
+    :func:`student_patches_hook`); a student with separate weights loads next to the teacher.
     """
 
     def __init__(

@@ -23,7 +23,7 @@ def test_distillpp_setting_parses_to_typed_fields():
 
 @pytest.mark.parametrize(
     "text, message",
-    [("x:lambda=0.1", "unknown key 'lambda'"), ("x:rule=sds", "rule must be one of"), ("x:lam=1.5", "λ must be in")],
+    [("x:lambda=0.1", "unknown setting 'lambda'"), ("x:rule=sds", "rule must be one of"), ("x:lam=1.5", "λ must be in")],
 )
 def test_bad_distillpp_setting_is_refused_with_its_reason(text, message):
     with pytest.raises(SystemExit, match=message):
