@@ -119,6 +119,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
+    from ..core.distillpp import RECOMMENDED_LAMBDA, RECOMMENDED_RULE, RULES
+
     parser = sub.add_parser(
         "sample",
         help="generate images with a distilled student (optionally Distillation++)",
@@ -137,10 +139,10 @@ def register(sub) -> None:
         help="few_step: DMD2's re-noising rule (DMD2, DMD); ddim: deterministic DDIM (progressive distillation) "
         "(default: the LoRA's recorded sampler, else few_step)",
     )  # fmt: skip
-    parser.add_argument("--distillpp", type=float, default=0.0, help="Distillation++ λ in [0, 1] (default 0 = off; try 0.15)")
+    parser.add_argument("--distillpp", type=float, default=0.0, help=f"Distillation++ λ in [0, 1] (default 0 = off; try {RECOMMENDED_LAMBDA})")
     parser.add_argument("--distillpp-steps", type=int, default=1, help="teacher-guided steps K (default %(default)s)")
     parser.add_argument(
-        "--distillpp-rule", choices=["eps_mix", "x0_lerp"], default="eps_mix",
+        "--distillpp-rule", choices=RULES, default=RECOMMENDED_RULE,
         help="Distillation++ rule: eps_mix (the authors' code; 0.15 is the digits sweep's λ) or x0_lerp (the "
         "paper's closed form) (default %(default)s)",
     )  # fmt: skip

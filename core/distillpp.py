@@ -21,6 +21,10 @@ from .sampling import Denoiser, Generators, Refiner, randn_like, sample_few_step
 from .schedule import NoiseSchedule
 
 RULES = ("x0_lerp", "eps_mix")  # the paper's x0 proximal step; the authors' code's noise-prediction mix
+# What the front ends (pipelines, ComfyUI nodes, CLI, yardstick) default to: the digits sweep's pick (docs/sweeps.md).
+# The functions below keep the paper's rule as their own default, since it is the one written out in closed form.
+RECOMMENDED_RULE = "eps_mix"
+RECOMMENDED_LAMBDA = 0.15
 
 
 def check_teacher_guidance(lam: float, guided_steps: int, rule: str = "x0_lerp") -> None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.distillpp import check_teacher_guidance, sample_distillpp
+from ..core.distillpp import RECOMMENDED_LAMBDA, RECOMMENDED_RULE, check_teacher_guidance, sample_distillpp
 from ..core.sampling import Denoiser, cfg, ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from ..training.cache import cached_build
@@ -56,9 +56,9 @@ class DistillppSettings:
     101.6 ± 2.8, accuracy 0.975 against 0.993. ``x0_lerp`` made FD worse at every λ, CFG and step count tried.
     """
 
-    lam: float = 0.15  # the rule's step size λ
+    lam: float = RECOMMENDED_LAMBDA  # the rule's step size λ
     guided_steps: int = 1  # the first K student steps are refined by the teacher
-    rule: str = "eps_mix"  # "eps_mix" (the authors' code) or "x0_lerp" (the paper)
+    rule: str = RECOMMENDED_RULE  # "eps_mix" (the authors' code) or "x0_lerp" (the paper)
     teacher_guidance_scale: float | None = None  # the guiding teacher's CFG; None: the row's (the distillation CFG)
     # Ablation: "student" lets the student guide itself through the same rule (fresh noise, re-noising and all), which
     # separates what the teacher adds from what the rule's own noise does.

@@ -16,6 +16,7 @@ from .comfy_sampling import (
     student_guider,
 )
 from .sigma_space import scheduler_timesteps
+from ..core.distillpp import RECOMMENDED_LAMBDA, RECOMMENDED_RULE, RULES
 
 CATEGORY = "sampling/fewstep"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -161,7 +162,7 @@ def _distillpp_inputs() -> list[io.Input]:
         io.Conditioning.Input("positive", tooltip="The prompt, for the student and the teacher."),
         io.Conditioning.Input("negative", tooltip="The teacher's negative prompt (its CFG)."),
         io.Float.Input(
-            "teacher_guidance", default=0.15, min=0.0, max=1.0, step=0.01,
+            "teacher_guidance", default=RECOMMENDED_LAMBDA, min=0.0, max=1.0, step=0.01,
             tooltip="λ: how much the teacher corrects the student on the guided steps (see rule). 0 = the student "
             "alone. Default: the digits sweep's pick for eps_mix (0.15, 1 step); 0.3 and above broke its samples.",
         ),
@@ -173,7 +174,7 @@ def _distillpp_inputs() -> list[io.Input]:
 
 def _rule_input() -> io.Input:
     return io.Combo.Input(
-        "rule", options=["eps_mix", "x0_lerp"], default="eps_mix", optional=True,
+        "rule", options=list(RULES), default=RECOMMENDED_RULE, optional=True,
         tooltip="eps_mix (default, the authors' code): the noise predictions are mixed, ε ← ε_student + "
         "λ·(ε_teacher − ε_student), and x0 is recomputed from the current latent, which also re-injects noise (more "
         "variety). x0_lerp (the paper): x0 ← (1 − λ)·student + λ·teacher; it made FD worse at every setting tried "
@@ -182,7 +183,8 @@ def _rule_input() -> io.Input:
 
 
 def _distillpp_guider(student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule):
-    guider = Guider_DistillationPP(student, teacher, teacher_guidance, guided_steps, teacher_cfg, rule or "eps_mix")
+    rule = rule or RECOMMENDED_RULE
+    guider = Guider_DistillationPP(student, teacher, teacher_guidance, guided_steps, teacher_cfg, rule)
     guider.set_conds(positive, negative)
     return guider
 

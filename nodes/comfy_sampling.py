@@ -16,7 +16,7 @@ import comfy.utils
 import latent_preview
 import torch
 
-from ..core.distillpp import check_teacher_guidance, distillpp_refiner
+from ..core.distillpp import RECOMMENDED_RULE, check_teacher_guidance, distillpp_refiner
 from ..core.schedule import NoiseSchedule
 from .sigma_space import sample_sigma_space, schedule_from_sigmas, step_timesteps, vp_denoiser
 
@@ -159,7 +159,13 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
     """
 
     def __init__(
-        self, student, teacher, teacher_guidance: float, guided_steps: int, teacher_cfg: float, rule: str = "eps_mix"
+        self,
+        student,
+        teacher,
+        teacher_guidance: float,
+        guided_steps: int,
+        teacher_cfg: float,
+        rule: str = RECOMMENDED_RULE,
     ):
         check_teacher_guidance(teacher_guidance, guided_steps, rule)
         self.rule = rule

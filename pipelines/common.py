@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..core.distillpp import RULES as TEACHER_GUIDANCE_RULES
+from ..core.distillpp import RECOMMENDED_RULE, RULES as TEACHER_GUIDANCE_RULES
 from ..core.sampling import Denoiser, cfg, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from ..training.lora_io import DIFFUSERS_LORA_WEIGHT_NAME, RECIPE_FILE, lora_family_of_state_dict
@@ -60,7 +60,7 @@ def run_student(sampler: str, denoise, latents, timesteps: list[int], schedule, 
 
 
 def check_teacher_inputs(
-    teacher_guidance: float, teacher_guided_steps: int, teacher_guidance_scale: float, rule: str = "eps_mix"
+    teacher_guidance: float, teacher_guided_steps: int, teacher_guidance_scale: float, rule: str = RECOMMENDED_RULE
 ) -> None:
     """Distillation++ settings: λ in [0, 1], K ≥ 0 guided steps, teacher CFG scale w ≥ 0."""
     if not 0.0 <= float(teacher_guidance) <= 1.0:

@@ -27,7 +27,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from fewstep.core.distillpp import distillpp_refiner
+from fewstep.core.distillpp import RECOMMENDED_RULE, distillpp_refiner
 from fewstep.core.schedule import NoiseSchedule
 from fewstep.pipelines.common import (
     check_teacher_inputs,
@@ -113,7 +113,7 @@ class FewStepSDPipeline(StableDiffusionPipeline):
         teacher_guidance: float = 0.0,
         teacher_guided_steps: int = 1,
         teacher_guidance_scale: float = 7.5,
-        teacher_guidance_rule: str = "eps_mix",
+        teacher_guidance_rule: str = RECOMMENDED_RULE,
         sampler: str | None = None,
     ):
         """Generate images with the few-step student.

@@ -34,7 +34,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from fewstep.core.distillpp import distillpp_refiner
+from fewstep.core.distillpp import RECOMMENDED_RULE, distillpp_refiner
 from fewstep.core.schedule import NoiseSchedule
 from fewstep.pipelines.common import (
     check_teacher_inputs,
@@ -150,7 +150,7 @@ class FewStepSDXLPipeline(StableDiffusionXLPipeline):
         teacher_guidance: float = 0.0,
         teacher_guided_steps: int = 1,
         teacher_guidance_scale: float = 7.5,
-        teacher_guidance_rule: str = "eps_mix",
+        teacher_guidance_rule: str = RECOMMENDED_RULE,
         sampler: str | None = None,
     ):
         """Generate images with the few-step student.
