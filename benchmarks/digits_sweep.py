@@ -164,7 +164,7 @@ def summarise(results: list[dict]) -> dict:
 
 def format_summary(summary: dict, n: int, num_steps: int = 1) -> str:
     lines = [
-        f"digits yardstick, {num_steps}-step student, n={n} per seed",
+        f"digits yardstick, n={n} per seed; {num_steps}-step students unless a variant sets num_steps",
         f"{'row':52}{'FD ↓':>16}{'acc ↑':>16}{'train s':>9}",
     ]
     for name, s in summary.items():
