@@ -104,9 +104,7 @@ def _run_seed(
 
     common = _common(settings, teacher_dir, prompts, seed)
     pairs = dict(num_pairs=20 if quick else 500, pair_steps=4 if quick else 25)
-    fake_rank = settings.fake_rank or settings.rank  # the demo's fake score (LoRA scale 1)
-    fake = dict(fake_rank=fake_rank, fake_alpha=float(settings.fake_alpha or fake_rank), fake_lr=settings.fake_lr or settings.lr,
-                dfake_gen_update_ratio=settings.dfake_gen_update_ratio)  # fmt: skip
+    fake = dict(settings.fake_score_options(), dfake_gen_update_ratio=settings.dfake_gen_update_ratio)  # the demo's
     measure = dict(n=n, seed=seed, classifier=classifier, progress=False, guidance_scale=settings.guidance_scale,
                    device=device)  # fmt: skip
 

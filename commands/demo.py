@@ -58,6 +58,11 @@ class DigitsDemoSettings:
     init_regression_steps: int = 0
     gan_real_latents: str = "sample"  # the GAN's real latents: VAE posterior samples (the reference) or means
 
+    def fake_score_options(self) -> dict:
+        """The fake score's ``fewstep train`` options: rank (None: the generator's), alpha (None: LoRA scale 1), lr."""
+        fake_rank = self.fake_rank or self.rank
+        return dict(fake_rank=fake_rank, fake_alpha=float(self.fake_alpha or fake_rank), fake_lr=self.fake_lr or self.lr)
+
     def train_config(self, teacher_dir, run_dir, prompts, real_dir, num_steps: int, seed: int, method: str = "dmd2"):
         """The ``fewstep train --method METHOD`` options of the demo's distillation."""
         from ..training.methods.dmd import DMDTrainConfig
@@ -75,8 +80,7 @@ class DigitsDemoSettings:
         if method == "progressive":  # rounds from 8 steps down to num_steps, at least one iteration each
             common["max_steps"] = max(self.max_steps, 4)
             return ProgressiveTrainConfig(start_steps=8, end_steps=num_steps, **pairs, **common)
-        fake_rank = self.fake_rank or self.rank
-        fake = dict(fake_rank=fake_rank, fake_alpha=float(self.fake_alpha or fake_rank), fake_lr=self.fake_lr or self.lr)
+        fake = self.fake_score_options()
         if method == "dmd":  # DMD: no GAN, no EMA, both networks every iteration
             return DMDTrainConfig(
                 dfake_gen_update_ratio=1, regression_weight=self.dmd_regression_weight, **fake, **pairs, **common
@@ -95,11 +99,6 @@ METHOD_TITLES = {"dmd2": "DMD2", "dmd": "DMD", "progressive": "Progressive Disti
 # A DMD2 student is measured at the steps it was trained for (+ Distillation++ when multi-step: the yardstick's
 # default rows); DMD and PD students at their own recipe (PD: DDIM, its steps).
 GRID_ROWS = {method: ["teacher_50", "teacher_1", "student"] for method in ("dmd", "progressive")}
-DMD2_GRID_ROWS = {
-    1: ["teacher_50", "teacher_1", "student_1"],
-    **{k: ["teacher_50", "teacher_4", "student", "student_distillpp"] for k in (2, 3)},
-    4: ["teacher_50", "teacher_4", "student_4", "student_distillpp"],
-}
 DEMO_ROWS = {
     "dmd2": None,
     "dmd": ["real", "teacher_50", "teacher_4", "teacher_1", "student"],
@@ -129,7 +128,9 @@ def _demo_digits(args: argparse.Namespace) -> None:
     from ..digits.teacher import DigitsTeacherConfig, cached_train_images, digits_teacher, write_digit_prompts
     from ..training.methods import get_method
     from ..training.trainer import train
-    from ..digits.yardstick import digit_classifier, evaluate, format_table, load_digits_model, save_digits_grid
+    from ..digits.yardstick import (
+        default_rows, digit_classifier, evaluate, format_table, load_digits_model, save_digits_grid,
+    )  # fmt: skip
 
     out = out_dir(args.out)
     settings = DigitsDemoSettings(**(QUICK if args.quick else {}))
@@ -174,7 +175,11 @@ def _demo_digits(args: argparse.Namespace) -> None:
     metrics["settings"] = {**settings.__dict__, "num_steps": args.num_steps}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     model = load_digits_model(teacher_dir, run_dir)
-    grid_rows = GRID_ROWS[args.method] if args.method != "dmd2" else DMD2_GRID_ROWS[min(args.num_steps, 4)]
+    if args.method == "dmd2":  # the teacher at comparable steps, then the student's own rows
+        student_rows = [row for row in default_rows(model.student) if row.startswith("student")]
+        grid_rows = ["teacher_50", "teacher_4" if args.num_steps > 1 else "teacher_1", *student_rows]
+    else:
+        grid_rows = GRID_ROWS[args.method]
     save_digits_grid(model, grid_rows, out / "samples.png", seed=args.seed)
     lora_out = out / "lora"
     if lora_out.exists():
