@@ -83,6 +83,10 @@ class AdapterUpdateLoop:
                 metrics[name] = metrics.get(name, 0.0) + value.detach().float()
             finite = finite and micro_finite
         metrics = {name: value / count for name, value in metrics.items()}
+        # Autocast keeps a bf16/fp16 copy of every trainable fp32 weight it casts until its region ends (the whole
+        # iteration). The backwards are done: drop the copies now. They are stale once the optimizer steps, and
+        # they would sit on top of this update's gradients and optimizer step, its memory peak.
+        torch.clear_autocast_cache()
         if not finite:
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
