@@ -31,3 +31,121 @@ def test_profile_names_every_network_role():
     for role in ("generator", "real_score", "fake_score", "discriminator"):
         assert f"fewstep::{role}" in profile
     assert "per role" in profile
+
+
+def test_cpu_tensor_peak_counts_what_is_live_from_the_mark_on():
+    import torch
+
+    with memory.CPUTensorPeak() as tracker:
+        kept = torch.empty(1_000_000, dtype=torch.uint8)  # live at the mark: counts
+        before = torch.empty(5_000_000, dtype=torch.uint8)  # freed before the mark: does not
+        del before
+        tracker.reset_peak()
+        transient = torch.empty(2_000_000, dtype=torch.uint8)
+        del transient
+        after = torch.empty(500_000, dtype=torch.uint8)
+    assert tracker.peak_bytes() == 3_000_000
+    del kept, after
+
+
+def _profiler_peak(prof, mark_ns: int) -> int:
+    """The oracle: torch.profiler's CPU allocation events (address, ±size), summed in time order from ``mark_ns``."""
+    from torch._C._profiler import _EventType
+
+    allocations, nodes = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children)
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            allocations.append((node.start_time_ns, node.typed[1].ptr, node.typed[1].alloc_size))
+    sizes, live, peak = {}, 0, None
+    for start_ns, ptr, size in sorted(allocations, key=lambda a: a[0]):
+        if peak is None and start_ns >= mark_ns:
+            peak = live
+        if size > 0:
+            sizes[ptr] = size
+            live += size
+        elif ptr in sizes:
+            live -= sizes.pop(ptr)
+        if peak is not None:
+            peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("layout", ["shared", "reference"])
+def test_cpu_tensor_peak_agrees_with_the_profilers_allocation_events(layout):
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, memory.CPUTensorPeak() as tracker:
+        iteration = memory._build_layout(SETTINGS, layout, torch.device("cpu")).iteration
+        iteration()
+        time.sleep(0.01)
+        mark_ns = time.time_ns()
+        tracker.reset_peak()
+        time.sleep(0.01)
+        iteration()
+    oracle = _profiler_peak(prof, mark_ns)
+    assert 0.97 * oracle <= tracker.peak_bytes() <= oracle  # the profiler also sees scratch inside kernels
+
+
+def test_shared_layout_holds_less_tensor_memory_than_the_reference():
+    shared, reference = (memory.measure_layout(SETTINGS, layout) for layout in ("shared", "reference"))
+    assert shared["peak_kind"] == reference["peak_kind"] == "live CPU tensors (counted per storage)"
+    assert shared["peak_gb"] < 0.5 * reference["peak_gb"]
+
+
+def test_breakdown_times_each_roles_forwards_and_each_optimizer_step():
+    breakdown = memory.measure_layout(SETTINGS, "reference")["breakdown"]
+    roles = ("generator", "real_score", "fake_score", "discriminator")
+    parts = [f"{role} forward" for role in roles] + ["generator optimizer step", "fake_score optimizer step"]
+    assert all(breakdown[part] > 0 for part in parts)
+    assert 0 < breakdown[memory.BREAKDOWN_REST] < breakdown["iteration"]  # nothing counted twice
+
+
+def test_table_puts_the_layouts_breakdowns_side_by_side():
+    parts = {"generator forward": 1.0, "fake_score optimizer step": 0.5, memory.BREAKDOWN_REST: 2.0, "iteration": 3.5}
+    row = lambda scale: {
+        "gradient_checkpointing": True, "unets": 1, "peak_gb": scale, "peak_rss_gb": 2 * scale, "peak_kind": "k",
+        "seconds_per_iteration": scale, "trainable_params": 1, "breakdown": {k: scale * v for k, v in parts.items()},
+    }  # fmt: skip
+    result = {
+        "architecture": "sd15 UNet", "settings": SETTINGS, "machine": "2 CPU cores", "ratio": 0.5, "time_ratio": 0.5,
+        "ratios": {"shared": {"peak": 0.5, "time": 0.5}},
+        "layouts": {"shared": row(1.0), "reference": row(2.0)},
+        "sdxl_counted": {
+            "unet_params": 1e9, "note": "counted", "shared_state_gb": 1, "reference_state_gb": 5, "ratio": 0.2
+        },
+    }  # fmt: skip
+    lines = memory.format_table(result).splitlines()
+    optimizer = next(line for line in lines if line.startswith("fake_score optimizer step"))
+    assert optimizer.split()[-3:] == ["0.500", "1.000", "0.500"]
+
+
+def test_an_iteration_leaves_no_autocast_copies_of_the_adapters_alive():
+    import torch
+
+    with memory.CPUTensorPeak() as tracker:
+        iteration = memory._build_layout({**SETTINGS, "precision": "bf16"}, "shared", torch.device("cpu")).iteration
+        iteration()  # AdamW states
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's region: the cache would live until its end
+            before = tracker.live
+            iteration()
+            assert tracker.live == before
+
+
+def test_the_no_checkpointing_layout_is_the_shared_one_without_checkpointing():
+    row = memory.measure_layout(SETTINGS, "shared-no-checkpointing")
+    assert row["unets"] == 1 and row["finite"] and not row["gradient_checkpointing"]
+    assert memory.measure_layout(SETTINGS, "shared")["gradient_checkpointing"]
+
+
+def test_an_unknown_layout_is_refused_before_anything_runs():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    memory.add_arguments(parser)
+    with pytest.raises(ValueError, match="unknown layout shraed; use shared, reference, shared-no-checkpointing"):
+        memory._settings(parser.parse_args(["--layouts", "shared,shraed", "--device", "cpu"]))

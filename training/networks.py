@@ -105,6 +105,35 @@ class _StopAfterMidBlock(Exception):
     """Raised by the mid-block hook: the discriminator needs no up-blocks, so the forward stops there."""
 
 
+class MidBlockReader:
+    """Runs ``unet`` only up to its mid block and returns that block's output: the GAN head's input.
+
+    The up-blocks would cost about half a UNet pass (and its backward) for nothing; the DMD2 reference stops there too.
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+        self._armed = False
+        self._features: torch.Tensor | None = None
+        unet.mid_block.register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output):
+        if self._armed:
+            self._features = output
+            raise _StopAfterMidBlock
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+        self._armed = True
+        try:
+            self.unet(x_t.to(self.unet.dtype), t, **cond.to(x_t.device, self.unet.dtype).unet_kwargs())
+        except _StopAfterMidBlock:
+            pass
+        finally:
+            self._armed = False
+        features, self._features = self._features, None
+        return features
+
+
 class SharedUNetNetworks:
     """:class:`~fewstep.training.dmd2_loop.DMD2Networks` over one UNet with two LoRA adapters.
 
@@ -135,9 +164,7 @@ class SharedUNetNetworks:
             raise ValueError(f"the UNet needs both LoRA adapters, 'generator' and {second_adapter!r}, before training")
         if gan_head is not None:
             self._fake_params += list(gan_head.parameters())
-        self._mid_features: torch.Tensor | None = None
-        unet.mid_block.register_forward_hook(self._capture_mid_block)
-        self._capture = False
+        self._mid_block = MidBlockReader(unet)
 
     # ------------------------------------------------------------------ adapter switching
     def use_adapter(self, name: str | None) -> None:
@@ -186,25 +213,12 @@ class SharedUNetNetworks:
         self.use_adapter(self.second_adapter)
         return self._unet_x0(x_t, t, cond)
 
-    def _capture_mid_block(self, module, inputs, output):
-        if self._capture:
-            self._mid_features = output
-            raise _StopAfterMidBlock
-
     def discriminator(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         """GAN logits: the fake-score pass up to the mid block, then the head (text-conditioned via cross-attn)."""
         if self.gan_head is None:
             raise ValueError("GAN weights are > 0 but no GAN head was built")
         self.use_adapter(FAKE_SCORE)
-        self._capture = True
-        try:
-            self.unet(x_t.to(self.unet.dtype), t, **cond.to(x_t.device, self.unet.dtype).unet_kwargs())
-        except _StopAfterMidBlock:
-            pass
-        finally:
-            self._capture = False
-        features, self._mid_features = self._mid_features, None
-        return self.gan_head(features)
+        return self.gan_head(self._mid_block(x_t, t, cond))
 
     def generator_parameters(self) -> list[nn.Parameter]:
         return self._generator_params
