@@ -16,7 +16,7 @@ reference's classify mode does), the same checkpointing and autocast. The author
 discriminator passes without checkpointing and the DM loss's fake-score pass in fp32; that would cost the reference
 more memory and time, and is not modelled.
 
-``--device cuda`` measures ``torch.cuda.max_memory_allocated``; the CPU the same quantity, the peak of live tensor
+``--device cuda`` measures ``torch.cuda.max_memory_allocated``; on the CPU the same quantity, the peak of live tensor
 bytes, counted by a dispatch mode (:class:`CPUTensorPeak`), with the process's peak RSS beside it. Time: the mean of
 ``--iterations`` iterations after one warm-up (two on the CPU, counted for memory), then one more timed by part
 (:func:`time_breakdown`). SDXL's layouts are also counted (parameter, gradient and AdamW-state bytes, no
@@ -32,9 +32,9 @@ import resource
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
-import weakref
 
 HELP = "peak memory and time of DMD2 iterations: shared base UNet vs the reference's three UNets"
 
@@ -83,7 +83,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations after a warm-up (default: %(default)s)")
     parser.add_argument(
         "--layouts", default="shared,reference",
-        help=f"comma-separated layouts to measure, of: {', '.join(LAYOUTS)} (default: %(default)s)",
+        help="comma-separated layouts to measure: " + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
+        + " (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per layout (default: %(default)s)")
     parser.add_argument(
@@ -283,7 +284,8 @@ class CPUTensorPeak:
     long as the storage). It must be entered before anything it counts is made, so it wraps the build too;
     :meth:`reset_peak` starts the peak from what is live then, as ``torch.cuda.reset_peak_memory_stats`` does.
     Not counted: scratch memory inside one kernel (gone when it returns). torch.profiler's memory events would count
-    that too, but keep ~2 KB per event: GBs for one SD iteration, more than the reference layout leaves free here.
+    that too, but the profiler holds its events in memory: ~2 GB more for one SD1.5 iteration at 512 px, which the
+    reference layout does not leave free on a 23 GB machine.
     Peak RSS would also count the Python/torch runtime and the malloc arenas' high-water mark, in both layouts.
     """
 
