@@ -149,3 +149,18 @@ def test_an_unknown_layout_is_refused_before_anything_runs():
     memory.add_arguments(parser)
     with pytest.raises(ValueError, match="unknown layout shraed; use shared, reference, shared-no-checkpointing"):
         memory._settings(parser.parse_args(["--layouts", "shared,shraed", "--device", "cpu"]))
+
+
+@pytest.mark.parametrize("layout", ["shared", "reference"])
+def test_the_discriminator_stops_at_the_mid_block_in_both_layouts(layout):
+    import torch
+
+    networks = memory._build_layout(SETTINGS, layout, torch.device("cpu")).networks._networks
+    fake_unet = networks.unet if layout == "shared" else networks.fake
+    up_block_calls = []
+    fake_unet.up_blocks[0].register_forward_hook(lambda *args: up_block_calls.append(1))
+    cond, _ = memory._conditioning("sd15", 64, torch.device("cpu"))
+    x_t, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    assert networks.discriminator(x_t, t, cond).shape == (1,) and up_block_calls == []
+    networks.fake_score(x_t, t, cond)
+    assert up_block_calls == [1]  # the hook sees a full pass
