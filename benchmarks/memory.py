@@ -127,21 +127,18 @@ class ThreeUNetNetworks:
         self._mid_block = MidBlockReader(fake)
 
     def _x0(self, unet, x_t, t, cond):
-        out = unet(x_t.to(unet.dtype), t, **cond.to(x_t.device, unet.dtype).unet_kwargs()).sample
-        return self.schedule.to_x0(out.float(), x_t.float(), t)
+        from ..training.networks import unet_x0
+
+        return unet_x0(unet, self.schedule, x_t, t, cond)
 
     def generator(self, x_t, t, cond):
         return self._x0(self.generator_unet, x_t, t, cond)
 
     def real_score(self, x_t, t, cond):
-        import torch
+        from ..training.networks import cfg_x0
 
-        from ..core.sampling import cfg
-        from ..training.networks import TextConditioning
-
-        both = TextConditioning.cat([self.uncond.repeat_to(x_t.shape[0]), cond])
-        uncond, cond_x0 = self._x0(self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-        return cfg(uncond, cond_x0, self.guidance_scale)
+        teacher_x0 = lambda x, tt, c: self._x0(self.teacher, x, tt, c)
+        return cfg_x0(teacher_x0, x_t, t, cond, self.uncond, self.guidance_scale)
 
     def fake_score(self, x_t, t, cond):
         return self._x0(self.fake, x_t, t, cond)

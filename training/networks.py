@@ -101,6 +101,28 @@ class GANHead(nn.Module):
         return self.net(features.float()).flatten(1).mean(1)
 
 
+def call_unet(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning):
+    """``unet(x_t, t, cond)`` in the UNet's dtype, the conditioning moved to x_t's device (diffusers' output)."""
+    return unet(x_t.to(unet.dtype), t, **cond.to(x_t.device, unet.dtype).unet_kwargs())
+
+
+def unet_x0(unet: nn.Module, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning):
+    """The UNet's x0 prediction, in fp32."""
+    return schedule.to_x0(call_unet(unet, x_t, t, cond).sample.float(), x_t.float(), t)
+
+
+def cfg_x0(x0_of, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning, uncond: TextConditioning, scale: float):
+    """CFG ``u + w(c − u)`` on the x0 predictions of ``x0_of(x_t, t, cond)``, both halves in one batched call.
+
+    ``uncond`` is the (1, ...) unconditional conditioning; scale 1 needs only the conditional pass.
+    """
+    if scale == 1.0:
+        return x0_of(x_t, t, cond)
+    both = TextConditioning.cat([uncond.repeat_to(x_t.shape[0]).to(x_t.device), cond.to(x_t.device)])
+    x0_uncond, x0_cond = x0_of(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+    return cfg(x0_uncond, x0_cond, scale)
+
+
 class _StopAfterMidBlock(Exception):
     """Raised by the mid-block hook: the discriminator needs no up-blocks, so the forward stops there."""
 
@@ -125,7 +147,7 @@ class MidBlockReader:
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         self._armed = True
         try:
-            self.unet(x_t.to(self.unet.dtype), t, **cond.to(x_t.device, self.unet.dtype).unet_kwargs())
+            call_unet(self.unet, x_t, t, cond)
         except _StopAfterMidBlock:
             pass
         finally:
@@ -188,9 +210,7 @@ class SharedUNetNetworks:
         self.use_adapter(network)
 
     def _unet_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
-        model_dtype = self.unet.dtype
-        out = self.unet(x_t.to(model_dtype), t, **cond.to(x_t.device, model_dtype).unet_kwargs()).sample
-        return self.schedule.to_x0(out.float(), x_t.float(), t)
+        return unet_x0(self.unet, self.schedule, x_t, t, cond)
 
     # ------------------------------------------------------------------ DMD2Networks
     def generator(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
@@ -200,13 +220,7 @@ class SharedUNetNetworks:
     def real_score(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         """The teacher: base UNet, adapters off, CFG ``u + w(c − u)`` batched in one pass."""
         self.use_adapter(None)
-        batch = x_t.shape[0]
-        if self.guidance_scale == 1.0:
-            return self._unet_x0(x_t, t, cond)
-        both = TextConditioning.cat([self.uncond.repeat_to(batch).to(x_t.device), cond.to(x_t.device)])
-        x0 = self._unet_x0(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
-        x0_uncond, x0_cond = x0.chunk(2)
-        return cfg(x0_uncond, x0_cond, self.guidance_scale)
+        return cfg_x0(self._unet_x0, x_t, t, cond, self.uncond, self.guidance_scale)
 
     def fake_score(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         """The second adapter's x0: the fake score (DMD, DMD2) or the previous round's student (PD)."""
