@@ -139,7 +139,10 @@ def register(sub) -> None:
         help="few_step: DMD2's re-noising rule (DMD2, DMD); ddim: deterministic DDIM (progressive distillation) "
         "(default: the LoRA's recorded sampler, else few_step)",
     )  # fmt: skip
-    parser.add_argument("--distillpp", type=float, default=0.0, help=f"Distillation++ λ in [0, 1] (default 0 = off; try {RECOMMENDED_LAMBDA})")
+    parser.add_argument(
+        "--distillpp", type=float, default=0.0,
+        help=f"Distillation++ λ in [0, 1] (default 0 = off; try {RECOMMENDED_LAMBDA})",
+    )  # fmt: skip
     parser.add_argument("--distillpp-steps", type=int, default=1, help="teacher-guided steps K (default %(default)s)")
     parser.add_argument(
         "--distillpp-rule", choices=RULES, default=RECOMMENDED_RULE,

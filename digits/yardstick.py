@@ -11,9 +11,9 @@ Rows: ``real`` (N real train images vs the held-out ones: the floor; its accurac
 accuracy, the ceiling), ``teacher_50``/``teacher_4``/``teacher_1`` (DDIM, "trailing" timesteps, with CFG), and with
 a student LoRA ``student_1``/``student_4`` (DMD2's few-step rule, no CFG) and ``student_distillpp``
 (Distillation++: the LoRA-disabled base refines the student's first steps, :class:`DistillppSettings`), and
-``student``: the student at the timesteps and with the sampler its LoRA's ``fewstep_recipe.json`` records (deterministic DDIM for Progressive
-Distillation's students, whose one step is trained to equal two DDIM steps). All sampling goes through
-``fewstep.core``; every row starts from the same initial noise.
+``student``: the student at the timesteps and with the sampler its LoRA's ``fewstep_recipe.json`` records
+(deterministic DDIM for Progressive Distillation's students, whose one step is trained to equal two DDIM steps).
+All sampling goes through ``fewstep.core``; every row starts from the same initial noise.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from ..core.distillpp import RECOMMENDED_LAMBDA, RECOMMENDED_RULE
 from .lora_io import DIFFUSERS_LORA_WEIGHT_NAME
 from .sampling_recipes import COMFYUI_WRONG_SCHEDULERS, SamplingRecipe
 from .style_lora import StyleLora, parse_style_spec
@@ -127,8 +128,8 @@ def _diffusers_sections(repo_id: str, base_model: str, recipe: SamplingRecipe, s
         f'image = pipe("{PROMPT}", {step_kwargs}).images[0]\n\n'
         "# Distillation++: the base model (the same UNet with the fewstep LoRA disabled) refines the first step\n"
         "# (rule eps_mix, the authors' code; more variety, a little less prompt adherence; see fewstep's docs)\n"
-        f'image = pipe("{PROMPT}", {step_kwargs}, teacher_guidance=0.15, teacher_guided_steps=1,\n'
-        '             teacher_guidance_rule="eps_mix", teacher_guidance_scale=7.5).images[0]\n'
+        f'image = pipe("{PROMPT}", {step_kwargs}, teacher_guidance={RECOMMENDED_LAMBDA}, teacher_guided_steps=1,\n'
+        f'             teacher_guidance_rule="{RECOMMENDED_RULE}", teacher_guidance_scale=7.5).images[0]\n'
         "```",
     ] + _plain_diffusers_section(base_model, repo_id, recipe, style_lines)
 
