@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .training.interrupts import RunInterrupted
+from .training.loop.interrupts import RunInterrupted
 
 
 class UserError(Exception):

@@ -9,7 +9,7 @@ each), so a GPU with many CPU cores runs a sweep in minutes.
     python -m fewstep.benchmarks.digits_sweep --out sweep/ --seeds 0 1 2 --n 2000 --jobs 12 \
         --variant "demo:" --variant "fake scale 1/8:fake_alpha=4" --variant "fake lr 2x:fake_lr=1e-3"
 
-A variant is ``NAME:key=value,key=value`` over :class:`~fewstep.commands.demo.DigitsDemoSettings` fields, and
+A variant is ``NAME:key=value,key=value`` over :class:`~fewstep.digits.demo_settings.DigitsDemoSettings` fields, and
 ``num_steps`` (that variant's student steps, instead of ``--num-steps``).
 A Distillation++ setting is ``NAME:key=value,...`` over :class:`~fewstep.digits.yardstick.DistillppSettings`
 (``lam``, ``guided_steps``, ``rule``, ``teacher_guidance_scale``; ``guide=student`` is the ablation where the
@@ -52,7 +52,7 @@ def _named_settings(text: str, what: str, known: list[str]) -> tuple[str, dict[s
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """``"name:key=value,..."`` over DigitsDemoSettings' fields (and ``num_steps``) → (name, typed overrides)."""
-    from ..commands.demo import DigitsDemoSettings
+    from ..digits.demo_settings import DigitsDemoSettings
 
     defaults = DigitsDemoSettings()
     known = [f.name for f in dataclasses.fields(DigitsDemoSettings)] + ["num_steps"]  # num_steps: default --num-steps
@@ -94,7 +94,7 @@ def run_one(
     num_steps: int = 1, reuse: bool = False,
 ) -> dict:  # fmt: skip
     """Distil with the demo's settings + ``overrides`` (or ``external``) at ``seed``; the student's row at n images."""
-    from ..commands.demo import DigitsDemoSettings
+    from ..digits.demo_settings import DigitsDemoSettings
     from ..digits.teacher import cached_train_images
     from ..training.dmd2 import train_dmd2
     from ..digits.yardstick import evaluate
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--num-steps must be ≥ 1, got {args.num_steps}")
     distillpp = [parse_distillpp(text) for text in args.distillpp]
 
-    from ..commands.demo import DigitsDemoSettings
+    from ..digits.demo_settings import DigitsDemoSettings
     from ..digits.teacher import cached_train_images, digits_teacher, write_digit_prompts
     from ..digits.yardstick import digit_classifier
 

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..core.schedule import NoiseSchedule
     from ..pipelines.common import adapters_disabled
     from ..pipelines.fewstep_sd import FewStepSDPipeline
-    from ..training.networks import LORA_TARGET_MODULES
+    from ..training.loop.networks import LORA_TARGET_MODULES
     from .sd15 import build_random_sd15_pipeline
 
     if args.threads:

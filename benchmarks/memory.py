@@ -120,14 +120,14 @@ class ThreeUNetNetworks:
     """The reference layout behind the same DMD2Networks interface: three separate UNets, GAN head on the fake one."""
 
     def __init__(self, teacher, fake, generator, schedule, uncond, guidance_scale, gan_head):
-        from ..training.networks import MidBlockReader
+        from ..training.loop.networks import MidBlockReader
 
         self.teacher, self.fake, self.generator_unet = teacher, fake, generator
         self.schedule, self.uncond, self.guidance_scale, self.gan_head = schedule, uncond, guidance_scale, gan_head
         self._mid_block = MidBlockReader(fake)
 
     def _x0(self, unet, x_t, t, cond):
-        from ..training.networks import unet_x0
+        from ..training.loop.networks import unet_x0
 
         return unet_x0(unet, self.schedule, x_t, t, cond)
 
@@ -135,7 +135,7 @@ class ThreeUNetNetworks:
         return self._x0(self.generator_unet, x_t, t, cond)
 
     def real_score(self, x_t, t, cond):
-        from ..training.networks import cfg_x0
+        from ..training.loop.networks import cfg_x0
 
         teacher_x0 = lambda x, tt, c: self._x0(self.teacher, x, tt, c)
         return cfg_x0(teacher_x0, x_t, t, cond, self.uncond, self.guidance_scale)
@@ -161,7 +161,7 @@ def reference_gan_head(channels: int, family: str):
 
     Its stride-2 blocks take the mid block from 8×8 (SD1.5 at 512 px: one block) or 32×32 (SDXL at 1024 px: three)
     to 4×4, a stride-4 block to 1×1. Twice (SD1.5) or four times (SDXL) the parameters of fewstep's
-    :class:`~fewstep.training.networks.GANHead`, all trained with AdamW. The adaptive pool lets other resolutions run.
+    :class:`~fewstep.training.loop.networks.GANHead`, all trained with AdamW. The adaptive pool lets other resolutions run.
     """
     from torch import nn
 
@@ -177,7 +177,7 @@ def reference_gan_head(channels: int, family: str):
 def _conditioning(family: str, resolution: int, device):
     import torch
 
-    from ..training.networks import TextConditioning
+    from ..training.loop.networks import TextConditioning
 
     if family == "sdxl":
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
@@ -398,8 +398,8 @@ def _build_layout(settings: dict, layout: str, device):
     from diffusers import UNet2DConditionModel
 
     from ..core.schedule import NoiseSchedule
-    from ..training.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
-    from ..training.networks import GANHead, SharedUNetNetworks, attach_adapters, lora_config
+    from ..training.loop.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
+    from ..training.loop.networks import GANHead, SharedUNetNetworks, attach_adapters, lora_config
     from .sd15 import SD15_SCHEDULER, SD15_UNET
 
     torch.manual_seed(0)
@@ -468,7 +468,7 @@ def _run_subprocess(layout: str, settings: dict, timeout: int) -> dict:
 def _lora_params(unet, rank: int) -> int:
     import torch
 
-    from ..training.networks import LORA_TARGET_MODULES
+    from ..training.loop.networks import LORA_TARGET_MODULES
 
     total = 0
     for name, module in unet.named_modules():
@@ -486,7 +486,7 @@ def sdxl_state_counts(rank: int) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ..training.networks import GANHead
+    from ..training.loop.networks import GANHead
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)

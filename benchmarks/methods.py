@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
 
 
 def _common(settings, teacher_dir, prompts, seed: int) -> dict:
-    """The options every method shares: the digits demo's tuned values (commands/demo.py)."""
+    """The options every method shares: the digits demo's tuned values (digits/demo_settings.py)."""
     return dict(
         teacher=str(teacher_dir), prompts=str(prompts), batch_size=settings.batch_size, lr=settings.lr,
         warmup_steps=settings.warmup_steps, guidance_scale=settings.guidance_scale, gen_rank=settings.rank,
@@ -44,7 +44,7 @@ def _common(settings, teacher_dir, prompts, seed: int) -> dict:
 def _train(method_name: str, config, budget: float) -> tuple[Path, float, int]:
     """Train until the budget is spent (pairs included); → (run dir, training seconds, iterations)."""
     from ..training.methods import get_method
-    from ..training.trainer import train
+    from ..training.loop.trainer import train
 
     started = time.perf_counter()
     seen = []
@@ -63,7 +63,7 @@ def run(args) -> dict:
 
     import torch
 
-    from ..commands.demo import QUICK, DigitsDemoSettings
+    from ..digits.demo_settings import QUICK, DigitsDemoSettings
     from ..digits.teacher import DigitsTeacherConfig, cached_train_images, digits_teacher, write_digit_prompts
     from ..digits.yardstick import digit_classifier
 
@@ -97,7 +97,7 @@ def _run_seed(
 ) -> list[dict]:  # fmt: skip
     """Every method trained and measured at one seed: the rows of the table."""
     from ..digits.yardstick import evaluate
-    from ..training.lora_io import RECIPE_FILE
+    from ..training.publish.lora_files import RECIPE_FILE
     from ..training.methods.dmd import DMDTrainConfig
     from ..training.methods.dmd2 import DMD2TrainConfig
     from ..training.methods.progressive import ProgressiveTrainConfig, round_step_counts

@@ -2,7 +2,7 @@
 
 The configs are those of SD1.5's ``unet``, ``vae``, ``text_encoder`` and ``scheduler`` folders (the CLIP ViT-L/14
 text tower: 12 layers, width 768, vocabulary 49408). Only the tokenizer is the offline stand-in of
-``fewstep.training.tiny_models``: it tokenizes to the same 77-token sequence length, and its ids are valid in the
+``fewstep.training.teacher.tiny_models``: it tokenizes to the same 77-token sequence length, and its ids are valid in the
 49408-entry embedding, so every timed network runs at the real size.
 """
 
@@ -64,7 +64,7 @@ def build_random_sd15_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from ..training.tiny_models import clip_text_config, write_offline_clip_tokenizer
+    from ..training.teacher.tiny_models import clip_text_config, write_offline_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as directory:
         tokenizer = write_offline_clip_tokenizer(directory)

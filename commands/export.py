@@ -11,7 +11,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ..cli import write_failures
-    from ..training.export import export_run
+    from ..training.publish.export import export_run
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "lora"
     with write_failures(out):

@@ -11,7 +11,7 @@ ORDER = 25
 
 def cmd_push(args: argparse.Namespace) -> None:
     from ..cli import UserError, write_failures
-    from ..training.hub import build_upload_folder, upload
+    from ..training.publish.hub import build_upload_folder, upload
 
     if args.folder and not args.dry_run:
         raise UserError("--folder only applies with --dry-run (a push builds its folder in a temporary directory)")

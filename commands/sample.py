@@ -45,7 +45,7 @@ def load_pipeline(teacher: str, device: str, dtype_name: str):
     """The teacher as fewstep's few-step pipeline of its family (SD1.5 or SDXL)."""
     import torch
 
-    from ..training.teacher import load_teacher
+    from ..training.teacher.loading import load_teacher
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
     base, family = load_teacher(teacher)

@@ -42,7 +42,7 @@ def refuse_other_methods_options(method: str, given: set[str]) -> None:
 
 def _method_name(args: argparse.Namespace, output: str | None) -> str:
     """--method as given; on --resume without it, the method the run was started with (RUN_DIR/method)."""
-    from ..training.trainer import METHOD_FILE
+    from ..training.loop.trainer import METHOD_FILE
 
     if args.method is not None:
         return args.method
@@ -54,10 +54,10 @@ def _method_name(args: argparse.Namespace, output: str | None) -> str:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from ..cli import UserError, write_failures
-    from ..training.config import build_config, load_yaml
+    from ..training.loop.config import build_config, load_yaml
     from ..training.methods import get_method
-    from ..training.run_dir import checkpoints_of
-    from ..training.trainer import TrainingError, check_method, train
+    from ..training.loop.run_dir import checkpoints_of
+    from ..training.loop.trainer import TrainingError, check_method, train
 
     all_fields = set().union(*_method_fields().values())
     cli = {k: v for k, v in vars(args).items() if k in all_fields}
@@ -94,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
-    from ..training.config import add_dataclass_arguments
+    from ..training.loop.config import add_dataclass_arguments
     from ..training.methods.dmd import DMDTrainConfig
     from ..training.methods.dmd2 import DMD2TrainConfig
     from ..training.methods.progressive import ProgressiveTrainConfig

@@ -9,15 +9,17 @@ fp32 folder that the cache, the trainer and the yardstick use.
 
 ``digits_teacher`` unpacks it whenever the requested config is the one it was built from; any other config, and
 ``fewstep teacher digits --force``, trains a teacher from its config as before. Maintainers refresh the shipped
-files after a change to the build with ``python -m fewstep.digits.shipped pack BUILT_TEACHER_DIR``.
+files after a change to the build with ``python -m fewstep.digits.refresh_shipped pack BUILT_TEACHER_DIR``
+(:mod:`.refresh_shipped`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
+
+from ..training.teacher.loading import BUILD_RECORD_FILE
 
 SHIPPED_DIR = Path(__file__).parent / "shipped_teacher"
 WEIGHT_FILES = {  # component → weight file name without extension
@@ -30,19 +32,8 @@ YARDSTICK_FILE = "fewstep_yardstick.json"
 
 def shipped_record() -> dict | None:
     """The shipped teacher's ``fewstep_teacher.json`` (None when the package has no shipped teacher)."""
-    from .teacher import TEACHER_CONFIG_FILE
-
-    path = SHIPPED_DIR / TEACHER_CONFIG_FILE
+    path = SHIPPED_DIR / BUILD_RECORD_FILE
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def ships(config) -> bool:
-    """Whether the shipped teacher was built from ``config`` with the current build procedure."""
-    from ..training.cache import config_hash
-    from .teacher import VERSION
-
-    record = shipped_record()
-    return record is not None and record["version"] == VERSION and record["config_hash"] == config_hash(config)
 
 
 def _weight_paths(directory: Path, variant: str | None) -> dict[str, Path]:
@@ -64,7 +55,7 @@ def _convert(source: Path, target: Path, dtype) -> None:
 
 
 def _copy_except(source: Path, target: Path, skip: set[Path]) -> None:
-    from ..training.cache import MANIFEST
+    from ..training.data.cache import MANIFEST
 
     for path in sorted(source.rglob("*")):
         if path.is_file() and path not in skip and path.name != MANIFEST:
@@ -91,12 +82,10 @@ def pack_teacher(built: str | Path, out: str | Path = SHIPPED_DIR) -> Path:
     """Write a built teacher folder as the shipped one: its weights in fp16, everything else as it is."""
     import torch
 
-    from .teacher import TEACHER_CONFIG_FILE
-
     built, out = Path(built), Path(out)
     weights = _weight_paths(built, None)
     missing = [str(p) for p in weights.values() if not p.is_file()]
-    if missing or not (built / TEACHER_CONFIG_FILE).is_file():
+    if missing or not (built / BUILD_RECORD_FILE).is_file():
         raise SystemExit(f"{built} is not a built digits teacher folder (missing {', '.join(missing) or 'its record'})")
     if out.exists():
         shutil.rmtree(out)
@@ -104,63 +93,3 @@ def pack_teacher(built: str | Path, out: str | Path = SHIPPED_DIR) -> Path:
     for part, path in _weight_paths(out, "fp16").items():
         _convert(weights[part], path, torch.float16)
     return out
-
-
-def measure_teacher(
-    n: int = 2000, seeds: tuple[int, ...] = (0, 1, 2), rows: tuple[str, ...] = ("real", "teacher_50", "teacher_4", "teacher_1")
-) -> dict:
-    """The shipped teacher's yardstick rows (as unpacked, fp32) at n images per seed and the demo's CFG."""
-    import tempfile
-    import time
-
-    import torch
-
-    from ..commands.demo import DigitsDemoSettings
-    from .yardstick import evaluate, mean_sd
-
-    guidance_scale = DigitsDemoSettings.guidance_scale
-    per_seed: dict[str, list[dict]] = {row: [] for row in rows}
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        teacher = unpack_teacher(Path(tmp) / "teacher")
-        for seed in seeds:
-            result = evaluate(teacher, n=n, seed=seed, rows=list(rows), guidance_scale=guidance_scale)
-            for row in rows:
-                per_seed[row].append({"seed": seed, **result["rows"][row]})
-                print(f"{row} seed {seed}: FD {result['rows'][row]['fd']:.2f}, acc {result['rows'][row]['acc']:.4f}")
-    summary = {}
-    for row, values in per_seed.items():
-        (fd_mean, fd_sd), (acc_mean, acc_sd) = mean_sd(v["fd"] for v in values), mean_sd(v["acc"] for v in values)
-        summary[row] = {"fd_mean": fd_mean, "fd_sd": fd_sd, "acc_mean": acc_mean, "acc_sd": acc_sd, "per_seed": values}
-    return {
-        "n": n, "seeds": list(seeds), "guidance_scale": guidance_scale, "rows": summary,
-        "command": f"python -m fewstep.digits.shipped measure --n {n} --seeds {' '.join(map(str, seeds))}",
-        "seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
-    }  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Refresh the digits teacher shipped in the package.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    pack = sub.add_parser("pack", help="write a built teacher folder (fp32) as the shipped one (fp16)")
-    pack.add_argument("built", help="a folder written by `fewstep teacher digits --out DIR`")
-    pack.add_argument("--out", default=str(SHIPPED_DIR), help="where (default: the package's shipped folder)")
-    measure = sub.add_parser("measure", help=f"measure the shipped teacher on the yardstick into {YARDSTICK_FILE}")
-    measure.add_argument("--n", type=int, default=2000, help="images per row and seed (default: %(default)s)")
-    measure.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
-    args = parser.parse_args(argv)
-    if args.command == "pack":
-        out = pack_teacher(args.built, args.out)
-        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-        print(f"wrote {out} ({size / 1e6:.1f} MB); now run `python -m fewstep.digits.shipped measure`")
-    else:
-        record = measure_teacher(args.n, tuple(args.seeds))
-        (SHIPPED_DIR / YARDSTICK_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        for row, s in record["rows"].items():
-            print(f"{row:12} FD {s['fd_mean']:.2f} ± {s['fd_sd']:.2f}   acc {s['acc_mean']:.4f} ± {s['acc_sd']:.4f}")
-        print(f"wrote {SHIPPED_DIR / YARDSTICK_FILE}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

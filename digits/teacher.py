@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from ..core.schedule import SD_TRAINING_SCHEDULE
-from ..training.cache import cache_root, cached_build, config_hash
+from ..training.data.cache import cache_root, cached_build, config_hash
+from ..training.teacher.loading import BUILD_RECORD_FILE
 
 VERSION = 1  # bump when the build procedure changes, so old cache entries are not reused
-TEACHER_CONFIG_FILE = "fewstep_teacher.json"
+TEACHER_CONFIG_FILE = BUILD_RECORD_FILE  # the build's record beside the weights
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
@@ -71,8 +72,8 @@ def load_digits_split() -> DigitsSplit:
 
 
 def write_digits_folder(directory: str | Path, split: str = "train") -> Path:
-    """PNG files plus ``metadata.jsonl`` captions (``fewstep.training.data.read_image_folder``'s format)."""
-    from ..training.images import to_pil
+    """PNG files plus ``metadata.jsonl`` captions (``fewstep.training.data.prompts.read_image_folder``'s format)."""
+    from ..training.loop.images import to_pil
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -170,7 +171,7 @@ def _vae(config: DigitsTeacherConfig):
 def _text_encoder(config: DigitsTeacherConfig, tokenizer):
     from transformers import CLIPTextModel
 
-    from ..training.tiny_models import clip_text_config
+    from ..training.teacher.tiny_models import clip_text_config
 
     text_config = clip_text_config(
         tokenizer, hidden_size=config.text_hidden, intermediate_size=4 * config.text_hidden, num_attention_heads=4,
@@ -298,7 +299,7 @@ def build_digits_teacher(
     """Train the digits teacher and save it as a ``StableDiffusionPipeline`` folder (plus its build config)."""
     from diffusers import StableDiffusionPipeline
 
-    from ..training.tiny_models import save_tiny_pipeline, write_offline_clip_tokenizer
+    from ..training.teacher.tiny_models import save_tiny_pipeline, write_offline_clip_tokenizer
 
     started = time.perf_counter()
     directory = Path(directory)
@@ -368,7 +369,7 @@ def read_teacher_config(directory: str | Path) -> DigitsTeacherConfig:
 
 def teacher_config_from_file(path: str | Path | None = None, seed: int | None = None) -> DigitsTeacherConfig:
     """A config from a YAML file of fields or a recorded ``fewstep_teacher.json`` (unknown keys rejected)."""
-    from ..training.config import build_config, load_yaml
+    from ..training.loop.config import build_config, load_yaml
 
     fields = {}
     if path is not None:
@@ -377,6 +378,14 @@ def teacher_config_from_file(path: str | Path | None = None, seed: int | None = 
             fields = fields["config"]
     seeds = {} if seed is None else {"seed": seed}
     return build_config(DigitsTeacherConfig, fields, seeds, sources=(None if path is None else str(path), None))
+
+
+def ships(config: DigitsTeacherConfig) -> bool:
+    """Whether the teacher shipped in the package was built from ``config`` with the current build procedure."""
+    from .shipped import shipped_record
+
+    record = shipped_record()
+    return record is not None and record["version"] == VERSION and record["config_hash"] == config_hash(config)
 
 
 def digits_teacher(
@@ -391,7 +400,7 @@ def digits_teacher(
     The default config's teacher is unpacked from the one shipped in the package (seconds; ``digits/shipped.py``);
     any other config, or ``force``, trains one from its config.
     """
-    from .shipped import ships, unpack_teacher
+    from .shipped import unpack_teacher
 
     config = config or DigitsTeacherConfig()
 

@@ -33,8 +33,8 @@ from torch import nn
 from ..core.distillpp import RECOMMENDED_LAMBDA, RECOMMENDED_RULE, check_teacher_guidance, sample_distillpp
 from ..core.sampling import Denoiser, cfg, ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
-from ..training.cache import cached_build
-from ..training.lora_io import RECIPE_FILE
+from ..training.data.cache import cached_build
+from ..training.publish.lora_files import RECIPE_FILE
 from .teacher import IMAGE_SIZE, caption, load_digits_split
 
 CLASSIFIER_VERSION = 1
@@ -253,7 +253,7 @@ def default_rows(student: StudentInfo | None) -> list[str]:
 
 def _resolve_lora(lora: str | Path) -> tuple[Path, Path | None]:
     """(LoRA weights file, run directory or None) from a run dir, its ``lora/`` dir or a .safetensors file."""
-    from ..training.lora_io import DIFFUSERS_LORA_WEIGHT_NAME
+    from ..training.publish.lora_files import DIFFUSERS_LORA_WEIGHT_NAME
 
     path = Path(lora).expanduser()
     if path.is_file():
@@ -292,7 +292,7 @@ def _student_info(weights: Path, run_dir: Path | None) -> StudentInfo:
 @torch.no_grad()
 def load_digits_model(teacher_dir: str | Path, lora: str | Path | None = None, device: str = "cpu") -> DigitsModel:
     """Load the teacher with diffusers and, if given, the student LoRA (``pipe.load_lora_weights``) on its UNet."""
-    from ..training.teacher import encode_prompts, load_teacher, teacher_schedule
+    from ..training.teacher.loading import encode_prompts, load_teacher, teacher_schedule
 
     weights, run_dir = _resolve_lora(lora) if lora is not None else (None, None)
     pipe, family = load_teacher(str(teacher_dir))
@@ -371,7 +371,7 @@ def sample_digits(
     distillpp: DistillppSettings = DistillppSettings(),
 ) -> torch.Tensor:
     """Images (B, 3, 32, 32) in [0, 1] of ``labels`` for one yardstick row (not ``real``), from latent ``noise``."""
-    from ..training.teacher import decode_latents
+    from ..training.teacher.loading import decode_latents
 
     unet, schedule = model.pipe.unet, model.schedule.to(model.pipe.unet.device)
     embeds = model.digit_embeds[labels.to(model.digit_embeds.device)]
@@ -534,7 +534,7 @@ def save_digits_grid(
     distillpp: DistillppSettings = DistillppSettings(),
 ) -> Path:
     """A sample grid: one image row per digit, one column per yardstick row (same noise across columns)."""
-    from ..training.images import save_grid
+    from ..training.loop.images import save_grid
 
     labels = torch.arange(10)
     noise = torch.randn(_latent_shape(model, 10), generator=torch.Generator().manual_seed(seed))

@@ -18,10 +18,14 @@ import torch
 from ..core.distillpp import RECOMMENDED_RULE, RULES as TEACHER_GUIDANCE_RULES
 from ..core.sampling import Denoiser, cfg, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
-from ..training.lora_io import DIFFUSERS_LORA_WEIGHT_NAME, RECIPE_FILE, lora_family_of_state_dict
+from ..core.lora_format import (
+    DIFFUSERS_LORA_WEIGHT_NAME,
+    KOHYA_WEIGHT_NAME,
+    RECIPE_FILE,
+    RUN_DIR_LORA,
+    lora_family_of_state_dict,
+)
 
-RUN_DIR_LORA = "lora"
-KOHYA_WEIGHT_NAME = "fewstep_comfyui.safetensors"
 # "few_step": predict x0, re-noise with fresh noise (DMD2, DMD); "ddim": deterministic DDIM (Progressive Distillation).
 SAMPLERS = ("few_step", "ddim")
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}

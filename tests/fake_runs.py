@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from fewstep.training.lora_io import save_diffusers_lora, save_kohya_lora
-from fewstep.training.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
+from fewstep.training.publish.lora_files import save_diffusers_lora, save_kohya_lora
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
 
 FAMILIES = ["sd15", "sdxl"]
 

@@ -5,8 +5,9 @@ import argparse
 import pytest
 
 from fewstep.cli import build_parser, main
-from fewstep.training.config import load_yaml
-from fewstep.training.dmd2 import DMD2TrainConfig, make_config
+from fewstep.training.loop.config import load_yaml
+from fewstep.training.methods.dmd2 import DMD2TrainConfig
+from fewstep.training.loop.trainer import make_config
 
 
 def train_error(capsys, *argv):
@@ -26,7 +27,7 @@ def test_yaml_scientific_notation_is_read_as_a_number(tmp_path):
     """PyYAML reads ``1e-3`` (no dot) as a string; most people write it so."""
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1e-3\nmax_steps: 1e3\nema-decay: '0.5'\ntimesteps: 999,499\nbackward_simulation: 'no'\n")
-    config = make_config({}, str(path))
+    config = make_config(DMD2TrainConfig, {}, str(path))
     assert config.lr == 0.001 and isinstance(config.lr, float)
     assert config.max_steps == 1000 and isinstance(config.max_steps, int)
     assert config.ema_decay == 0.5 and config.timesteps == [999, 499] and config.backward_simulation is False
@@ -48,7 +49,7 @@ def test_yaml_values_of_the_wrong_type_name_the_option_and_the_file(tmp_path, te
     path = tmp_path / "c.yaml"
     path.write_text(text)
     with pytest.raises(ValueError) as error:
-        make_config({}, str(path))
+        make_config(DMD2TrainConfig, {}, str(path))
     assert str(error.value).startswith(message.format(path=path))
 
 
@@ -104,7 +105,7 @@ def test_cli_accepts_scientific_notation():
 
 
 def test_a_config_built_in_code_is_checked_too(tmp_path):
-    from fewstep.training.dmd2 import train_dmd2
+    from fewstep.training.methods.dmd2 import train_dmd2
 
     config = DMD2TrainConfig(teacher="t", output=str(tmp_path / "r"), prompts="p", checkpoints_total_limit=0)
     with pytest.raises(ValueError, match="checkpoints_total_limit in the DMD2TrainConfig must be an integer ≥ 1"):
@@ -143,7 +144,7 @@ def test_required_options_say_so():
 def test_limits_come_from_field_metadata_so_new_fields_get_them_too():
     from dataclasses import dataclass, field
 
-    from fewstep.training.config import build_config
+    from fewstep.training.loop.config import build_config
 
     @dataclass
     class Options:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fewstep.training.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux", reason="needs torchrun")

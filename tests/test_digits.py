@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fewstep.cli import main
-from fewstep.training import cache
+from fewstep.training.data import cache
 from fewstep.digits import teacher as digits, yardstick
 from fewstep.digits.teacher import DigitsTeacherConfig, build_digits_teacher, digits_teacher
 
@@ -67,7 +67,7 @@ def test_split_is_fixed_stratified_and_disjoint():
 def test_tiny_teacher_is_a_stable_diffusion_folder(tiny_teacher):
     from diffusers import StableDiffusionPipeline
 
-    from fewstep.training.teacher import load_teacher
+    from fewstep.training.teacher.loading import load_teacher
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)
     assert pipe.scheduler.config.timestep_spacing == "trailing"
@@ -174,8 +174,8 @@ def _student_run(teacher_dir, run_dir):
     """A fake DMD2 run: a random generator LoRA on the teacher's UNet, saved as the trainer saves it."""
     from diffusers import StableDiffusionPipeline
 
-    from fewstep.training.lora_io import save_diffusers_lora
-    from fewstep.training.networks import lora_config
+    from fewstep.training.publish.lora_files import save_diffusers_lora
+    from fewstep.training.loop.networks import lora_config
 
     unet = StableDiffusionPipeline.from_pretrained(teacher_dir).unet
     torch.manual_seed(0)

@@ -8,11 +8,11 @@ would catch a backward that runs under the wrong adapter (silent with equal rank
 import pytest
 import torch
 
-from fewstep.training.dmd2 import train_dmd2
-from fewstep.training.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
-from fewstep.training.networks import GANHead, SharedUNetNetworks, attach_adapters
-from fewstep.training.teacher import encode_prompts, teacher_schedule, unconditional
-from fewstep.training.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
+from fewstep.training.methods.dmd2 import train_dmd2
+from fewstep.training.loop.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
+from fewstep.training.loop.networks import GANHead, SharedUNetNetworks, attach_adapters
+from fewstep.training.teacher.loading import encode_prompts, teacher_schedule, unconditional
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
 
 BUILDERS = {"sd15": build_tiny_sd15_pipeline, "sdxl": build_tiny_sdxl_pipeline}
 
@@ -90,7 +90,7 @@ def test_a_checkpointed_training_run_ends_where_the_plain_one_does(tmp_path):
     from PIL import Image
     from safetensors.torch import load_file
 
-    from fewstep.training.tiny_models import save_tiny_pipeline
+    from fewstep.training.teacher.tiny_models import save_tiny_pipeline
 
     save_tiny_pipeline(build_tiny_sd15_pipeline(), tmp_path / "teacher")
     (tmp_path / "prompts.txt").write_text("a photo of a cat\na red car\n")
@@ -114,7 +114,7 @@ def test_a_checkpointed_training_run_ends_where_the_plain_one_does(tmp_path):
 
 
 def dict_config(teacher, output, prompts, images, **overrides):
-    from fewstep.training.dmd2 import DMD2TrainConfig
+    from fewstep.training.methods.dmd2 import DMD2TrainConfig
 
     return DMD2TrainConfig(
         teacher=str(teacher), output=str(output), prompts=str(prompts), images=str(images), max_steps=4,

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from fewstep.cli import main
-from fewstep.training.hf_dataset import read_dataset
-from fewstep.training.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
+from fewstep.training.data.hf_dataset import read_dataset
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
 
 datasets = pytest.importorskip("datasets")
 

@@ -1,6 +1,6 @@
 """LoRA files: diffusers/PEFT and kohya formats reproduce the trained adapter exactly; families are told apart.
 
-All offline, on the tiny SD1.5- and SDXL-shaped pipelines from ``fewstep.training.tiny_models``.
+All offline, on the tiny SD1.5- and SDXL-shaped pipelines from ``fewstep.training.teacher.tiny_models``.
 """
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fewstep.training.lora_io import (
+from fewstep.training.publish.lora_files import (
     kohya_lora_to_peft,
     kohya_name_to_module_path,
     load_kohya_lora,
@@ -16,7 +16,7 @@ from fewstep.training.lora_io import (
     save_diffusers_lora,
     save_kohya_lora,
 )
-from fewstep.training.tiny_models import (
+from fewstep.training.teacher.tiny_models import (
     TINY_IMAGE_SIZE,
     TINY_LATENT_SIZE,
     build_tiny_sd15_pipeline,

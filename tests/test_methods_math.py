@@ -11,10 +11,10 @@ import torch
 from fewstep.core.losses import progressive_target
 from fewstep.core.sampling import ddim_step, ddim_timesteps
 from fewstep.core.schedule import SD_TRAINING_SCHEDULE, NoiseSchedule
-from fewstep.training.dmd2_loop import DMD2LoopConfig
-from fewstep.training.methods.dmd import DMDBatch, DMDLoop
+from fewstep.training.loop.dmd2_loop import DMD2LoopConfig
+from fewstep.training.loop.regression import DMDBatch, DMDLoop
 from fewstep.training.methods.progressive import ProgressiveBatch, ProgressiveLoop, pd_timesteps, round_step_counts
-from fewstep.training.pair_cache import PairCacheMismatch, ensure_teacher_pairs, load_teacher_pairs
+from fewstep.training.data.pair_cache import PairCacheMismatch, ensure_teacher_pairs, load_teacher_pairs
 
 SCHEDULE = NoiseSchedule.from_config(SD_TRAINING_SCHEDULE)
 SHAPE = (3, 2, 4, 4)

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from fewstep.training.hub import Run
-from fewstep.training.model_card import model_card
-from fewstep.training.sampling_recipes import SamplingRecipe, comfyui_simple_timesteps
+from fewstep.training.publish.hub import Run
+from fewstep.training.publish.model_card import model_card
+from fewstep.training.publish.sampling_recipes import SamplingRecipe, comfyui_simple_timesteps
 
 BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 

@@ -14,7 +14,7 @@ import yaml
 from fake_runs import PIPELINE_CLASSES, PIPELINE_FILES, make_run_dir
 
 from fewstep.cli import main
-from fewstep.training.pushed_code import pushed_code
+from fewstep.training.publish.pushed_code import pushed_code
 
 FAMILIES = ["sd15", "sdxl"]
 BASE_MODELS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}

@@ -19,7 +19,7 @@ import torch
 from fake_runs import PIPELINE_FILES
 
 from fewstep.cli import main
-from fewstep.training.pushed_code import pushed_code
+from fewstep.training.publish.pushed_code import pushed_code
 
 CHILD = Path(__file__).with_name("plain_diffusers_child.py")
 REPO = Path(__file__).resolve().parents[1]

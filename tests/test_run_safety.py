@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fewstep.cli import main
-from fewstep.training import teacher as teachers
-from fewstep.training.dmd2_loop import DMD2Loop
+from fewstep.training.teacher import loading as teachers
+from fewstep.training.loop.dmd2_loop import DMD2Loop
 
 TINY = [
     "--gen-rank", "4", "--fake-rank", "4", "--dfake-gen-update-ratio", "2", "--warmup-steps", "1", "--lr", "1e-3",
@@ -122,7 +122,7 @@ def test_resume_refuses_options_that_cannot_change(capsys, teacher, prompts, tmp
 
 
 def test_a_different_teacher_of_the_same_family_cannot_resume_the_run(capsys, teacher, prompts, tmp_path):
-    from fewstep.training.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
+    from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
 
     other = save_tiny_pipeline(build_tiny_sd15_pipeline(), tmp_path / "other-sd15")
     run = tmp_path / "run"

@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 from single_file_checkpoints import save_single_file
 
 from fewstep.cli import main
-from fewstep.training.lora_io import save_kohya_lora
-from fewstep.training.teacher import load_teacher
-from fewstep.training.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
+from fewstep.training.publish.lora_files import save_kohya_lora
+from fewstep.training.teacher.loading import load_teacher
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
 
 # SDXL's two text encoders differ in width (768, 1280); diffusers' single-file loader tells them apart by it.
 BUILDERS = {"sd15": build_tiny_sd15_pipeline, "sdxl": lambda seed: build_tiny_sdxl_pipeline(seed=seed, text_encoder_2_width=48)}
@@ -157,7 +157,7 @@ def test_styled_run_records_the_style_lora_and_its_card_names_it(files, prompts,
 def test_diffusers_format_style_lora_also_fuses(files, tmp_path):
     from peft import LoraConfig
 
-    from fewstep.training.lora_io import save_diffusers_lora
+    from fewstep.training.publish.lora_files import save_diffusers_lora
 
     unet = BUILDERS["sd15"](seed=3).unet
     torch.manual_seed(2)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fewstep.cli import main
-from fewstep.training.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
 
 TRAIN = ["--max-steps", "2", "--gen-rank", "4", "--fake-rank", "4", "--dfake-gen-update-ratio", "2",
          "--checkpoint-every", "0", "--warmup-steps", "1"]  # fmt: skip

@@ -7,11 +7,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fewstep.cli import main
-from fewstep.training.dmd2 import DMD2TrainConfig, TrainingError, train_dmd2
-from fewstep.training.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
-from fewstep.training.networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
-from fewstep.training.teacher import encode_prompts, teacher_schedule, unconditional
-from fewstep.training.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
+from fewstep.training.methods.dmd2 import DMD2TrainConfig, train_dmd2
+from fewstep.training.loop.trainer import TrainingError
+from fewstep.training.loop.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
+from fewstep.training.loop.networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
+from fewstep.training.teacher.loading import encode_prompts, teacher_schedule, unconditional
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
 
 
 
@@ -184,7 +185,7 @@ def test_lora_files_reproduce_the_training_time_generator(teachers, prompts, tmp
     from diffusers import StableDiffusionPipeline
     from peft import set_peft_model_state_dict
 
-    from fewstep.training.lora_io import kohya_lora_to_peft
+    from fewstep.training.publish.lora_files import kohya_lora_to_peft
 
     teacher = teachers["sd15", "epsilon"]
     run = train_dmd2(config(teacher, tmp_path / "run", prompts))
@@ -323,7 +324,7 @@ def test_yaml_config_is_overridden_by_the_cli_and_unknown_keys_are_rejected(caps
 
 
 def test_ema_of_the_generator_adapter_is_what_gets_exported(teachers, prompts, tmp_path):
-    from fewstep.training.lora_io import kohya_lora_to_peft
+    from fewstep.training.publish.lora_files import kohya_lora_to_peft
 
     run = train_dmd2(config(teachers["sd15", "epsilon"], tmp_path / "run", prompts, ema_decay=0.5, lr_schedule="cosine"))
     checkpoint = run / "checkpoints" / "step-0000004"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from fewstep.cli import main
 from fewstep.training.methods.dmd import DMDTrainConfig, train_dmd
 from fewstep.training.methods.progressive import ProgressiveBatch, ProgressiveLoop, ProgressiveTrainConfig, train_progressive
-from fewstep.training.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
 
 BUILDERS = {"sd15": build_tiny_sd15_pipeline, "sdxl": build_tiny_sdxl_pipeline}
 TRAIN = {"dmd": (DMDTrainConfig, train_dmd), "progressive": (ProgressiveTrainConfig, train_progressive)}
@@ -112,7 +112,7 @@ def test_progressive_exports_every_round_with_its_timesteps_and_diffusers_loads_
         with_lora = base.unet(x, t, encoder_hidden_states=emb).sample
     assert (with_lora - plain).abs().max() > 1e-5
     # The ComfyUI (kohya) file of the last round holds exactly the final generator adapter.
-    from fewstep.training.lora_io import kohya_lora_to_peft
+    from fewstep.training.publish.lora_files import kohya_lora_to_peft
 
     kohya, alphas = kohya_lora_to_peft(run / "lora" / "steps-1" / "fewstep_comfyui.safetensors")
     final = load_file(run / "checkpoints" / "step-0000004" / "generator.safetensors")
@@ -165,7 +165,7 @@ def test_another_methods_option_is_refused_in_one_line(capsys, tmp_path, args, m
     ],
 )
 def test_bad_combinations_within_a_method_are_refused(teachers, prompts, tmp_path, method, overrides, message):
-    from fewstep.training.trainer import TrainingError
+    from fewstep.training.loop.trainer import TrainingError
 
     with pytest.raises(TrainingError, match=message):
         TRAIN[method][1](config(method, teachers["sd15", "epsilon"], tmp_path / "run", prompts, **overrides))
@@ -185,7 +185,7 @@ def test_train_help_documents_every_methods_options(capsys):
 def _generator_gradient(method, checkpointing):
     from test_gradient_checkpointing import networks_with_nonzero_adapters
 
-    from fewstep.training.dmd2_loop import DMD2LoopConfig
+    from fewstep.training.loop.dmd2_loop import DMD2LoopConfig
     from fewstep.training.methods.dmd import DMDBatch, DMDLoop
 
     networks, cond = networks_with_nonzero_adapters("sd15", 4, 4, checkpointing)
@@ -318,7 +318,7 @@ def test_ctrl_c_while_making_pairs_says_what_is_kept_and_resume_finishes_the_sam
     import os
     import signal
 
-    from fewstep.training import pair_cache
+    from fewstep.training.data import pair_cache
 
     make_shard = pair_cache.sample_ddim
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fewstep.training.data import CaptionedImage
-from fewstep.training.dmd2 import DMD2TrainConfig, TrainingError, effective_batch_warning, train_dmd2
-from fewstep.training.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
-from fewstep.training.networks import SharedUNetNetworks, attach_adapters
-from fewstep.training.teacher import encode_images, encode_prompts, teacher_schedule, unconditional
-from fewstep.training.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
+from fewstep.training.data.prompts import CaptionedImage
+from fewstep.training.methods.dmd2 import DMD2TrainConfig, effective_batch_warning, train_dmd2
+from fewstep.training.loop.trainer import TrainingError
+from fewstep.training.loop.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
+from fewstep.training.loop.networks import SharedUNetNetworks, attach_adapters
+from fewstep.training.teacher.loading import encode_images, encode_prompts, teacher_schedule, unconditional
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 The teacher's denoiser is closed-form (``gmm.GaussianMixture.denoise``), so this checks the algorithm itself:
 mode coverage (DMD Fig. 3), the sign and scale of the DM gradient, backward simulation and Distillation++.
-It drives the same :class:`~fewstep.training.dmd2_loop.DMD2Loop` as the Stable Diffusion trainer.
+It drives the same :class:`~fewstep.training.loop.dmd2_loop.DMD2Loop` as the Stable Diffusion trainer.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from ..core.distillpp import sample_distillpp
 from ..core.sampling import ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import SD_TRAINING_SCHEDULE, NoiseSchedule, student_timesteps
-from ..training.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
+from ..training.loop.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from .gmm import GaussianMixture, sliced_wasserstein
 
 
@@ -80,7 +80,7 @@ class TimeMLP(nn.Module):
 
 
 class ExactTeacherNetworks:
-    """:class:`~fewstep.training.dmd2_loop.DMD2Networks` for the toy: exact real score, MLP generator and fake score."""
+    """:class:`~fewstep.training.loop.dmd2_loop.DMD2Networks` for the toy: exact real score, MLP generator and fake score."""
 
     def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule, hidden: int, seed: int):
         torch.manual_seed(seed)

@@ -22,7 +22,7 @@ import comfy.taesd.taesd
 import comfy.utils
 import torch
 
-from fewstep.training.tiny_models import TINY_IMAGE_SIZE, TINY_LATENT_SIZE, build_tiny_sd15_pipeline
+from fewstep.training.teacher.tiny_models import TINY_IMAGE_SIZE, TINY_LATENT_SIZE, build_tiny_sd15_pipeline
 
 LATENT_SHAPE = (1, 4, TINY_LATENT_SIZE, TINY_LATENT_SIZE)
 SD15_CONTEXT, SDXL_CONTEXT, SDXL_POOLED = 32, 64, 32
@@ -198,7 +198,7 @@ def model_space(latent: dict, model) -> torch.Tensor:
 
 def add_tiny_lora(unet, seed: int = 5):
     """Give a diffusers UNet a fewstep LoRA adapter "generator" (rank 4, alpha 2, random non-zero up weights)."""
-    from fewstep.training.networks import lora_config
+    from fewstep.training.loop.networks import lora_config
 
     torch.manual_seed(seed)
     unet.add_adapter(lora_config(4, 2.0, init_lora_weights=False), adapter_name="generator")
@@ -207,7 +207,7 @@ def add_tiny_lora(unet, seed: int = 5):
 
 def write_tiny_lora(path, family: str):
     """A fewstep-exported kohya LoRA file (``training.lora_io.save_kohya_lora``) for the tiny ``family``."""
-    from fewstep.training.lora_io import save_kohya_lora
+    from fewstep.training.publish.lora_files import save_kohya_lora
 
     return save_kohya_lora(add_tiny_lora(tiny_pipe(family).unet), "generator", path)
 

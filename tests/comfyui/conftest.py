@@ -35,7 +35,7 @@ def student(comfyui, tiny):
     from comfy_tiny import add_tiny_lora, tiny_family
     from comfyui_env import captured_logs
 
-    from fewstep.training.lora_io import save_kohya_lora
+    from fewstep.training.publish.lora_files import save_kohya_lora
 
     family = tiny_family(tiny.family)
     add_tiny_lora(family.pipe.unet)

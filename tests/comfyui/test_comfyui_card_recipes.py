@@ -12,8 +12,8 @@ import torch  # noqa: E402
 from comfy_tiny import cached_family, execute, model_space, register_test_nodes, write_tiny_lora  # noqa: E402
 
 from fewstep.core.schedule import student_timesteps  # noqa: E402
-from fewstep.training.hub import Run  # noqa: E402
-from fewstep.training.model_card import KOHYA_WEIGHT_NAME, model_card  # noqa: E402
+from fewstep.training.publish.hub import Run  # noqa: E402
+from fewstep.training.publish.model_card import KOHYA_WEIGHT_NAME, model_card  # noqa: E402
 
 SEED = 11
 STOCK = re.compile(r"\*\*KSampler\*\* with steps `(\d+)`, cfg `([\d.]+)`, sampler `(\w+)`, scheduler `(\w+)`")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from fewstep.training.methods.dmd import DMDTrainConfig, train_dmd  # noqa: E402
 from fewstep.training.methods.progressive import ProgressiveTrainConfig, train_progressive  # noqa: E402
-from fewstep.training.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline  # noqa: E402
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline  # noqa: E402
 
 SEED = 11
 
@@ -73,7 +73,7 @@ def test_method_lora_loads_with_the_stock_loader_and_samples_as_in_diffusers(com
 def test_stock_ksampler_recipe_of_a_progressive_card_equals_diffusers(comfyui, node, trained, lora):
     """The model card's stock recipe for Progressive Distillation students: KSampler, sampler ``ddim`` (Euler in σ,
     i.e. deterministic DDIM), scheduler ``simple``, cfg 1, starting from pure noise at t = 999."""
-    from fewstep.training.sampling_recipes import SamplingRecipe
+    from fewstep.training.publish.sampling_recipes import SamplingRecipe
 
     folder = trained / lora
     recipe = json.loads((folder / "fewstep_recipe.json").read_text())

@@ -5,7 +5,7 @@
 - ``progressive``: Progressive Distillation (Salimans & Ho 2022): rounds that halve the step count.
 
 Everything they share (teacher loading, caches, accelerate, adapters, checkpoints and resume, EMA, validation,
-export, progress, NaN handling) is in :mod:`fewstep.training.trainer`.
+export, progress, NaN handling) is in :mod:`fewstep.training.loop.trainer`.
 """
 
 METHOD_NAMES = ("dmd2", "dmd", "progressive")

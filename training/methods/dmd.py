@@ -1,28 +1,16 @@
 """DMD (Yin et al. 2023): distribution matching + regression onto teacher ODE pairs, one-step.
 
-What is particular to DMD: the teacher ODE pairs (:mod:`fewstep.training.pair_cache`), and a generator loss of
-``DM loss + regression_weight × d(G(z), y)`` on them (``core.regression_loss``; latent pseudo-Huber by default).
-The fake score is DMD2's (same adapter, same denoising loss); DMD updates generator and fake score every iteration
-and has no GAN. The same loop gives DMD2 its regression warm start (``--init-regression-steps``): the first N
-iterations are regression only.
-
-The regression term runs in its own backward with the generator's adapter active: it involves no other network,
-so, like DMD2's staged backward, no backward ever crosses two adapters (exact with gradient checkpointing).
+What is particular to DMD: a generator loss of ``DM loss + regression_weight × d(G(z), y)`` on teacher ODE pairs
+(:mod:`fewstep.training.loop.regression`, which also gives DMD2 its warm start). The fake score is DMD2's (same
+adapter, same denoising loss); DMD updates generator and fake score every iteration and has no GAN.
 """
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
-
-from ...core.losses import regression_loss
-from ..dmd2_loop import GENERATOR, DMD2Batch, DMD2Loop, frozen
-from ..interrupts import RunInterrupted
-from ..pair_cache import PairCacheMismatch, TeacherPairs, count_saved_pairs, ensure_teacher_pairs, load_teacher_pairs
-from ..trainer import MethodRun, TrainingContext, TrainingError, train
+from ..loop.regression import DMDLoop, with_teacher_pairs
+from ..loop.trainer import MethodRun, TrainingContext, TrainingError, train
 from .dmd2 import DMD2TrainConfig, build_distribution_matching, check_option_combinations, student_timesteps_of
 
 
@@ -39,121 +27,6 @@ class DMDTrainConfig(DMD2TrainConfig):
     dfake_gen_update_ratio: int | None = field(
         default=1, metadata={"help": "fake-score updates per generator update (DMD: 1)", "min": 1}
     )
-
-
-@dataclass
-class DMDBatch(DMD2Batch):
-    """A DMD2 batch plus teacher ODE pairs: noise z, the teacher's sample y, and z's conditioning."""
-
-    pair_noise: torch.Tensor | None = None
-    pair_target: torch.Tensor | None = None
-    pair_cond: Any = None
-
-
-class DMDLoop(DMD2Loop):
-    """DMD2's loop with a regression term on the generator's turn (and regression-only warm-start iterations)."""
-
-    def __init__(self, *args, regression_weight: float, init_regression_steps: int, regression_kind: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.regression_weight = regression_weight
-        self.init_regression_steps = init_regression_steps
-        self.regression_kind = regression_kind
-        self._pending: list[DMDBatch] = []
-
-    def in_warm_start(self) -> bool:
-        return self.step < self.init_regression_steps
-
-    def is_generator_turn(self, step: int | None = None) -> bool:
-        step = self.step if step is None else step
-        return step < self.init_regression_steps or super().is_generator_turn(step)
-
-    def train_step(self, batches) -> dict[str, float]:
-        batches = [batches] if isinstance(batches, DMD2Batch) else list(batches)
-        self._pending = list(batches)  # the generator's turn takes them in micro-batch order
-        return super().train_step(batches)
-
-    def regression_loss(self, batch: DMDBatch) -> tuple[torch.Tensor, dict]:
-        """d(G(z), y): the generator's x0 from the pair's noise at its first timestep, against the teacher's y."""
-        t = torch.full((batch.pair_noise.shape[0],), self.config.student_timesteps[0], device=self.device)
-        x0 = self.networks.generator(batch.pair_noise, t, batch.pair_cond)
-        return regression_loss(x0, batch.pair_target, kind=self.regression_kind)
-
-    def _regression_backward(self, batch: DMDBatch, weight: float) -> tuple[bool, dict]:
-        with frozen(self.networks.fake_score_parameters()):
-            loss, metrics = self.regression_loss(batch)
-            if not self.all_finite(loss.detach()):
-                return False, metrics
-            self.networks.activate(GENERATOR)
-            self._scaled(loss * weight, GENERATOR).backward()
-        return True, metrics
-
-    def _generator_backward(self, x: torch.Tensor, cond: Any, weight: float) -> tuple[bool, dict]:
-        batch = self._pending.pop(0)
-        warm = self.in_warm_start()
-        finite, metrics = (True, {}) if warm else super()._generator_backward(x, cond, weight)
-        regression_weight = 1.0 if warm else self.regression_weight
-        if not finite or regression_weight == 0:
-            return finite, metrics
-        finite, regression_metrics = self._regression_backward(batch, weight * regression_weight)
-        return finite, {**metrics, **regression_metrics}
-
-
-def teacher_pairs(ctx: TrainingContext, teacher_x0) -> TeacherPairs:
-    """The run's teacher ODE pairs: made (or resumed) by the main process, then loaded by every process.
-
-    ``teacher_x0(x_t, t, cond)`` is the teacher with CFG at the distillation scale (the base UNet, adapters off).
-    """
-    config = ctx.config
-    pairs_dir = ctx.run_dir / "pairs"
-    manifest = {
-        **ctx.teacher_fingerprint, "pair_steps": config.pair_steps, "seed": config.seed, "num_pairs": config.num_pairs,
-        "latent_shape": list(ctx.latent_shape),
-    }  # fmt: skip
-    prompt_cond = ctx.prompt_cond
-    if ctx.is_main_process:
-        try:
-            ensure_teacher_pairs(
-                pairs_dir, manifest, config.num_pairs,
-                lambda x, t, idx: teacher_x0(x, t, prompt_cond.select(idx).to(ctx.device)),
-                ctx.schedule, ctx.latent_shape, prompt_cond.prompt_embeds.shape[0], device=ctx.device,
-            )  # fmt: skip
-        except PairCacheMismatch as error:
-            raise TrainingError(str(error)) from None
-        except RunInterrupted as stop:  # Ctrl-C before the loop: the finished shards stay and are reused
-            saved = count_saved_pairs(pairs_dir, config.num_pairs)
-            command = f"fewstep train --output {shlex.quote(str(ctx.run_dir))} --resume"
-            raise RunInterrupted(
-                stop.exit_code - 128,
-                f"stopped while making the teacher ODE pairs: {saved} of {config.num_pairs} are saved in {pairs_dir}; "
-                f"continue with: {command}",
-            ) from None
-    ctx.wait_for_everyone()
-    return load_teacher_pairs(pairs_dir, config.num_pairs)
-
-
-def build_with_pairs(ctx: TrainingContext, use_gan: bool, regression_weight: float, method_key: str) -> MethodRun:
-    """DMD's networks and loop (also DMD2's with a warm start): teacher ODE pairs made or resumed, then loaded."""
-    config = ctx.config
-    run, networks = build_distribution_matching(
-        ctx, use_gan, method_key, loop_class=DMDLoop, regression_weight=regression_weight,
-        init_regression_steps=config.init_regression_steps, regression_kind=config.regression_loss,
-    )  # fmt: skip
-    pairs = teacher_pairs(ctx, networks.real_score)
-    prompt_cond = ctx.prompt_cond
-    dm_batch = run.next_batch
-
-    def next_batch() -> DMDBatch:
-        batch = dm_batch()
-        idx = torch.randint(0, len(pairs), (config.batch_size,), generator=ctx.data_rng)
-        return DMDBatch(
-            **vars(batch), pair_noise=pairs.noise[idx].to(ctx.device), pair_target=pairs.target[idx].to(ctx.device),
-            pair_cond=prompt_cond.select(pairs.prompt_index[idx]).to(ctx.device),
-        )  # fmt: skip
-
-    run.next_batch = next_batch
-    # The EMA follows the generator's updates, regression-only ones included.
-    run.updated_generator = lambda metrics: "loss_dm" in metrics or "loss_reg" in metrics
-    return run
 
 
 class DMD:
@@ -177,7 +50,12 @@ class DMD:
         check_option_combinations(config, use_gan, 1)
 
     def build(self, ctx: TrainingContext) -> MethodRun:
-        return build_with_pairs(ctx, use_gan=False, regression_weight=ctx.config.regression_weight, method_key=self.key)
+        config = ctx.config
+        run, networks = build_distribution_matching(
+            ctx, use_gan=False, method_key=self.key, loop_class=DMDLoop, regression_weight=config.regression_weight,
+            init_regression_steps=0, regression_kind=config.regression_loss,
+        )  # fmt: skip
+        return with_teacher_pairs(ctx, run, networks)
 
 
 def train_dmd(config: DMDTrainConfig, resume: bool = False, on_step=None, overwrite: bool = False):

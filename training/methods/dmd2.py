@@ -1,9 +1,9 @@
 """DMD2 (Yin et al. 2024): distribution matching, a fake score updated on two time scales, an optional GAN.
 
 What is particular to DMD2: the ``generator`` and ``fake_score`` adapters, the GAN head on the fake score's
-mid block, two optimizers, and :class:`~fewstep.training.dmd2_loop.DMD2Loop`. With ``--init-regression-steps N``
+mid block, two optimizers, and :class:`~fewstep.training.loop.dmd2_loop.DMD2Loop`. With ``--init-regression-steps N``
 the generator first regresses onto teacher ODE pairs for N iterations (the reference's warm start before one-step
-SDXL at timestep 399), through DMD's loop (:mod:`.dmd`).
+SDXL at timestep 399), through DMD's loop (:mod:`fewstep.training.loop.regression`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import torch
 
 from ...core.sampling import sample_few_step
 from ...core.schedule import student_timesteps, validate_timesteps
-from ..dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
-from ..networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
-from ..trainer import FAMILY_DEFAULTS, MethodRun, TrainConfig, TrainingContext, TrainingError, train
+from ..data.pair_cache import TeacherPairOptions
+from ..loop.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
+from ..loop.regression import DMDLoop, with_teacher_pairs
+from ..loop.networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
+from ..loop.trainer import FAMILY_DEFAULTS, MethodRun, TrainConfig, TrainingContext, TrainingError, train
 
 # DMD2's per-family defaults (docs/defaults.md sets each beside the reference's value).
 DMD2_FAMILY_DEFAULTS = {
@@ -28,21 +30,6 @@ DMD2_FAMILY_DEFAULTS = {
 # The reference's effective batch (per-GPU batch × 64 GPUs); far below it the DM gradient is much noisier.
 REFERENCE_EFFECTIVE_BATCH = {"sd15": 32 * 64, "sdxl": 2 * 64}
 FAR_BELOW_REFERENCE = 16  # warn when the effective batch is under 1/16 of the reference's
-
-
-@dataclass
-class TeacherPairOptions:
-    """Teacher ODE pairs (noise z, the teacher's DDIM sample from z): DMD's regression data, DMD2's warm start."""
-
-    num_pairs: int = field(
-        default=1000, metadata={"help": "teacher ODE pairs generated once into RUN_DIR/pairs", "min": 1}
-    )
-    pair_steps: int = field(default=50, metadata={"help": "teacher DDIM steps (with CFG) per pair", "min": 1})
-    regression_loss: str = field(
-        default="pseudo_huber", metadata={"help": "distance of the regression loss, on latents (LPIPS is not offered: "
-                                                  "it needs pretrained VGG/AlexNet weights)",
-                                          "choices": ["pseudo_huber", "l2"]},
-    )  # fmt: skip
 
 
 @dataclass
@@ -113,12 +100,12 @@ def check_option_combinations(config: DMD2TrainConfig, use_gan: bool, num_steps:
 def effective_batch_warning(config, family: str, num_processes: int) -> str | None:
     """A one-line warning when the effective batch is far below what the reference validated.
 
-    Not for the digits teacher (its build record ``fewstep_teacher.json`` beside the weights): the reference's batch
-    is for SD at 512/1024 px, and the demo's batch is the digits sweep's choice, not an oversight.
+    Not for a teacher fewstep built itself, such as the digits teacher (its build record beside the weights): the
+    reference's batch is for SD at 512/1024 px, and the demo's batch is the digits sweep's choice, not an oversight.
     """
-    from ...digits.teacher import TEACHER_CONFIG_FILE
+    from ..teacher.loading import BUILD_RECORD_FILE
 
-    if config.teacher and (Path(config.teacher) / TEACHER_CONFIG_FILE).is_file():
+    if config.teacher and (Path(config.teacher) / BUILD_RECORD_FILE).is_file():
         return None
     effective = config.batch_size * config.gradient_accumulation_steps * num_processes
     reference = REFERENCE_EFFECTIVE_BATCH[family]
@@ -226,9 +213,11 @@ class DMD2:
         config = ctx.config
         if not config.init_regression_steps:
             return build_distribution_matching(ctx, use_gan)[0]
-        from .dmd import build_with_pairs
-
-        return build_with_pairs(ctx, use_gan, regression_weight=0.0, method_key=self.key)
+        run, networks = build_distribution_matching(  # the regression warm start on teacher ODE pairs
+            ctx, use_gan, self.key, loop_class=DMDLoop, regression_weight=0.0,
+            init_regression_steps=config.init_regression_steps, regression_kind=config.regression_loss,
+        )  # fmt: skip
+        return with_teacher_pairs(ctx, run, networks)
 
 
 def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, overwrite: bool = False):

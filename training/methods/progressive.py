@@ -25,12 +25,11 @@ import torch
 
 from ...core.losses import progressive_loss, progressive_target
 from ...core.sampling import ddim_step, ddim_timesteps, sample_ddim
-from ..dmd2_loop import frozen
-from ..networks import GENERATOR, SharedUNetNetworks, attach_adapters
-from ..trainer import MethodRun, TrainConfig, TrainingContext, TrainingError, lr_factor, train
-from ..update_loop import AdapterUpdateLoop
-from .dmd import teacher_pairs
-from .dmd2 import TeacherPairOptions
+from ..data.pair_cache import TeacherPairOptions
+from ..loop.networks import GENERATOR, SharedUNetNetworks, attach_adapters
+from ..loop.trainer import MethodRun, TrainConfig, TrainingContext, TrainingError, lr_factor, train
+from ..loop.regression import teacher_pairs
+from ..loop.update_loop import AdapterUpdateLoop, frozen
 
 PREVIOUS = "previous"  # the previous round's student: a frozen adapter, the teacher of rounds ≥ 1
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from itertools import islice
 from pathlib import Path
 
-from .data import CaptionedImage, DataError, read_image_folder, read_prompts
+from .prompts import CaptionedImage, DataError, read_image_folder, read_prompts
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 IMAGE_COLUMN = "image"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.schedule import student_timesteps
+from ...core.schedule import student_timesteps
 
 # ComfyUI schedulers that do not hit DMD2's timesteps: they space σ (Karras, exponential) or t (normal) differently.
 COMFYUI_WRONG_SCHEDULERS = ("normal", "karras", "exponential")

@@ -20,11 +20,11 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from ..core.sampling import ddim_timesteps, sample_ddim
-from ..core.schedule import validate_timesteps
+from ...core.sampling import ddim_timesteps, sample_ddim
+from ...core.schedule import validate_timesteps
 from . import interrupts
 from .config import build_config, check_config, load_yaml, save_yaml
-from .lora_io import RECIPE_FILE
+from ..publish.lora_files import RECIPE_FILE
 from .networks import GENERATOR, TextConditioning
 from .resume import check_resume, saved_options, set_base_lr
 from .run_dir import checkpoint_path, checkpoints_of, claim_run_dir, clear_run_dir, validation_missed
@@ -230,7 +230,7 @@ class TrainingContext:
 
 
 class MethodLoop(Protocol):
-    """A method's loop (an :class:`~fewstep.training.update_loop.AdapterUpdateLoop`)."""
+    """A method's loop (an :class:`~fewstep.training.loop.update_loop.AdapterUpdateLoop`)."""
 
     step: int
     skipped_steps: int
@@ -319,9 +319,9 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     from safetensors.torch import load_file
     from tqdm import tqdm
 
-    from . import teacher as teachers
-    from .hf_dataset import read_training_data
-    from .lora_io import save_diffusers_lora, save_kohya_lora
+    from ..teacher import loading as teachers
+    from ..data.hf_dataset import read_training_data
+    from ..publish.lora_files import save_diffusers_lora, save_kohya_lora
 
     check_config(config)
     if not config.output:
@@ -638,7 +638,7 @@ class Validator:
     @torch.no_grad()
     def run(self, step: int, teacher_x0, writer=None) -> Path:
         from .images import save_grid
-        from .teacher import decode_latents
+        from ..teacher.loading import decode_latents
 
         if self.teacher_images is None:
             batched = lambda x, t: teacher_x0(x, torch.full((self.n,), t, device=self.device), self.cond)

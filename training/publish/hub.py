@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import load_yaml
-from .lora_io import DIFFUSERS_LORA_WEIGHT_NAME, FAMILIES, RECIPE_FILE, lora_family_of_state_dict
+from ..loop.config import load_yaml
+from .lora_files import DIFFUSERS_LORA_WEIGHT_NAME, FAMILIES, RECIPE_FILE, lora_family_of_state_dict
 from .model_card import KOHYA_WEIGHT_NAME, SAMPLE_GRID, looks_like_hub_id, model_card, public_config
 from .pushed_code import write_pushed_code
 
@@ -59,7 +59,7 @@ class Run:
     def recipe(self) -> dict:
         """How the LoRA samples: ``lora/fewstep_recipe.json`` (written by the trainer for every method), else what
         the config implies (a DMD2 run: its timesteps, DMD2's rule)."""
-        from ..core.schedule import student_timesteps
+        from ...core.schedule import student_timesteps
 
         if self.directory is not None:  # a Run made in code (no directory) has only its config
             path = Path(self.directory) / "lora" / RECIPE_FILE

@@ -12,9 +12,10 @@ A method's loop (DMD2's in ``dmd2_loop``, DMD's and Progressive Distillation's i
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -132,3 +133,16 @@ class AdapterUpdateLoop:
         for role, scaler_state in state.get("grad_scalers", {}).items():
             if role in self.grad_scalers:
                 self.grad_scalers[role].load_state_dict(scaler_state)
+
+
+@contextlib.contextmanager
+def frozen(params: Iterable[torch.nn.Parameter]):
+    """Turn off requires_grad so a forward pass builds no graph edges into these parameters; restore after."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

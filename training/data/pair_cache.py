@@ -12,16 +12,31 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..core.sampling import ddim_timesteps, sample_ddim
+from ...core.sampling import ddim_timesteps, sample_ddim
 
 MANIFEST = "manifest.json"
 SHARD_SIZE = 64
+
+
+@dataclass
+class TeacherPairOptions:
+    """Teacher ODE pairs (noise z, the teacher's DDIM sample from z): DMD's regression data, DMD2's warm start."""
+
+    num_pairs: int = field(
+        default=1000, metadata={"help": "teacher ODE pairs generated once into RUN_DIR/pairs", "min": 1}
+    )
+    pair_steps: int = field(default=50, metadata={"help": "teacher DDIM steps (with CFG) per pair", "min": 1})
+    regression_loss: str = field(
+        default="pseudo_huber", metadata={"help": "distance of the regression loss, on latents (LPIPS is not offered: "
+                                                  "it needs pretrained VGG/AlexNet weights)",
+                                          "choices": ["pseudo_huber", "l2"]},
+    )  # fmt: skip
 
 
 class PairCacheMismatch(ValueError):

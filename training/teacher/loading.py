@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from ..core.schedule import NoiseSchedule
-from .networks import TextConditioning
+from ...core.schedule import NoiseSchedule
+from ..loop.networks import TextConditioning
+from . import TeacherError
+
+# Teachers that fewstep builds itself (the digits teacher) record how, in this file beside their weights.
+BUILD_RECORD_FILE = "fewstep_teacher.json"
 
 FAMILIES = ("sd15", "sdxl")
-
-
-class TeacherError(ValueError):
-    """The teacher cannot be used: the message names the problem and the fix."""
 
 
 def _looks_like_path(name: str) -> bool:
@@ -175,7 +175,7 @@ class LatentPosteriors:
 @torch.no_grad()
 def encode_images(pipe, images: list, resolution: int, batch_size: int = 8) -> LatentPosteriors:
     """The VAE posteriors of the real images (scaled by the VAE's scaling factor), computed once."""
-    from .data import load_image_tensor
+    from ..data.prompts import load_image_tensor
 
     vae = pipe.vae
     scale = vae.config.scaling_factor

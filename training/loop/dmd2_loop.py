@@ -20,21 +20,21 @@ non-reentrant checkpointing also needs (it checks that recomputation saves the s
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
-from ..core.losses import (
+from ...core.losses import (
     denoising_loss,
     distribution_matching_loss,
     gan_discriminator_loss,
     gan_generator_loss,
 )
-from ..core.sampling import sample_few_step
-from ..core.schedule import NoiseSchedule
-from .update_loop import AdapterUpdateLoop, default_clip
+from ...core.sampling import sample_few_step
+from ...core.schedule import NoiseSchedule
+from .networks import FAKE_SCORE, GENERATOR  # the roles :meth:`DMD2Networks.activate` takes
+from .update_loop import AdapterUpdateLoop, default_clip, frozen
 
 
 class DMD2Networks(Protocol):
@@ -90,22 +90,6 @@ class DMD2Batch:
     cond: Any = None
     real_x0: torch.Tensor | None = None
     real_cond: Any = None
-
-
-@contextlib.contextmanager
-def frozen(params: Iterable[torch.nn.Parameter]):
-    """Turn off requires_grad so a forward pass builds no graph edges into these parameters; restore after."""
-    params = [p for p in params if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-GENERATOR, FAKE_SCORE = "generator", "fake_score"  # the roles :meth:`DMD2Networks.activate` takes
 
 
 class DMD2Loop(AdapterUpdateLoop):

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from ..core.schedule import SD_TRAINING_SCHEDULE
+from ...core.schedule import SD_TRAINING_SCHEDULE
 
 # Every prompt word the tests, benchmarks and the digits teacher use; each becomes one token so that prompts
 # stay short and the tiny text encoder sees whole words rather than letters.

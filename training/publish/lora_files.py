@@ -22,10 +22,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-DIFFUSERS_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-RECIPE_FILE = "fewstep_recipe.json"  # how a fewstep LoRA samples: {"method", "timesteps", "sampler"}
-FAMILY_METADATA_KEY = "fewstep_base_family"
-FAMILIES = ("sd15", "sdxl")
+from ...core.lora_format import (  # noqa: F401  (re-exported: the trainer's LoRA files are in this format)
+    DIFFUSERS_LORA_WEIGHT_NAME,
+    FAMILIES,
+    FAMILY_METADATA_KEY,
+    KOHYA_WEIGHT_NAME,
+    RECIPE_FILE,
+    lora_family_of_state_dict,
+    unet_family,
+)
+
 # kohya's own spelling of the base model, read by its tools and by LoRA browsers.
 _KOHYA_BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 
@@ -43,11 +49,6 @@ _UNDERSCORED_PARTS = sorted(
     ),
     key=lambda part: -part.count("_"),
 )  # fmt: skip
-
-
-def unet_family(unet) -> str:
-    """``"sdxl"`` for a UNet with SDXL's text/time added embedding, else ``"sd15"``."""
-    return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd15"
 
 
 def _check_family(family: str) -> str:
@@ -200,45 +201,3 @@ def kohya_lora_to_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[
         state_dict[f"{module_path}.lora_B.weight"] = up
         alphas[module_path] = alpha
     return state_dict, alphas
-
-
-def _shapes_and_metadata(state_dict_or_path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    if isinstance(state_dict_or_path, Mapping):
-        return {key: tuple(value.shape) for key, value in state_dict_or_path.items()}, {}
-    # Shapes from the header only: no need to read a 700 MB SDXL LoRA to name its family.
-    with safe_open(state_dict_or_path, framework="pt") as handle:
-        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-        return shapes, dict(handle.metadata() or {})
-
-
-# Cross-attention key/value input width of the real models: the text encoder's hidden size (SDXL: 768 + 1280).
-_CONTEXT_WIDTH_FAMILY = {768: "sd15", 2048: "sdxl"}
-_SDXL_KEY = re.compile(r"lora_te2_|text_encoder_2|add_embedding|label_emb|transformer_blocks_[1-9]")
-# SD1.5 has attention at its first UNet level; SDXL's first level is resnets only.
-_SD15_KEY = re.compile(r"down_blocks_0_attentions|up_blocks_3_attentions|input_blocks_[12]_1_")
-_CONTEXT_DOWN_KEY = re.compile(r"attn2_(processor_)?to_[kv]_lora_(A|down)_weight")
-
-
-def lora_family_of_state_dict(state_dict_or_path) -> str | None:
-    """Which base a UNet LoRA was trained on: ``"sd15"``, ``"sdxl"``, or ``None`` when it cannot tell.
-
-    Evidence, strongest first: our ``fewstep_base_family`` / kohya's ``ss_base_model_version`` metadata; the
-    cross-attention input width (768 SD1.5, 2048 SDXL); module names only one architecture has (SDXL's added
-    embedding and stacked transformer blocks, SD1.5's attention at the first level). Works on diffusers/PEFT
-    and kohya key styles.
-    """
-    shapes, metadata = _shapes_and_metadata(state_dict_or_path)
-    if metadata.get(FAMILY_METADATA_KEY) in FAMILIES:
-        return metadata[FAMILY_METADATA_KEY]
-    base_version = metadata.get("ss_base_model_version", "")
-    if base_version.startswith(("sdxl", "sd_v1")):
-        return "sdxl" if base_version.startswith("sdxl") else "sd15"
-    names = {key.replace(".", "_"): shape for key, shape in shapes.items()}
-    for name, shape in names.items():
-        if _CONTEXT_DOWN_KEY.search(name) and len(shape) == 2 and shape[1] in _CONTEXT_WIDTH_FAMILY:
-            return _CONTEXT_WIDTH_FAMILY[shape[1]]
-    if any(_SDXL_KEY.search(name) for name in names):
-        return "sdxl"
-    if any(_SD15_KEY.search(name) for name in names):
-        return "sd15"
-    return None

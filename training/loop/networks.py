@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.sampling import cfg
-from ..core.schedule import NoiseSchedule
+from ...core.sampling import cfg
+from ...core.schedule import NoiseSchedule
 
 GENERATOR = "generator"
 FAKE_SCORE = "fake_score"
@@ -157,7 +157,7 @@ class MidBlockReader:
 
 
 class SharedUNetNetworks:
-    """:class:`~fewstep.training.dmd2_loop.DMD2Networks` over one UNet with two LoRA adapters.
+    """:class:`~fewstep.training.loop.dmd2_loop.DMD2Networks` over one UNet with two LoRA adapters.
 
     ``uncond`` is the teacher's unconditional text conditioning (batch 1); ``guidance_scale`` its CFG scale.
     """

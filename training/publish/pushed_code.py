@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = "fewstep"
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 PIPELINE_MODULES = {"sd15": "fewstep.pipelines.fewstep_sd", "sdxl": "fewstep.pipelines.fewstep_sdxl"}
 PUSHED_PIPELINE_FILE = "pipeline.py"
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import yaml
 
-from ..core.distillpp import RECOMMENDED_LAMBDA, RECOMMENDED_RULE
-from .lora_io import DIFFUSERS_LORA_WEIGHT_NAME
+from ...core.distillpp import RECOMMENDED_LAMBDA, RECOMMENDED_RULE
+from ...core.lora_format import DIFFUSERS_LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 from .sampling_recipes import COMFYUI_WRONG_SCHEDULERS, SamplingRecipe
-from .style_lora import StyleLora, parse_style_spec
+from ..teacher.style_lora import StyleLora, parse_style_spec
 
-KOHYA_WEIGHT_NAME = "fewstep_comfyui.safetensors"
 FAMILY_TAGS = {"sd15": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
 FAMILY_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL"}
 SAMPLE_GRID = "images/samples.png"
@@ -217,7 +216,7 @@ def _a1111_section(recipe: SamplingRecipe, styles: list[StyleLora]) -> list[str]
 
 
 def model_card(run, repo_id: str, base_model: str, license: str) -> str:
-    """README.md for a run (:class:`~fewstep.training.hub.Run`): YAML metadata, the sampling facts, usage in each
+    """README.md for a run (:class:`~fewstep.training.publish.hub.Run`): YAML metadata, the sampling facts, usage in each
     tool, samples, training config, metrics, files."""
     from huggingface_hub import ModelCardData
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lora_io import lora_family_of_state_dict
+from ..publish.lora_files import lora_family_of_state_dict
 
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import load_yaml
-from .networks import GENERATOR, lora_config
+from ..loop.config import load_yaml
+from ..loop.networks import GENERATOR, lora_config
 
 
 def _find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
@@ -30,8 +30,8 @@ def export_run(run_dir, fmt: str = "all", checkpoint: str | None = None, out: st
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .lora_io import save_diffusers_lora, save_kohya_lora
-    from .teacher import TeacherError
+    from .lora_files import save_diffusers_lora, save_kohya_lora
+    from ..teacher import TeacherError
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
