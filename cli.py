@@ -51,6 +51,35 @@ def out_dir(path: str) -> Path:
     return out
 
 
+def resolve_device(requested: str | None) -> str:
+    """``--device``: None or ``auto`` → cuda when torch sees a GPU, else cpu; a device torch cannot use is one line.
+
+    Every command that takes ``--device`` calls this before loading anything, so ``--device cuda`` on a CPU-only
+    torch is refused up front instead of failing deep inside a model load.
+    """
+    import torch
+
+    if requested in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {requested!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: no CUDA GPU is visible to this torch; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {requested}: torch sees {torch.cuda.device_count()} GPU(s); use cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif device.type not in ("cpu", "mps"):
+        raise UserError(f"--device {requested}: fewstep runs on cpu or cuda; use one of those")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {requested}: this torch has no MPS support; use --device cpu")
+    return requested
+
+
 # ------------------------------------------------------------------------------------------ failed writes
 _FIXES = {
     errno.ENOSPC: "free some space or choose another location",

@@ -58,14 +58,6 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict:
     _check(args)
     import torch
-    from diffusers import AutoencoderTiny
-    from peft import LoraConfig
-
-    from ..core.schedule import NoiseSchedule
-    from ..pipelines.common import adapters_disabled
-    from ..pipelines.fewstep_sd import FewStepSDPipeline
-    from ..training.loop.networks import LORA_TARGET_MODULES
-    from .sd15 import build_random_sd15_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,6 +66,43 @@ def run(args: argparse.Namespace) -> dict:
     timed_steps = args.teacher_timed_steps or args.teacher_steps
 
     print(f"fewstep bench inference: building SD1.5 (random weights) on {device} {str(dtype).removeprefix('torch.')}")
+    teacher, student, student_tiny_vae = _build_pipelines(device, dtype)
+    parts = _network_calls(student, student_tiny_vae.vae, args.resolution, device, dtype)
+    pipelines = {
+        "pipeline_1_step": _pipeline_call(student, args, 1),
+        "pipeline_4_steps": _pipeline_call(student, args, 4),
+        "pipeline_4_steps_distillpp_1": _pipeline_call(student, args, 4, args.distillpp),
+        "pipeline_1_step_tiny_vae": _pipeline_call(student_tiny_vae, args, 1),
+    }
+    best: dict[str, float] = {}
+    with torch.no_grad():
+        print("fewstep bench inference: warm-up")
+        for fn in parts.values():
+            fn()
+        for round_index in range(args.repeats):
+            print(f"fewstep bench inference: round {round_index + 1}/{args.repeats}")
+            for name, fn in {**parts, **pipelines}.items():
+                seconds = _timed(fn, device)
+                best[name] = min(seconds, best.get(name, float("inf")))
+        print(f"fewstep bench inference: teacher, {timed_steps} of {args.teacher_steps} DDIM steps with CFG")
+        teacher_timed = _timed(lambda: _teacher_call(teacher, student.unet, args, timed_steps), device)
+    return _result(args, device, dtype, best, teacher_timed, timed_steps)
+
+
+def _build_pipelines(device, dtype) -> tuple:
+    """The teacher (diffusers' pipeline), the student on the same modules, and the student with a tiny VAE.
+
+    The student is the teacher's UNet with a DMD2-sized LoRA (rank 64, alpha 8) on, so that the teacher's own calls
+    run with it disabled.
+    """
+    import torch
+    from diffusers import AutoencoderTiny
+    from peft import LoraConfig
+
+    from ..pipelines.fewstep_sd import FewStepSDPipeline
+    from ..training.loop.networks import LORA_TARGET_MODULES
+    from .sd15 import build_random_sd15_pipeline
+
     teacher = build_random_sd15_pipeline()
     teacher.unet.add_adapter(
         LoraConfig(r=64, lora_alpha=8, target_modules=LORA_TARGET_MODULES, init_lora_weights=False), adapter_name="generator"
@@ -88,28 +117,26 @@ def run(args: argparse.Namespace) -> dict:
     student_tiny_vae = FewStepSDPipeline(**{**teacher.components, "vae": tiny_vae}, requires_safety_checker=False)
     for pipe in (teacher, student, student_tiny_vae):
         pipe.set_progress_bar_config(disable=True)
+    return teacher, student, student_tiny_vae
+
+
+def _network_calls(student, tiny_vae, resolution: int, device, dtype) -> dict:
+    """The pipeline's parts, one call each, in the order they feed each other (text → UNet → decode)."""
+    import torch
+
+    from ..core.schedule import NoiseSchedule
+    from ..pipelines.common import adapters_disabled
+
     unet, vae, tokenizer, text_encoder = student.unet, student.vae, student.tokenizer, student.text_encoder
     schedule = NoiseSchedule.from_config(dict(student.scheduler.config))
-    latent = args.resolution // student.vae_scale_factor
+    latent = resolution // student.vae_scale_factor
     noise = torch.randn((1, 4, latent, latent), generator=torch.Generator().manual_seed(0)).to(device, dtype)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def timed(fn) -> float:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - start
+    context = {}
 
     def encode(prompts):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)  # fmt: skip
         return text_encoder(ids)[0]
-
-    context = {}
 
     def text_encoder_1():
         context["cond"] = encode([PROMPT])
@@ -131,21 +158,7 @@ def run(args: argparse.Namespace) -> dict:
     def vae_decode_tiny():
         tiny_vae.decode(context["x0"] / tiny_vae.config.scaling_factor)
 
-    def pipeline(steps, lam=0.0, pipe=student):
-        return lambda: pipe(
-            PROMPT, height=args.resolution, width=args.resolution, num_inference_steps=steps,
-            generator=torch.Generator().manual_seed(0), teacher_guidance=lam, teacher_guided_steps=1,
-            teacher_guidance_scale=args.teacher_guidance_scale,
-        )  # fmt: skip
-
-    def teacher_run():
-        with adapters_disabled(unet):
-            teacher(
-                PROMPT, height=args.resolution, width=args.resolution, num_inference_steps=timed_steps,
-                guidance_scale=args.teacher_guidance_scale, generator=torch.Generator().manual_seed(0),
-            )  # fmt: skip
-
-    parts = {
+    return {
         "text_encoder": text_encoder_1,
         "text_encoder_cfg": text_encoder_cfg,
         "unet_student": unet_student,
@@ -153,25 +166,43 @@ def run(args: argparse.Namespace) -> dict:
         "vae_decode": vae_decode,
         "vae_decode_tiny": vae_decode_tiny,
     }
-    pipelines = {
-        "pipeline_1_step": pipeline(1),
-        "pipeline_4_steps": pipeline(4),
-        "pipeline_4_steps_distillpp_1": pipeline(4, args.distillpp),
-        "pipeline_1_step_tiny_vae": pipeline(1, pipe=student_tiny_vae),
-    }
-    best: dict[str, float] = {}
-    with torch.no_grad():
-        print("fewstep bench inference: warm-up")
-        for fn in parts.values():
-            fn()
-        for round_index in range(args.repeats):
-            print(f"fewstep bench inference: round {round_index + 1}/{args.repeats}")
-            for name, fn in {**parts, **pipelines}.items():
-                seconds = timed(fn)
-                best[name] = min(seconds, best.get(name, float("inf")))
-        print(f"fewstep bench inference: teacher, {timed_steps} of {args.teacher_steps} DDIM steps with CFG")
-        teacher_timed = timed(teacher_run)
-    return _result(args, device, dtype, best, teacher_timed, timed_steps)
+
+
+def _pipeline_call(pipe, args: argparse.Namespace, steps: int, lam: float = 0.0):
+    """One few-step image from ``pipe`` (Distillation++ with weight ``lam`` on its first step)."""
+    import torch
+
+    return lambda: pipe(
+        PROMPT, height=args.resolution, width=args.resolution, num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0), teacher_guidance=lam, teacher_guided_steps=1,
+        teacher_guidance_scale=args.teacher_guidance_scale,
+    )  # fmt: skip
+
+
+def _teacher_call(teacher, unet, args: argparse.Namespace, steps: int) -> None:
+    """One image from diffusers' pipeline: DDIM with CFG, the student's LoRA off."""
+    import torch
+
+    from ..pipelines.common import adapters_disabled
+
+    with adapters_disabled(unet):
+        teacher(
+            PROMPT, height=args.resolution, width=args.resolution, num_inference_steps=steps,
+            guidance_scale=args.teacher_guidance_scale, generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+
+
+def _timed(fn, device) -> float:
+    """Seconds of ``fn()``, with the GPU's queued work finished before and after."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _result(args, device, dtype, s: dict, teacher_timed: float, timed_steps: int) -> dict:

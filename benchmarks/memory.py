@@ -95,9 +95,9 @@ def add_arguments(parser) -> None:
 
 
 def _settings(args) -> dict:
-    import torch
+    from ..cli import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     resolution = args.resolution or DEFAULT_RESOLUTION[args.family]
     if resolution < 64 or resolution % 64:
         raise ValueError(f"--resolution must be a positive multiple of 64, got {resolution}")

@@ -61,12 +61,12 @@ def run(args) -> dict:
     import dataclasses
     import shutil
 
-    import torch
-
+    from ..cli import resolve_device
     from ..digits.demo_settings import QUICK, DigitsDemoSettings
     from ..digits.teacher import DigitsTeacherConfig, cached_train_images, digits_teacher, write_digit_prompts
     from ..digits.yardstick import digit_classifier
 
+    device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = DigitsDemoSettings(**(QUICK if args.quick else {}))
@@ -74,7 +74,6 @@ def run(args) -> dict:
     teacher_config = (
         DigitsTeacherConfig(vae_iterations=2, unet_iterations=2, batch_size=8) if args.quick else DigitsTeacherConfig()
     )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     teacher_dir = Path(args.teacher) if args.teacher else digits_teacher(teacher_config, device=device)
     context = dict(
         settings=settings, teacher_dir=teacher_dir, classifier=digit_classifier(), real_dir=cached_train_images(),

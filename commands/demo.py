@@ -11,25 +11,13 @@ import argparse
 import json
 import shutil
 import time
-from ..cli import UserError, out_dir
+from ..cli import UserError, out_dir, resolve_device
 from ..digits.demo_settings import QUICK, DigitsDemoSettings
 
 ORDER = 0
 
 
 # --------------------------------------------------------------------------- the digits demo
-METHOD_TITLES = {"dmd2": "DMD2", "dmd": "DMD", "progressive": "Progressive Distillation"}
-# A DMD2 student is measured at the steps it was trained for (+ Distillation++ when multi-step: the yardstick's
-# default rows); DMD and PD students at their own recipe (PD: DDIM, its steps).
-GRID_ROWS = {method: ["teacher_50", "teacher_1", "student"] for method in ("dmd", "progressive")}
-DEMO_ROWS = {
-    "dmd2": None,
-    "dmd": ["real", "teacher_50", "teacher_4", "teacher_1", "student"],
-    "progressive": ["real", "teacher_50", "teacher_4", "teacher_1", "student"],
-}
-
-
-
 class _Stages:
     """Prints what the demo is doing, how long each stage took and roughly how long is left."""
 
@@ -55,6 +43,7 @@ def _demo_digits(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
     out = out_dir(args.out)
+    method = get_method(args.method)
     settings = DigitsDemoSettings(**(QUICK if args.quick else {}))
     if args.max_steps is not None:
         settings.max_steps = args.max_steps
@@ -70,8 +59,8 @@ def _demo_digits(args: argparse.Namespace) -> None:
     stages = _Stages({"teacher": 0, "distill": 30 if args.quick else 240, "eval": 60})
     print(
         f"fewstep demo: distil the digits teacher (a tiny Stable Diffusion) into a {args.num_steps}-step student "
-        f"with {METHOD_TITLES[args.method]} on one shared UNet"
-        f"{' + GAN on the real digits' if settings.gan_weight and args.method == 'dmd2' else ''}; outputs in {out}"
+        f"with {method.title} on one shared UNet{' + GAN on the real digits' if method.demo_gan(settings) else ''}; "
+        f"outputs in {out}"
     )
 
     stages.begin("teacher", "digits teacher: the cached one, else the shipped one (seed 0) or a new build (other seeds)")
@@ -81,27 +70,26 @@ def _demo_digits(args: argparse.Namespace) -> None:
     prompts = write_digit_prompts(out / "prompts.txt")
     stages.end()
 
-    stages.begin("distill", f"{METHOD_TITLES[args.method]} distillation: {settings.max_steps} iterations")
+    stages.begin("distill", f"{method.title} distillation: {settings.max_steps} iterations")
     run_dir = out / "run"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a demo always starts fresh; real runs use `fewstep train --resume`
     config = settings.train_config(teacher_dir, run_dir, prompts, real_dir, args.num_steps, args.seed, args.method)
-    train(get_method(args.method), config)
+    train(method, config)
     stages.end()
 
     stages.begin("eval", f"the yardstick: FD and accuracy of {settings.eval_n} images per row")
     metrics = evaluate(
         teacher_dir, lora=run_dir, n=settings.eval_n, guidance_scale=settings.guidance_scale, seed=args.seed,
-        classifier=classifier, device=args.device, rows=DEMO_ROWS[args.method],
+        classifier=classifier, device=args.device, rows=method.demo_rows,
     )  # fmt: skip
     metrics["settings"] = {**settings.__dict__, "num_steps": args.num_steps}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     model = load_digits_model(teacher_dir, run_dir)
-    if args.method == "dmd2":  # the teacher at comparable steps, then the student's own rows
-        student_rows = [row for row in default_rows(model.student) if row.startswith("student")]
-        grid_rows = ["teacher_50", "teacher_4" if args.num_steps > 1 else "teacher_1", *student_rows]
-    else:
-        grid_rows = GRID_ROWS[args.method]
+    grid_rows = method.demo_grid_rows or [  # None: the teacher at comparable steps, then the student's own rows
+        "teacher_50", "teacher_4" if args.num_steps > 1 else "teacher_1",
+        *(row for row in default_rows(model.student) if row.startswith("student")),
+    ]  # fmt: skip
     save_digits_grid(model, grid_rows, out / "samples.png", seed=args.seed)
     lora_out = out / "lora"
     if lora_out.exists():
@@ -159,24 +147,22 @@ def _demo_exact(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    import torch
+    from ..training.methods import get_method
 
     if args.num_steps < 1:
         raise UserError(f"--num-steps must be ≥ 1, got {args.num_steps}")
     if args.exact and args.method != "dmd2":
         raise UserError(f"--exact runs DMD2 on the Gaussian-mixture teacher; drop --method {args.method}")
-    if args.method == "dmd" and args.num_steps != 1:
-        raise UserError(f"--method dmd trains a one-step student; drop --num-steps {args.num_steps}")
-    if args.method == "progressive" and (args.num_steps > 8 or 8 % args.num_steps):
-        raise UserError(f"--method progressive halves 8 steps: --num-steps must be 8, 4, 2 or 1, got {args.num_steps}")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    steps_error = get_method(args.method).demo_steps_error(args.num_steps)
+    if steps_error:
+        raise UserError(steps_error)
+    args.device = resolve_device(args.device)
     (_demo_exact if args.exact else _demo_digits)(args)
 
 
 def register(sub) -> None:
+    from ..training.methods import registered_methods
+
     demo = sub.add_parser(
         "demo",
         help="run the main job end to end on the embedded default (the digits teacher)",
@@ -185,10 +171,11 @@ def register(sub) -> None:
     )
     demo.add_argument("--out", default="fewstep-demo", help="output directory (default: %(default)s)")
     demo.add_argument("--exact", action="store_true", help="the exact Gaussian-mixture teacher instead of the digits")
+    methods = registered_methods()
+    steps = "".join(f"; {name}: {method.demo_steps}" for name, method in methods.items() if method.demo_steps)
     demo.add_argument(
-        "--method", choices=["dmd2", "dmd", "progressive"], default="dmd2",
-        help="distillation method (default: %(default)s; dmd is one-step; progressive halves 8 steps down to "
-        "--num-steps)",
+        "--method", choices=list(methods), default="dmd2",
+        help=f"distillation method (default: %(default)s{steps})",
     )  # fmt: skip
     demo.add_argument("--num-steps", type=int, default=1, help="student sampling steps (default: %(default)s)")
     demo.add_argument("--no-gan", action="store_true", help="distil without the GAN loss on real digits")

@@ -18,14 +18,16 @@ def cmd_push(args: argparse.Namespace) -> None:
     if args.dry_run:
         folder = Path(args.folder) if args.folder else Path(tempfile.mkdtemp(prefix="fewstep-push-"))
         with write_failures(folder):
-            build_upload_folder(args.run_dir, args.repo_id, folder, args.base_model, args.license)
+            build_upload_folder(args.run_dir, args.repo_id, folder, args.base_model, args.license, args.lora)
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             print(f"  {path.relative_to(folder)} ({path.stat().st_size:,} bytes)")
         print(f"fewstep push --dry-run: nothing uploaded; the folder for {args.repo_id} is")
         print(folder)
         return
     with tempfile.TemporaryDirectory(prefix="fewstep-push-") as temporary, write_failures(Path(temporary)):
-        folder = build_upload_folder(args.run_dir, args.repo_id, Path(temporary) / "upload", args.base_model, args.license)
+        folder = build_upload_folder(
+            args.run_dir, args.repo_id, Path(temporary) / "upload", args.base_model, args.license, args.lora
+        )
         url = upload(folder, args.repo_id, private=args.private)
     print(f"fewstep push: uploaded {args.run_dir} to {url}")
 
@@ -40,6 +42,9 @@ def register(sub) -> None:
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (written by fewstep train)")
     parser.add_argument("--repo-id", required=True, help="the model repo, USER/NAME (created if missing)")
+    parser.add_argument(
+        "--lora", help="the LoRA folder to publish: an export such as RUN_DIR/lora-step-N (default: RUN_DIR/lora)"
+    )
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--dry-run", action="store_true", help="build the folder, upload nothing, print its path last")
     parser.add_argument("--folder", help="with --dry-run: where to build the folder (default: a new temp folder)")

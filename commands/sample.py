@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import UserError, out_dir, write_failures
+from ..cli import UserError, out_dir, resolve_device, write_failures
 
 ORDER = 30
 
@@ -25,30 +25,39 @@ def run_config(lora: str) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def student_settings(args: argparse.Namespace, config: dict) -> tuple[int, list[int] | None]:
-    """(steps, timesteps): the command line wins, then the run's training config, then one step at t = 999."""
+def timesteps_flag(args: argparse.Namespace) -> list[int] | None:
+    """``--timesteps`` parsed, or ``--steps`` checked (None): bad flags fail before the teacher is loaded."""
     from ..core.schedule import parse_timesteps
 
     if args.timesteps is not None:
-        timesteps = parse_timesteps(args.timesteps)
-        return len(timesteps), timesteps
-    if args.steps is not None:
-        if args.steps < 1:
-            raise UserError(f"--steps must be ≥ 1, got {args.steps}")
-        return args.steps, None
+        return parse_timesteps(args.timesteps)
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be ≥ 1, got {args.steps}")
+    return None
+
+
+def run_recipe(config: dict, num_train_timesteps: int) -> dict | None:
+    """The sampling a run's training config implies, for a LoRA without its own ``fewstep_recipe.json``."""
+    from ..core.schedule import student_timesteps
+
     if config.get("timesteps"):
-        return len(config["timesteps"]), [int(t) for t in config["timesteps"]]
-    return int(config.get("num_steps") or 1), None
+        return {"timesteps": [int(t) for t in config["timesteps"]]}
+    if config.get("num_steps"):
+        return {"timesteps": student_timesteps(int(config["num_steps"]), num_train_timesteps)}
+    return None
 
 
-def load_pipeline(teacher: str, device: str, dtype_name: str):
-    """The teacher as fewstep's few-step pipeline of its family (SD1.5 or SDXL)."""
+def load_pipeline(
+    teacher: str, device: str, dtype_name: str, style_loras: list[str] | None = None, teacher_config: str | None = None
+):
+    """The teacher, with ``style_loras`` (``FILE[:SCALE]``) fused as in training, as fewstep's few-step pipeline of
+    its family (SD1.5 or SDXL)."""
     import torch
 
     from ..training.teacher.loading import load_teacher
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
-    base, family = load_teacher(teacher)
+    base, family = load_teacher(teacher, teacher_config=teacher_config, style_loras=style_loras)
     if family == "sdxl":
         from ..pipelines.fewstep_sdxl import FewStepSDXLPipeline as pipeline_class
     else:
@@ -62,38 +71,45 @@ def load_pipeline(teacher: str, device: str, dtype_name: str):
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from ..pipelines.common import check_teacher_inputs, looks_like_path, lora_file_of, student_sampler
+    from ..core.distillpp import check_teacher_guidance
+    from ..core.sampling import resolve_sampling
+    from ..pipelines.common import looks_like_path, lora_file_of
 
+    device = resolve_device(args.device)  # before anything is read or loaded
     if looks_like_path(args.lora):
         lora_file_of(args.lora)  # a missing or empty LoRA source fails before the teacher is loaded
     config = run_config(args.lora)
     teacher = args.teacher or config.get("teacher")
     if not teacher:
         raise UserError(f"--teacher is needed: {args.lora} is not a fewstep run whose config names its teacher")
-    steps, timesteps = student_settings(args, config)
-    check_teacher_inputs(args.distillpp, args.distillpp_steps, args.teacher_guidance_scale, args.distillpp_rule)
+    # The student was trained on the teacher with its style LoRAs fused: sample on that same base (the model card's
+    # snippet does the same), unless --teacher-lora says otherwise ("none": the plain base).
+    style_loras = args.teacher_lora if args.teacher_lora is not None else config.get("teacher_lora") or []
+    style_loras = [spec for spec in style_loras if spec.lower() != "none"]
+    teacher_config = config.get("teacher_config") if teacher == config.get("teacher") else None
+    timesteps = timesteps_flag(args)
+    check_teacher_guidance(args.distillpp, args.distillpp_steps, args.distillpp_rule, args.teacher_guidance_scale)
     if args.num_images < 1:
         raise UserError(f"--num-images must be ≥ 1, got {args.num_images}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
     with write_failures(Path(args.out)):
         out = out_dir(args.out)
 
-    pipe = load_pipeline(teacher, device, dtype)
+    if style_loras:
+        print(f"fewstep sample: style LoRAs fused into the teacher, as in training: {', '.join(style_loras)}")
+    pipe = load_pipeline(teacher, device, dtype, style_loras, teacher_config)
     pipe.load_lora_weights(args.lora)
-    recipe = getattr(pipe, "fewstep_recipe", None)  # the LoRA's fewstep_recipe.json: its timesteps and sampler
-    if recipe and args.steps is None and args.timesteps is None:
-        timesteps = [int(t) for t in recipe["timesteps"]]
-        steps = len(timesteps)
-    sampler = student_sampler(args.sampler, recipe)
+    # The flags win, then the LoRA's fewstep_recipe.json, then the run's training config, then one step.
+    num_train_timesteps = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+    recipe = getattr(pipe, "fewstep_recipe", None) or run_recipe(config, num_train_timesteps)
+    settings = resolve_sampling(args.steps, timesteps, args.sampler, recipe, num_train_timesteps)
     resolution = args.resolution or config.get("resolution")
     generator = torch.Generator("cpu").manual_seed(args.seed)
     result = pipe(
         list(args.prompt),
         height=resolution,
         width=resolution,
-        num_inference_steps=steps,
-        timesteps=timesteps,
+        timesteps=settings.timesteps,
         negative_prompt=[args.negative_prompt] * len(args.prompt) if args.negative_prompt else None,
         num_images_per_prompt=args.num_images,
         generator=generator,
@@ -101,9 +117,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         teacher_guided_steps=args.distillpp_steps,
         teacher_guidance_scale=args.teacher_guidance_scale,
         teacher_guidance_rule=args.distillpp_rule,
-        sampler=sampler,
+        sampler=settings.sampler,
     )
-    described = (f"timesteps {timesteps}" if timesteps else f"{steps} step(s)") + f", sampler {sampler}"
+    described = f"timesteps {settings.timesteps}, sampler {settings.sampler}"
     if args.distillpp > 0:
         described += (
             f", Distillation++ ({args.distillpp_rule}) λ={args.distillpp} on {args.distillpp_steps} step(s), "
@@ -130,6 +146,11 @@ def register(sub) -> None:
     )
     parser.add_argument("--teacher", help="teacher Hub id or diffusers folder (default: the run's config)")
     parser.add_argument("--lora", required=True, help="fewstep run directory, its lora/ folder or a .safetensors file")
+    parser.add_argument(
+        "--teacher-lora", action="append", metavar="FILE[:SCALE]",
+        help="style LoRA fused into the teacher (repeatable; default: the run's own, at the scales it trained with; "
+        "'none' for the plain base)",
+    )  # fmt: skip
     parser.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     parser.add_argument("--negative-prompt", help="negative prompt (used by the teacher's CFG under --distillpp)")
     parser.add_argument("--steps", type=int, help="student steps 1/2/4/8 (default: the LoRA's recorded ones, else 1)")

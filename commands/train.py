@@ -1,10 +1,13 @@
-"""``fewstep train``: distil a teacher into a few-step student with DMD2, DMD or Progressive Distillation."""
+"""``fewstep train``: distil a teacher into a few-step student with a registered method (DMD2, DMD, Progressive
+Distillation, ...). The method list, ``--method`` choices and option groups are read from the registry
+(:mod:`fewstep.training.methods`), so a new method appears here without a change to this file."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import shlex
+import textwrap
 from pathlib import Path
 
 ORDER = 10
@@ -12,21 +15,71 @@ ORDER = 10
 DESCRIPTION = """\
 Distil a Stable Diffusion teacher into a LoRA student on one shared base UNet (the frozen base is the teacher).
 Methods:
-  dmd2         DMD2: distribution matching, fake score (adapter 'fake_score') on two time scales, GAN on --images.
-  dmd          DMD: distribution matching + regression on teacher ODE pairs cached in RUN_DIR/pairs; one step,
-               no GAN, both networks updated every iteration.
-  progressive  Progressive Distillation: rounds that halve the DDIM steps (--start-steps → --end-steps); the
-               previous round's student is a frozen adapter; every round's LoRA goes to RUN_DIR/lora/steps-N/.
+{methods}
 Every option can also be set in --config FILE.yaml; the command line wins. An option of another method is refused.
 A run directory holds one run: continue it with --resume (SIGINT and SIGTERM stop after a checkpoint and print that
 command), or replace it with --overwrite.
 """
+HELP_WIDTH = 114  # DESCRIPTION is preformatted (RawDescriptionHelpFormatter): wrap the summaries to its width
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _method_fields() -> dict[str, set[str]]:
-    from ..training.methods import METHOD_NAMES, get_method
+    from ..training.methods import registered_methods
 
-    return {name: {f.name for f in dataclasses.fields(get_method(name).config_class)} for name in METHOD_NAMES}
+    return {name: _field_names(method.config_class) for name, method in registered_methods().items()}
+
+
+def _description(methods: dict[str, type]) -> str:
+    """DESCRIPTION with each method's one-line summary, wrapped beside its --method name."""
+    indent = max(map(len, methods)) + 4
+    summaries = [
+        textwrap.fill(method.summary, HELP_WIDTH, initial_indent=f"  {name:<{indent - 2}}",
+                      subsequent_indent=" " * indent)
+        for name, method in methods.items()
+    ]  # fmt: skip
+    return DESCRIPTION.format(methods="\n".join(summaries))
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _group_title(owners: tuple[str, ...], options: set[str], methods: dict[str, type]) -> str:
+    """"options of every method", "dmd only" or "dmd2 and dmd", plus the defaults where the other owners differ from
+    the first (whose defaults the group's help shows)."""
+    if len(owners) == len(methods):
+        title = "options of every method"
+    elif len(owners) == 1:
+        title = f"{owners[0]} only"
+    else:
+        title = f"{', '.join(owners[:-1])} and {owners[-1]}"
+    shown = {f.name: f.default for f in dataclasses.fields(methods[owners[0]].config_class)}
+    notes = []
+    for owner in owners[1:]:
+        fields = dataclasses.fields(methods[owner].config_class)
+        differ = [f"--{f.name.replace('_', '-')} {_shown(f.default)}" for f in fields
+                  if f.name in options and f.default != shown[f.name]]  # fmt: skip
+        notes += [f"{methods[owner].title} defaults: {', '.join(differ)}"] if differ else []
+    return f"{title} ({'; '.join(notes)})" if notes else title
+
+
+def _option_groups(methods: dict[str, type]) -> list[tuple[str, type, set[str]]]:
+    """(title, the config class whose help and defaults it shows, its options): each option once, in the group of
+    the methods that have it; the options of every method first, then those of several, then each method's own."""
+    owners: dict[str, tuple[str, ...]] = {}
+    for name, method in methods.items():
+        for option in _field_names(method.config_class):
+            owners[option] = owners.get(option, ()) + (name,)
+    groups: dict[tuple[str, ...], set[str]] = {}
+    for option, its_owners in owners.items():
+        groups.setdefault(its_owners, set()).add(option)
+    order = list(methods)
+    ranked = sorted(groups, key=lambda its_owners: (-len(its_owners), [order.index(m) for m in its_owners]))
+    return [(_group_title(o, groups[o], methods), methods[o[0]].config_class, groups[o]) for o in ranked]
 
 
 def refuse_other_methods_options(method: str, given: set[str]) -> None:
@@ -95,18 +148,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     from ..training.loop.config import add_dataclass_arguments
-    from ..training.methods.dmd import DMDTrainConfig
-    from ..training.methods.dmd2 import DMD2TrainConfig
-    from ..training.methods.progressive import ProgressiveTrainConfig
+    from ..training.methods import registered_methods
 
+    methods = registered_methods()
     train = sub.add_parser(
         "train",
-        help="distil a Stable Diffusion teacher into a few-step LoRA student (dmd2, dmd, progressive)",
-        description=DESCRIPTION,
+        help=f"distil a Stable Diffusion teacher into a few-step LoRA student ({', '.join(methods)})",
+        description=_description(methods),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument(
-        "--method", choices=["dmd2", "dmd", "progressive"], default=None,
+        "--method", choices=list(methods), default=None,
         help="distillation method (default: dmd2; with --resume: the run's own)",
     )
     train.add_argument("--config", default=None, help="YAML file of options (keys as below, - or _)")
@@ -119,22 +171,12 @@ def register(sub) -> None:
     train.add_argument(
         "--overwrite", action="store_true", help="start a new run in an --output that holds one (deletes the old run)"
     )
-    names = lambda cls: {f.name for f in dataclasses.fields(cls)}
-    common = names(DMD2TrainConfig) & names(DMDTrainConfig) & names(ProgressiveTrainConfig)
-    distribution_matching = (names(DMD2TrainConfig) & names(DMDTrainConfig)) - common
-    groups = [
-        ("options of every method", DMD2TrainConfig, common),
-        ("dmd2 and dmd (DMD defaults: --gan-weight 0, --dfake-gen-update-ratio 1)", DMD2TrainConfig,
-         distribution_matching),
-        ("dmd only", DMDTrainConfig, names(DMDTrainConfig) - common - distribution_matching),
-        ("progressive only", ProgressiveTrainConfig, names(ProgressiveTrainConfig) - common),
-    ]  # fmt: skip
-    for title, cls, fields in groups:
+    for title, cls, fields in _option_groups(methods):
         group = train.add_argument_group(title)
-        add_dataclass_arguments(group, cls, skip=tuple(names(cls) - fields) + ("teacher_lora",))
+        add_dataclass_arguments(group, cls, skip=tuple(_field_names(cls) - fields) + ("teacher_lora",))
         if "teacher_lora" in fields:
             group.add_argument(
                 "--teacher-lora", action="append", default=argparse.SUPPRESS, metavar="FILE[:SCALE]",
-                dest="teacher_lora", help=DMD2TrainConfig.__dataclass_fields__["teacher_lora"].metadata["help"],
+                dest="teacher_lora", help=cls.__dataclass_fields__["teacher_lora"].metadata["help"],
             )  # fmt: skip
     train.set_defaults(func=cmd_train)

@@ -15,6 +15,8 @@ Per guided step i at student timestep t_i:
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 
 from .sampling import Denoiser, Generators, Refiner, randn_like, sample_few_step
@@ -27,13 +29,26 @@ RECOMMENDED_RULE = "eps_mix"
 RECOMMENDED_LAMBDA = 0.15
 
 
-def check_teacher_guidance(lam: float, guided_steps: int, rule: str = "x0_lerp") -> None:
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"teacher guidance λ must be in [0, 1], got {lam}")
+def check_teacher_guidance(
+    lam: float, guided_steps: int, rule: str = "x0_lerp", teacher_guidance_scale: float | None = None
+) -> None:
+    """Distillation++ settings, checked here for every front end (pipelines, ``fewstep sample``, ComfyUI nodes,
+    the digits yardstick): λ in [0, 1], an integer K ≥ 0 of guided steps, a known rule and, when given, the
+    teacher's CFG scale w ≥ 0. The errors quote the bad value."""
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"Distillation++ λ must be in [0, 1], got {lam}")
+    if isinstance(guided_steps, bool) or not isinstance(guided_steps, Integral):
+        raise ValueError(f"Distillation++ guided steps must be an integer, got {guided_steps!r}")
     if guided_steps < 0:
-        raise ValueError(f"teacher-guided steps must be ≥ 0, got {guided_steps}")
+        raise ValueError(f"Distillation++ guided steps must be ≥ 0, got {guided_steps}")
+    _check_rule(rule)
+    if teacher_guidance_scale is not None and not float(teacher_guidance_scale) >= 0.0:
+        raise ValueError(f"Distillation++ teacher CFG scale must be ≥ 0, got {teacher_guidance_scale}")
+
+
+def _check_rule(rule: str) -> None:
     if rule not in RULES:
-        raise ValueError(f"teacher guidance rule must be one of {', '.join(RULES)}, got {rule!r}")
+        raise ValueError(f"Distillation++ rule must be one of {', '.join(RULES)}, got {rule!r}")
 
 
 def distillpp_refine(
@@ -56,8 +71,7 @@ def distillpp_refine(
     x0_teacher = teacher(x_s, s).to(x0_student.dtype)
     if rule == "x0_lerp":
         return torch.lerp(x0_student, x0_teacher, lam)
-    if rule != "eps_mix":
-        raise ValueError(f"teacher guidance rule must be one of {', '.join(RULES)}, got {rule!r}")
+    _check_rule(rule)
     if x_t is None or t is None:
         raise ValueError("the eps_mix rule needs the student's input x_t and its timestep t")
     eps_student = schedule.eps_from_x0(x0_student, x_t, t)

@@ -6,11 +6,13 @@ their framework adapter (diffusers in ``training/``/``pipelines/``, ComfyUI in `
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Callable, Mapping
 
 import torch
 
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, student_timesteps, validate_timesteps
 
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 # refine(x0, step_index, t, x_t) -> x0: a hook on the student's x0 (from input x_t) before the next step
@@ -89,8 +91,8 @@ def sample_ddim(
     noise: torch.Tensor,
     timesteps: list[int],
     schedule: NoiseSchedule,
-    callback: Callable[[int, int, torch.Tensor], None] | None = None,
     refine: Refiner | None = None,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
     end_timestep: int = -1,
 ) -> torch.Tensor:
     """Deterministic DDIM (the teacher's ODE sampler, and Progressive Distillation's students).
@@ -107,3 +109,50 @@ def sample_ddim(
             callback(i, t, x0)
         x = ddim_step(x0, x, t, timesteps[i + 1] if i + 1 < len(timesteps) else end_timestep, schedule)
     return x
+
+
+# ------------------------------------------------------------------------------------------ a student's settings
+# "few_step": predict x0, re-noise with fresh noise (DMD2, DMD); "ddim": deterministic DDIM (Progressive Distillation).
+SAMPLERS = ("few_step", "ddim")
+
+
+def check_sampler(sampler: str) -> str:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    return sampler
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a few-step student samples."""
+
+    timesteps: list[int]  # strictly descending student timesteps, e.g. [999, 749, 499, 249]
+    sampler: str  # one of SAMPLERS: sample_few_step's rule or sample_ddim
+
+
+def resolve_sampling(
+    num_steps: int | None = None,
+    timesteps=None,
+    sampler: str | None = None,
+    recipe: Mapping | None = None,
+    num_train_timesteps: int = 1000,
+    first_timestep: int | None = None,
+) -> SamplingSettings:
+    """A student's timesteps and sampler, each from the first source that sets it: the explicit arguments
+    (``timesteps`` over ``num_steps``, which takes DMD2's spacing from ``first_timestep``), then the LoRA's recipe
+    (its ``fewstep_recipe.json``: ``{"method", "timesteps", "sampler"}``), then one step at T − 1 and ``few_step``.
+
+    The one place the pipelines, ``fewstep sample`` and the ComfyUI nodes settle this; errors quote the bad value.
+    """
+    recipe = recipe or {}
+    if timesteps is not None:
+        steps = validate_timesteps(list(timesteps), num_train_timesteps)
+    elif num_steps is not None:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, Integral):
+            raise ValueError(f"num_steps must be an integer, got {num_steps!r}")
+        steps = student_timesteps(int(num_steps), num_train_timesteps, first_timestep)
+    elif recipe.get("timesteps"):
+        steps = validate_timesteps([int(t) for t in recipe["timesteps"]], num_train_timesteps)
+    else:
+        steps = student_timesteps(1, num_train_timesteps, first_timestep)
+    return SamplingSettings(steps, check_sampler(sampler or recipe.get("sampler") or "few_step"))

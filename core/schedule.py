@@ -150,8 +150,11 @@ def student_timesteps(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be ≥ 1, got {num_steps}")
-    if num_steps > num_train_timesteps:
-        raise ValueError(f"num_steps {num_steps} exceeds the {num_train_timesteps} training timesteps")
+    if num_steps > num_train_timesteps - 1:  # DMD2's rule never reaches t = 0: at most T − 1 distinct steps
+        raise ValueError(
+            f"num_steps {num_steps} is more than the {num_train_timesteps - 1} distinct timesteps a "
+            f"{num_train_timesteps}-step schedule gives a few-step student; use fewer steps"
+        )
     top = num_train_timesteps - 1 if first_timestep is None else int(first_timestep)
     if not 0 <= top < num_train_timesteps:
         raise ValueError(f"first timestep {top} is outside [0, {num_train_timesteps - 1}]")

@@ -51,35 +51,23 @@ class DigitsDemoSettings:
         return dict(fake_rank=fake_rank, fake_alpha=float(self.fake_alpha or fake_rank), fake_lr=self.fake_lr or self.lr)
 
     def train_config(self, teacher_dir, run_dir, prompts, real_dir, num_steps: int, seed: int, method: str = "dmd2"):
-        """The ``fewstep train --method METHOD`` options of the demo's distillation."""
-        from ..training.methods.dmd import DMDTrainConfig
-        from ..training.methods.dmd2 import DMD2TrainConfig
-        from ..training.methods.progressive import ProgressiveTrainConfig
+        """The ``fewstep train --method METHOD`` options of the demo's distillation: the shared ones here, the
+        method's own from its ``demo_options``."""
+        from ..training.data.pair_cache import TeacherPairOptions
+        from ..training.methods import get_method
 
-        common = dict(
+        chosen = get_method(method)
+        options = dict(
             teacher=str(teacher_dir), output=str(run_dir), prompts=str(prompts), batch_size=self.batch_size,
             max_steps=self.max_steps, lr=self.lr, warmup_steps=self.warmup_steps, lr_schedule=self.lr_schedule,
             guidance_scale=self.guidance_scale, gen_rank=self.rank, gen_alpha=float(self.rank),
             checkpoint_every=max(1, self.max_steps // 4), validate_every=0, seed=seed,
             mixed_precision=self.mixed_precision,
         )  # fmt: skip
-        pairs = dict(num_pairs=self.num_pairs, pair_steps=self.pair_steps)  # teacher ODE pairs (DMD, PD)
-        if method == "progressive":  # rounds from 8 steps down to num_steps, at least one iteration each
-            common["max_steps"] = max(self.max_steps, 4)
-            return ProgressiveTrainConfig(start_steps=8, end_steps=num_steps, **pairs, **common)
-        fake = self.fake_score_options()
-        if method == "dmd":  # DMD: no GAN, no EMA, both networks every iteration
-            return DMDTrainConfig(
-                dfake_gen_update_ratio=1, regression_weight=self.dmd_regression_weight, **fake, **pairs, **common
-            )
-        shifted = num_steps == 1 and self.conditioning_timestep != 999
-        return DMD2TrainConfig(
-            images=str(real_dir) if self.gan_weight else None, num_steps=num_steps,
-            timesteps=[self.conditioning_timestep] if shifted else None,
-            init_regression_steps=self.init_regression_steps, dfake_gen_update_ratio=self.dfake_gen_update_ratio,
-            gan_weight=self.gan_weight, disc_weight=self.disc_weight, ema_decay=self.ema_decay,
-            gan_real_latents=self.gan_real_latents, **pairs, **fake, **common,
-        )  # fmt: skip
+        if issubclass(chosen.config_class, TeacherPairOptions):  # a method that distils on teacher ODE pairs
+            options.update(num_pairs=self.num_pairs, pair_steps=self.pair_steps)
+        options.update(chosen.demo_options(self, num_steps, real_dir))
+        return chosen.config_class(**options)
 
 
 # A tiny budget that checks the whole path (``fewstep demo --quick``, CI); no quality.

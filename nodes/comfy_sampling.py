@@ -167,10 +167,8 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
         teacher_cfg: float,
         rule: str = RECOMMENDED_RULE,
     ):
-        check_teacher_guidance(teacher_guidance, guided_steps, rule)
+        check_teacher_guidance(teacher_guidance, guided_steps, rule, teacher_cfg)
         self.rule = rule
-        if teacher_cfg < 0:
-            raise ValueError(f"teacher CFG must be ≥ 0, got {teacher_cfg}")
         if model_family(student) != model_family(teacher):
             raise ValueError(
                 f"the student is {model_family(student)} but the teacher is {model_family(teacher)}: "

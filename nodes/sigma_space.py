@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from ..core.sampling import Denoiser, Refiner, randn_like, sample_ddim, sample_few_step
-from ..core.schedule import NoiseSchedule, parse_timesteps, student_timesteps, validate_timesteps
+from ..core.sampling import Denoiser, Refiner, check_sampler, randn_like, resolve_sampling, sample_ddim, sample_few_step
+from ..core.schedule import NoiseSchedule, parse_timesteps, validate_timesteps
 
 # model_x0(x_σ, σ) -> x0 with σ of shape (B,): a ComfyUI model as its samplers call it.
 SigmaDenoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,9 +48,8 @@ def scheduler_timesteps(
     steps: int, first_timestep: int, custom: str = "", num_train_timesteps: int = 1000
 ) -> list[int]:
     """The FewStepScheduler's timesteps: a custom comma list if given, else DMD2's spacing from ``first_timestep``."""
-    if custom.strip():
-        return parse_timesteps(custom, num_train_timesteps)
-    return student_timesteps(steps, num_train_timesteps, first_timestep)
+    custom_timesteps = parse_timesteps(custom, num_train_timesteps) if custom.strip() else None
+    return resolve_sampling(steps, custom_timesteps, None, None, num_train_timesteps, first_timestep).timesteps
 
 
 def timesteps_of_sigmas(sigmas: torch.Tensor, schedule: NoiseSchedule) -> list[int]:
@@ -97,10 +96,9 @@ def sample_sigma_space(
     denoise = vp_denoiser(model_x0, schedule)
     t_end = -1 if sigmas[-1] <= 0 else int(timesteps_of_sigmas(sigmas[-1:], schedule)[0])
     if sampler == "ddim":
-        x_end = sample_ddim(denoise, x_t, timesteps, schedule, callback, refine, end_timestep=t_end)
+        x_end = sample_ddim(denoise, x_t, timesteps, schedule, refine, callback, end_timestep=t_end)
         return x_end if t_end < 0 else to_sigma_space(x_end, sigmas[-1])
-    if sampler != "few_step":
-        raise ValueError(f"sampler must be few_step or ddim, got {sampler!r}")
+    check_sampler(sampler)
     x0 = sample_few_step(denoise, x_t, timesteps, schedule, generator, refine, callback)
     if t_end < 0:
         return x0

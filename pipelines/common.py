@@ -1,23 +1,25 @@
-"""What fewstep's diffusers pipelines share: the UNet-to-denoiser adapter, the teacher of Distillation++,
-input checks and LoRA source resolution.
+"""What fewstep's diffusers pipelines share: steps of ``__call__``, the UNet-to-denoiser adapter, the teacher of
+Distillation++, and LoRA loading (source resolution, family check, recipe).
 
 No ``DiffusionPipeline`` subclass lives here: diffusers' ``custom_pipeline`` loader refuses a pipeline file that
 holds (or imports) more than one, so each of ``fewstep_sd.py`` and ``fewstep_sdxl.py`` defines its own class
-and imports only functions from this module.
+and imports only functions and the plain mixin :class:`FewStepLoraMixin` from this module. What must stay inline
+in both ``__call__`` is marked ``# [in-step: NAME]`` … ``# [/in-step: NAME]``; tests/test_pipelines_in_step.py
+keeps those blocks identical.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from numbers import Integral
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 
-from ..core.distillpp import RECOMMENDED_RULE, RULES as TEACHER_GUIDANCE_RULES
-from ..core.sampling import Denoiser, cfg, sample_ddim, sample_few_step
-from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..core.sampling import SAMPLERS, Denoiser, cfg, sample_ddim, sample_few_step
+from ..core.schedule import NoiseSchedule
 from ..core.lora_format import (
     DIFFUSERS_LORA_WEIGHT_NAME,
     KOHYA_WEIGHT_NAME,
@@ -26,34 +28,29 @@ from ..core.lora_format import (
     lora_family_of_state_dict,
 )
 
-# "few_step": predict x0, re-noise with fresh noise (DMD2, DMD); "ddim": deterministic DDIM (Progressive Distillation).
-SAMPLERS = ("few_step", "ddim")
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 
 
-# ------------------------------------------------------------------------------------------ inputs
-def few_step_timesteps(
-    num_inference_steps: int | None, timesteps, num_train_timesteps: int, recipe: Mapping | None = None
-) -> list[int]:
-    """The student's timesteps: ``timesteps`` if given, else DMD2's list for ``num_inference_steps``, else the loaded
-    LoRA's recorded timesteps (its ``fewstep_recipe.json``), else one step."""
-    if timesteps is not None:
-        return validate_timesteps(list(timesteps), num_train_timesteps)
-    if num_inference_steps is None:
-        if recipe and recipe.get("timesteps"):
-            return validate_timesteps([int(t) for t in recipe["timesteps"]], num_train_timesteps)
-        num_inference_steps = 1
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, Integral) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps!r}")
-    return student_timesteps(int(num_inference_steps), num_train_timesteps)
+# ------------------------------------------------------------------------------------------ __call__ steps
+def batch_size_of(prompt, prompt_embeds: torch.Tensor | None) -> int:
+    """Step 2 of ``__call__``: the number of prompts, from ``prompt`` (a string or a list) or ``prompt_embeds``."""
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    return prompt_embeds.shape[0]
 
 
-def student_sampler(sampler: str | None, recipe: Mapping | None = None) -> str:
-    """``sampler`` if given, else the loaded LoRA's recorded one, else DMD2's re-noising rule."""
-    chosen = sampler or (recipe or {}).get("sampler") or "few_step"
-    if chosen not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {chosen!r}")
-    return chosen
+def initial_noise(pipe, batch: int, height: int, width: int, generator, latents, device, dtype) -> torch.Tensor:
+    """Step 5 of ``__call__``: ``latents`` if given, else unit-variance noise (B, C, H/f, W/f), one generator per
+    image when a list is given. Not scaled by ``init_noise_sigma``: the student starts at its first timestep from
+    pure noise, as in DMD2's training."""
+    shape = (batch, pipe.unet.config.in_channels, int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for a batch of {batch} images; give one per image")
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    return latents.to(device)
 
 
 def run_student(sampler: str, denoise, latents, timesteps: list[int], schedule, generator, hook) -> torch.Tensor:
@@ -61,20 +58,6 @@ def run_student(sampler: str, denoise, latents, timesteps: list[int], schedule, 
     if sampler == "ddim":
         return sample_ddim(denoise, latents, timesteps, schedule, refine=hook)
     return sample_few_step(denoise, latents, timesteps, schedule, generator, refine=hook)
-
-
-def check_teacher_inputs(
-    teacher_guidance: float, teacher_guided_steps: int, teacher_guidance_scale: float, rule: str = RECOMMENDED_RULE
-) -> None:
-    """Distillation++ settings: λ in [0, 1], K ≥ 0 guided steps, teacher CFG scale w ≥ 0."""
-    if not 0.0 <= float(teacher_guidance) <= 1.0:
-        raise ValueError(f"teacher_guidance (Distillation++ λ) must be in [0, 1], got {teacher_guidance!r}")
-    if isinstance(teacher_guided_steps, bool) or not isinstance(teacher_guided_steps, Integral) or teacher_guided_steps < 0:
-        raise ValueError(f"teacher_guided_steps must be an integer ≥ 0, got {teacher_guided_steps!r}")
-    if float(teacher_guidance_scale) < 0:
-        raise ValueError(f"teacher_guidance_scale must be ≥ 0, got {teacher_guidance_scale!r}")
-    if rule not in TEACHER_GUIDANCE_RULES:
-        raise ValueError(f"teacher_guidance_rule must be one of {', '.join(TEACHER_GUIDANCE_RULES)}, got {rule!r}")
 
 
 def uses_teacher(teacher_guidance: float, teacher_guided_steps: int) -> bool:
@@ -280,6 +263,30 @@ def read_lora_recipe(source, kwargs: Mapping) -> dict | None:
     if recipe.get("sampler", "few_step") not in SAMPLERS or not recipe.get("timesteps"):
         raise ValueError(f"{path} is not a fewstep sampling recipe (needs timesteps and a sampler in {SAMPLERS})")
     return recipe
+
+
+class FewStepLoraMixin:
+    """LoRA loading for a fewstep pipeline class (listed before its diffusers base, which does the loading).
+
+    A plain mixin, not a ``DiffusionPipeline``: each pipeline file still holds exactly one pipeline class.
+    """
+
+    family: str  # "sd15" or "sdxl": a LoRA made for the other family is refused
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
+        """diffusers' ``load_lora_weights``, also given a fewstep run directory (``RUN_DIR/lora/...``) or a kohya
+        file (DMD2's published SDXL LoRAs are kohya files); a LoRA made for the other model family is refused with
+        a one-line error. A fewstep LoRA's ``fewstep_recipe.json`` (its timesteps and sampler) becomes the default
+        of ``__call__``."""
+        source, kwargs = resolve_lora_source(pretrained_model_name_or_path_or_dict, self.family, kwargs)
+        recipe = read_lora_recipe(source, kwargs)  # a broken recipe is refused before anything is loaded
+        super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+        if recipe is not None:  # a style LoRA loaded beside the student has none and keeps the student's
+            self.fewstep_recipe = recipe
+
+    def unload_lora_weights(self, *args, **kwargs):
+        super().unload_lora_weights(*args, **kwargs)
+        self.fewstep_recipe = None
 
 
 # ------------------------------------------------------------------------------------------ the loop

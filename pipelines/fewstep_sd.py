@@ -13,7 +13,8 @@ defaults (timesteps, sampler) when it is loaded. The pipeline's scheduler only s
 type (ε or v). This file is uploaded to the Hub as ``pipeline.py`` by
 ``fewstep push``, with the fewstep modules it imports copied next to it and the imports made relative, so
 the pushed repo works without fewstep installed. It holds exactly one ``DiffusionPipeline`` subclass, as
-diffusers requires.
+diffusers requires; what both pipelines share lives in ``common.py``, and the few blocks that must stay inline are
+marked ``# [in-step: NAME]`` and kept identical in both files by tests/test_pipelines_in_step.py.
 """
 
 from typing import Any, Callable
@@ -24,19 +25,17 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput, StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from fewstep.core.distillpp import RECOMMENDED_RULE, distillpp_refiner
+from fewstep.core.distillpp import RECOMMENDED_RULE, check_teacher_guidance, distillpp_refiner
+from fewstep.core.sampling import resolve_sampling
 from fewstep.core.schedule import NoiseSchedule
 from fewstep.pipelines.common import (
-    check_teacher_inputs,
-    few_step_timesteps,
-    read_lora_recipe,
-    resolve_lora_source,
+    FewStepLoraMixin,
+    batch_size_of,
+    initial_noise,
     run_student,
     step_hook,
-    student_sampler,
     teacher_unet_and_context,
     unet_denoiser,
     uses_teacher,
@@ -45,7 +44,7 @@ from fewstep.pipelines.common import (
 logger = logging.get_logger(__name__)
 
 
-class FewStepSDPipeline(StableDiffusionPipeline):
+class FewStepSDPipeline(FewStepLoraMixin, StableDiffusionPipeline):
     """StableDiffusionPipeline that samples a DMD2 few-step student and can refine it with its teacher.
 
     Components are StableDiffusionPipeline's plus an optional ``teacher_unet`` (for a full-UNet student; a LoRA
@@ -74,20 +73,6 @@ class FewStepSDPipeline(StableDiffusionPipeline):
             requires_safety_checker,
         )  # fmt: skip
         self.register_modules(teacher_unet=teacher_unet)
-
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
-        """diffusers' ``load_lora_weights``, also given a fewstep run directory (``RUN_DIR/lora/...``) or a kohya
-        file; a LoRA made for the other model family is refused with a one-line error. A fewstep LoRA's
-        ``fewstep_recipe.json`` (its timesteps and sampler) becomes the default of ``__call__``."""
-        source, kwargs = resolve_lora_source(pretrained_model_name_or_path_or_dict, self.family, kwargs)
-        recipe = read_lora_recipe(source, kwargs)  # a broken recipe is refused before anything is loaded
-        super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
-        if recipe is not None:  # a style LoRA loaded beside the student has none and keeps the student's
-            self.fewstep_recipe = recipe
-
-    def unload_lora_weights(self, *args, **kwargs):
-        super().unload_lora_weights(*args, **kwargs)
-        self.fewstep_recipe = None
 
     @torch.no_grad()
     def __call__(
@@ -153,16 +138,18 @@ class FewStepSDPipeline(StableDiffusionPipeline):
             prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds, None, None,
             callback_on_step_end_tensor_inputs,
         )  # fmt: skip
-        recipe = getattr(self, "fewstep_recipe", None)
-        student_steps = few_step_timesteps(num_inference_steps, timesteps, schedule.num_train_timesteps, recipe)
-        sampler = student_sampler(sampler, recipe)
-        check_teacher_inputs(teacher_guidance, teacher_guided_steps, teacher_guidance_scale, teacher_guidance_rule)
+        # [in-step: settings]
+        settings = resolve_sampling(
+            num_inference_steps, timesteps, sampler, getattr(self, "fewstep_recipe", None), schedule.num_train_timesteps
+        )
+        check_teacher_guidance(teacher_guidance, teacher_guided_steps, teacher_guidance_rule, teacher_guidance_scale)
         teacher = uses_teacher(teacher_guidance, teacher_guided_steps)
         teacher_unet, teacher_context = teacher_unet_and_context(self) if teacher else (None, None)
+        # [/in-step: settings]
         self._guidance_scale = guidance_scale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
-        self._num_timesteps = len(student_steps)
+        self._num_timesteps = len(settings.timesteps)
         self._interrupt = False
         student_cfg = guidance_scale > 1.0
         if negative_prompt is not None and not (student_cfg or teacher):
@@ -172,12 +159,7 @@ class FewStepSDPipeline(StableDiffusionPipeline):
             )  # fmt: skip
 
         # 2. Define call parameters
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        batch_size = batch_size_of(prompt, prompt_embeds)
         device = self._execution_device
 
         # 3. Encode input prompt (the unconditional half only when some CFG needs it)
@@ -192,36 +174,32 @@ class FewStepSDPipeline(StableDiffusionPipeline):
         if negative_prompt_embeds is not None:
             uncond = {"encoder_hidden_states": negative_prompt_embeds, "cross_attention_kwargs": cross_attention_kwargs}
 
-        # 4. Prepare timesteps (already done: ``student_steps``)
+        # 4. Prepare timesteps (already done: ``settings.timesteps``)
 
         # 5. Prepare the initial noise: unit variance at the first student timestep, as in DMD2's training
-        shape = (
-            batch_size * num_images_per_prompt,
-            self.unet.config.in_channels,
-            int(height) // self.vae_scale_factor,
-            int(width) // self.vae_scale_factor,
+        latents = initial_noise(
+            self, batch_size * num_images_per_prompt, height, width, generator, latents, device, prompt_embeds.dtype
         )
-        if isinstance(generator, list) and len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images; give one per image")
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-        latents = latents.to(device)
 
         # 6. Denoisers: the student, and the teacher of Distillation++ (base UNet with the LoRA off, or teacher_unet)
+        # [in-step: denoisers]
         student = unet_denoiser(self.unet, schedule, cond, uncond, guidance_scale)
         refine = None
         if teacher:
             teacher_denoise = unet_denoiser(teacher_unet, schedule, cond, uncond, teacher_guidance_scale, teacher_context)
             refine = distillpp_refiner(
-                teacher_denoise, student_steps, float(teacher_guidance), teacher_guided_steps, schedule, generator,
-                teacher_guidance_rule,
+                teacher_denoise, settings.timesteps, float(teacher_guidance), teacher_guided_steps, schedule,
+                generator, teacher_guidance_rule,
             )
+        # [/in-step: denoisers]
 
         # 7. Few-step sampling loop (fewstep.core)
         tensors = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-        with self.progress_bar(total=len(student_steps)) as progress_bar:
+        # [in-step: loop]
+        with self.progress_bar(total=len(settings.timesteps)) as progress_bar:
             hook = step_hook(self, refine, callback_on_step_end, callback_on_step_end_tensor_inputs, tensors, progress_bar)
-            latents = run_student(sampler, student, latents, student_steps, schedule, generator, hook)
+            latents = run_student(settings.sampler, student, latents, settings.timesteps, schedule, generator, hook)
+        # [/in-step: loop]
 
         # 8. Decode, safety check, post-process
         has_nsfw_concept = None

@@ -11,30 +11,29 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fewstep.training.methods.dmd2 import DMD2TrainConfig, train_dmd2
-from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, teachers):
+    """The ε teachers, two prompts and three captioned 32×32 images."""
     root = tmp_path_factory.mktemp("cuda")
-    for family, build in (("sd15", build_tiny_sd15_pipeline), ("sdxl", build_tiny_sdxl_pipeline)):
-        save_tiny_pipeline(build(), root / family)
     (root / "prompts.txt").write_text("a photo of a cat\na red car\n")
     images = root / "images"
     images.mkdir()
     for i, caption in enumerate(["a red car", "a photo of a cat", "a blue sky"]):
         Image.new("RGB", (32, 32), (80 * i, 100, 200 - 60 * i)).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(caption)
-    return root
+    return {"teachers": {family: teachers[family, "epsilon"] for family in ("sd15", "sdxl")},
+            "prompts": root / "prompts.txt", "images": images}  # fmt: skip
 
 
 def run(data, tmp_path, family, name, **overrides):
     metrics = []
     config = DMD2TrainConfig(
-        teacher=str(data / family), output=str(tmp_path / name), prompts=str(data / "prompts.txt"),
-        images=str(data / "images"), max_steps=12, gen_rank=8, fake_rank=8, dfake_gen_update_ratio=2,
+        teacher=str(data["teachers"][family]), output=str(tmp_path / name), prompts=str(data["prompts"]),
+        images=str(data["images"]), max_steps=12, gen_rank=8, fake_rank=8, dfake_gen_update_ratio=2,
         checkpoint_every=0, validate_every=0, warmup_steps=2, lr=1e-3, gan_weight=5e-2, **overrides,
     )  # fmt: skip
     run_dir = train_dmd2(config, on_step=lambda step, m: metrics.append(m))

@@ -7,12 +7,9 @@ import sys
 
 import pytest
 
-from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
-
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux", reason="needs torchrun")
-def test_two_process_run_ends_with_identical_adapter_weights(tmp_path):
-    teacher = save_tiny_pipeline(build_tiny_sd15_pipeline(), tmp_path / "teacher")
+def test_two_process_run_ends_with_identical_adapter_weights(teacher, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red car\na photo of a cat\na dog\na blue sky\n")
     command = [

@@ -10,20 +10,17 @@ from fewstep.cli import main
 TEACHER_ROWS = {"real", "teacher_50", "teacher_4", "teacher_1"}
 
 
-@pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path / "cache"
-
-
-def test_quick_digits_demo_writes_grid_metrics_and_lora_files(private_cache, tmp_path, capsys):
+def test_quick_digits_demo_writes_grid_metrics_and_lora_files(cache_dir, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["rows"]) == TEACHER_ROWS | {"student_1"}  # not at 4 steps: it never trained on them
-    for row in metrics["rows"].values():
-        assert math.isfinite(row["fd"]) and 0.0 <= row["acc"] <= 1.0 and row["seconds"] >= 0
+    rows = metrics["rows"]
+    for name, row in rows.items():
+        assert math.isfinite(row["fd"]) and 0.0 <= row["acc"] <= 1.0, name
+        assert isinstance(row["seconds"], float) and math.isfinite(row["seconds"]) and row["seconds"] >= 0, name
+    # Each row times its own sampling (not the time since the start): 50 teacher steps take longer than one.
+    assert rows["teacher_50"]["seconds"] > rows["teacher_1"]["seconds"]
     assert metrics["n"] > 0 and "seed" in metrics
     assert (out / "samples.png").stat().st_size > 0
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -32,7 +29,7 @@ def test_quick_digits_demo_writes_grid_metrics_and_lora_files(private_cache, tmp
     assert "[1/3]" in printed and "[3/3]" in printed and "student_1" in printed
 
 
-def test_quick_four_step_demo_measures_its_own_steps_and_distillpp(private_cache, tmp_path, capsys):
+def test_quick_four_step_demo_measures_its_own_steps_and_distillpp(cache_dir, tmp_path, capsys):
     out = tmp_path / "four"
     assert main(["demo", "--quick", "--num-steps", "4", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -42,7 +39,7 @@ def test_quick_four_step_demo_measures_its_own_steps_and_distillpp(private_cache
 
 
 @pytest.mark.parametrize("method,num_steps", [("progressive", "2")])  # dmd: same path, tests/test_train_methods.py
-def test_quick_demo_of_another_method_measures_its_student_at_its_own_recipe(private_cache, tmp_path, method, num_steps):
+def test_quick_demo_of_another_method_measures_its_student_at_its_own_recipe(cache_dir, tmp_path, method, num_steps):
     out = tmp_path / method
     assert main(["demo", "--quick", "--method", method, "--num-steps", num_steps, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -56,7 +53,13 @@ def test_quick_exact_demo_writes_scatter_and_metrics(tmp_path):
     out = tmp_path / "exact"
     assert main(["demo", "--exact", "--quick", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert math.isfinite(metrics["swd_student"]) and metrics["modes_covered"] >= 0
+    assert math.isfinite(metrics["swd_student"]) and math.isfinite(metrics["seconds"]) and metrics["seconds"] > 0
+    # The mode count is the number of modes holding ≥ 5% of the student's samples, out of the ring's modes; even the
+    # quick run's student lands on some of them.
+    fractions, num_modes = metrics["mode_fractions"], metrics["config"]["num_modes"]
+    assert len(fractions) == num_modes and all(f >= 0 for f in fractions) and sum(fractions) <= 1 + 1e-9
+    assert metrics["modes_covered"] == sum(f >= 0.05 for f in fractions)
+    assert isinstance(metrics["modes_covered"], int) and 1 <= metrics["modes_covered"] <= num_modes
     assert (out / "samples.png").stat().st_size > 0
 
 

@@ -20,12 +20,7 @@ TINY = DigitsTeacherConfig(
 TINY_CLASSIFIER = yardstick.DigitClassifierConfig(width=4, features=16, epochs=1, batch_size=256)
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    """Every test gets its own cache root, never the user's."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("FEWSTEP_CACHE", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("cache_dir")  # every test gets its own cache root, never the user's
 
 
 @pytest.fixture(scope="module")

@@ -85,26 +85,14 @@ def test_checkpointing_is_really_on_in_the_checkpointed_run(monkeypatch):
     assert calls  # otherwise the equality above would prove nothing
 
 
-def test_a_checkpointed_training_run_ends_where_the_plain_one_does(tmp_path):
+def test_a_checkpointed_training_run_ends_where_the_plain_one_does(teacher, prompts, images, tmp_path):
     """Through the trainer, with the GAN on real images: the generator LoRA after 4 iterations is the same."""
-    from PIL import Image
     from safetensors.torch import load_file
 
-    from fewstep.training.teacher.tiny_models import save_tiny_pipeline
-
-    save_tiny_pipeline(build_tiny_sd15_pipeline(), tmp_path / "teacher")
-    (tmp_path / "prompts.txt").write_text("a photo of a cat\na red car\n")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, caption in enumerate(["a red car", "a photo of a cat"]):
-        Image.new("RGB", (32, 32), (90 * i, 100, 200 - 50 * i)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(caption)
-
     def lora_after(checkpointing):
-        run = train_dmd2(
-            dict_config(tmp_path / "teacher", tmp_path / f"run-{checkpointing}", tmp_path / "prompts.txt", images,
-                        gradient_checkpointing=checkpointing)
-        )  # fmt: skip
+        config = dict_config(teacher, tmp_path / f"run-{checkpointing}", prompts, images,
+                             gradient_checkpointing=checkpointing)  # fmt: skip
+        run = train_dmd2(config)
         return load_file(run / "checkpoints" / "step-0000004" / "generator.safetensors")
 
     plain, checkpointed = lora_after(False), lora_after(True)

@@ -8,7 +8,6 @@ from PIL import Image
 
 from fewstep.cli import main
 from fewstep.training.data.hf_dataset import read_dataset
-from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
 
 datasets = pytest.importorskip("datasets")
 
@@ -19,11 +18,6 @@ TRAIN = ["--max-steps", "2", "--gen-rank", "4", "--fake-rank", "4", "--dfake-gen
 
 def images():
     return [Image.new("RGB", (40, 36), (60 * i, 100, 200 - 50 * i)) for i in range(len(CAPTIONS))]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return save_tiny_pipeline(build_tiny_sd15_pipeline(), tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture(scope="module")

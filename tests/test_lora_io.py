@@ -21,7 +21,6 @@ from fewstep.training.teacher.tiny_models import (
     TINY_LATENT_SIZE,
     build_tiny_sd15_pipeline,
     build_tiny_sdxl_pipeline,
-    save_tiny_pipeline,
     write_offline_clip_tokenizer,
 )
 
@@ -70,29 +69,20 @@ def _unet_output(unet):
     return unet(sample, torch.tensor([500]), context, added_cond_kwargs=added).sample
 
 
-
-
-@pytest.fixture(scope="module")
-def base_dirs(tmp_path_factory):
-    """Each family's tiny pipeline saved once, as a user's base model directory."""
-    root = tmp_path_factory.mktemp("bases")
-    return {family: save_tiny_pipeline(_builder(family)(), root / family) for family in FAMILIES}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_pipeline_reloads_offline_and_generates(family, base_dirs):
+def test_tiny_pipeline_reloads_offline_and_generates(family, bases):
     from diffusers import DiffusionPipeline
 
-    pipe = _pipeline_class(family).from_pretrained(base_dirs[family])
-    assert type(DiffusionPipeline.from_pretrained(base_dirs[family])) is type(pipe)
+    pipe = _pipeline_class(family).from_pretrained(bases[family])
+    assert type(DiffusionPipeline.from_pretrained(bases[family])) is type(pipe)
     images = pipe(
         "a photo", num_inference_steps=2, output_type="np", height=TINY_IMAGE_SIZE, width=TINY_IMAGE_SIZE
     ).images
     assert images.shape == (1, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
     assert images.std() > 0.01
     # Also loadable by transformers 4, whose CLIPTokenizer reads these instead of tokenizer.json.
-    assert (base_dirs[family] / "tokenizer" / "vocab.json").is_file()
-    assert (base_dirs[family] / "tokenizer" / "merges.txt").is_file()
+    assert (bases[family] / "tokenizer" / "vocab.json").is_file()
+    assert (bases[family] / "tokenizer" / "merges.txt").is_file()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -112,14 +102,14 @@ def test_offline_tokenizer_keeps_prompt_and_extra_words_whole(tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_diffusers_lora_reloads_into_fresh_pipeline_with_exact_alpha(family, base_dirs, tmp_path):
+def test_diffusers_lora_reloads_into_fresh_pipeline_with_exact_alpha(family, bases, tmp_path):
     unet = _builder(family)().unet
     base_output = _unet_output(unet)
     trained_output = _unet_output(_add_generator_lora(unet, rank=4, alpha=2))
     assert (trained_output - base_output).abs().max() > 1e-2  # the LoRA matters, so the check below has teeth
 
     save_diffusers_lora(unet, "generator", tmp_path / "lora")
-    fresh = _pipeline_class(family).from_pretrained(base_dirs[family])
+    fresh = _pipeline_class(family).from_pretrained(bases[family])
     fresh.load_lora_weights(tmp_path / "lora")
 
     assert (_unet_output(fresh.unet) - trained_output).abs().max() <= 1e-5
@@ -186,12 +176,12 @@ def test_kohya_alpha_override_keeps_the_applied_update(tmp_path):
         torch.testing.assert_close(other_update, update)
 
 
-def test_kohya_lora_applies_the_trained_update_in_diffusers_kohya_loader(base_dirs, tmp_path):
+def test_kohya_lora_applies_the_trained_update_in_diffusers_kohya_loader(bases, tmp_path):
     """An independent reader of the kohya format (diffusers' converter) reproduces the adapter, alpha included."""
     unet = _add_generator_lora(build_tiny_sd15_pipeline().unet, rank=4, alpha=2)
     trained_output = _unet_output(unet)
     save_kohya_lora(unet, "generator", tmp_path / "lora.safetensors")
-    fresh = _pipeline_class("sd15").from_pretrained(base_dirs["sd15"])
+    fresh = _pipeline_class("sd15").from_pretrained(bases["sd15"])
     fresh.load_lora_weights(tmp_path, weight_name="lora.safetensors")
     assert (_unet_output(fresh.unet) - trained_output).abs().max() <= 1e-5
 

@@ -21,7 +21,7 @@ BASE_MODELS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sdxl": "s
 LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
 REPO_ID = "alice/tiny-dmd2"
 TOKEN = "hf_fewstepTestTokenThatMustNeverBePrinted"
-PUSHED_MODULES = ["fewstep_common.py", "fewstep_distillpp.py", "fewstep_lora_io.py", "fewstep_sampling.py", "fewstep_schedule.py"]
+PUSHED_MODULES = ["fewstep_common.py", "fewstep_distillpp.py", "fewstep_lora_format.py", "fewstep_sampling.py", "fewstep_schedule.py"]
 
 
 

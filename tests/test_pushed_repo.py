@@ -23,7 +23,7 @@ from fewstep.training.publish.pushed_code import pushed_code
 
 CHILD = Path(__file__).with_name("plain_diffusers_child.py")
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ["fewstep_common.py", "fewstep_distillpp.py", "fewstep_lora_io.py", "fewstep_sampling.py", "fewstep_schedule.py"]
+COPIED = ["fewstep_common.py", "fewstep_distillpp.py", "fewstep_lora_format.py", "fewstep_sampling.py", "fewstep_schedule.py"]
 
 
 def push_folder(run, folder, capsys) -> Path:
@@ -84,7 +84,7 @@ def test_copied_modules_are_the_package_sources_but_for_their_imports():
     """One source: each copy is its fewstep module, statement for statement, except the import statements."""
     sources = {"fewstep_schedule.py": "core/schedule.py", "fewstep_sampling.py": "core/sampling.py",
                "fewstep_distillpp.py": "core/distillpp.py", "fewstep_common.py": "pipelines/common.py",
-               "fewstep_lora_io.py": "training/lora_io.py", "pipeline.py": "pipelines/fewstep_sd.py"}  # fmt: skip
+               "fewstep_lora_format.py": "core/lora_format.py", "pipeline.py": "pipelines/fewstep_sd.py"}  # fmt: skip
     files = pushed_code("sd15")
     assert set(files) == set(sources)
     for name, source in sources.items():

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 from fewstep.cli import main
@@ -20,27 +19,6 @@ TINY = [
     "--gen-rank", "4", "--fake-rank", "4", "--dfake-gen-update-ratio", "2", "--warmup-steps", "1", "--lr", "1e-3",
     "--checkpoint-every", "2", "--validate-every", "0",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def teacher(bases):
-    return bases["sd15"]
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prompts.txt"
-    path.write_text("a photo of a cat\na red car\na dog on the beach\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    for i, caption in enumerate(["a red car", "a photo of a cat"]):
-        Image.new("RGB", (40, 36), (90 * i, 100, 200)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(caption)
-    return folder
 
 
 def train(capsys, *argv) -> tuple[int, str]:

@@ -92,10 +92,24 @@ def test_four_step_student_timesteps_are_dmd2s():
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 3, 4, 8, 16])
-def test_any_step_count_gives_a_descending_list_of_that_length(num_steps):
+def test_any_step_count_gives_a_strictly_descending_list_of_that_length(num_steps):
     steps = student_timesteps(num_steps)
     assert len(steps) == num_steps and steps[0] == 999
-    assert steps == sorted(steps, reverse=True) and min(steps) >= 0
+    assert all(a > b for a, b in zip(steps, steps[1:])) and min(steps) >= 0  # no timestep twice
+
+
+@pytest.mark.parametrize("timesteps", [[999, 999, 499], [999, 499, 499], [499, 499]])
+def test_a_repeated_timestep_is_refused(timesteps):
+    with pytest.raises(ValueError, match="strictly descending"):
+        validate_timesteps(timesteps)
+    with pytest.raises(ValueError, match="strictly descending"):
+        parse_timesteps(",".join(map(str, timesteps)))
+
+
+def test_more_shifted_steps_than_timesteps_below_the_first_is_refused_not_repeated():
+    # 8 steps from t = 3 would round to [3, 2, 2, 2, 1, 0, 0, 0]: only 4 distinct timesteps exist.
+    with pytest.raises(ValueError, match="strictly descending"):
+        student_timesteps(8, first_timestep=3)
 
 
 def test_shifted_one_step_timestep():

@@ -12,11 +12,7 @@ from fewstep.digits.teacher import DigitsTeacherConfig, digits_teacher
 from fewstep.training.data import cache
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("FEWSTEP_CACHE", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("cache_dir")  # every test gets its own cache root, never the user's
 
 
 @pytest.fixture

@@ -34,13 +34,6 @@ def files(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("a photo of a cat\na red car\n")
-    return path
-
-
 def cli_error(capsys, *argv):
     capsys.readouterr()
     code = main(["train", *argv])
@@ -181,3 +174,37 @@ def test_missing_style_lora_is_one_line(files, prompts, tmp_path, capsys):
     err = cli_error(capsys, "--teacher", str(files["sd15"]["config"]), "--teacher-lora", str(tmp_path / "no.safetensors:0.5"),
                     "--output", str(tmp_path / "r"), "--prompts", str(prompts))  # fmt: skip
     assert "does not exist" in err and "no.safetensors" in err
+
+
+def test_sample_applies_the_runs_style_loras_as_the_model_card_says(files, prompts, tmp_path, capsys):
+    """``fewstep sample`` on a styled run samples on the styled base, the same image as the card's diffusers snippet
+    (style LoRA loaded, fused at its scale and unloaded, then the fewstep LoRA)."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from fewstep.pipelines import SD_PIPELINE_FILE
+
+    lora = style_lora("sd15", tmp_path / "style.safetensors")
+    run, base = tmp_path / "run", files["sd15"]["config"]
+    assert main(["train", "--teacher", str(base), "--teacher-lora", f"{lora}:0.7", "--output", str(run),
+                 "--prompts", str(prompts), *TRAIN]) == 0  # fmt: skip
+
+    def sampled(*extra) -> np.ndarray:
+        out = tmp_path / f"samples{len(extra)}"
+        assert main(["sample", "--lora", str(run), "--prompt", "a red car", "--out", str(out), *extra]) == 0
+        return np.asarray(Image.open(next(out.glob("*.png"))), dtype=np.int16)
+
+    pipe = DiffusionPipeline.from_pretrained(str(base), custom_pipeline=SD_PIPELINE_FILE, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="style_style")  # the card's lines
+    pipe.set_adapters(["style_style"], adapter_weights=[0.7])
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(run))
+    resolution = yaml.safe_load((run / "config.yaml").read_text())["resolution"]
+    card = pipe("a red car", height=resolution, width=resolution, generator=torch.Generator("cpu").manual_seed(0))
+    card = np.asarray(card.images[0], dtype=np.int16)
+    assert np.abs(sampled() - card).max() <= 1
+    assert "style LoRAs fused into the teacher" in capsys.readouterr().out
+    assert np.abs(sampled("--teacher-lora", "none") - card).max() > 1  # the plain base samples another image

@@ -7,22 +7,9 @@ import sys
 import pytest
 
 from fewstep.cli import main
-from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
 
 TRAIN = ["--max-steps", "2", "--gen-rank", "4", "--fake-rank", "4", "--dfake-gen-update-ratio", "2",
          "--checkpoint-every", "0", "--warmup-steps", "1"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return save_tiny_pipeline(build_tiny_sd15_pipeline(), tmp_path_factory.mktemp("teacher"))
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("a photo of a cat\na red car\n")
-    return path
 
 
 def train(teacher, prompts, run, *extra):

@@ -8,44 +8,16 @@ from safetensors.torch import load_file
 
 from fewstep.cli import main
 from fewstep.training.methods.dmd2 import DMD2TrainConfig, train_dmd2
-from fewstep.training.loop.trainer import TrainingError
+from fewstep.training.loop.errors import TrainingError
 from fewstep.training.loop.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from fewstep.training.loop.networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
 from fewstep.training.teacher.loading import encode_prompts, teacher_schedule, unconditional
-from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
 
 
 
 
 BUILDERS = {"sd15": build_tiny_sd15_pipeline, "sdxl": build_tiny_sdxl_pipeline}
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teachers")
-    paths = {}
-    for family, build in BUILDERS.items():
-        for prediction_type in ("epsilon", "v_prediction"):
-            path = root / f"{family}-{prediction_type}"
-            save_tiny_pipeline(build(prediction_type=prediction_type), path)
-            paths[family, prediction_type] = path
-    return paths
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prompts.txt"
-    path.write_text("a photo of a cat\na red car\n\na dog on the beach\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    for i, caption in enumerate(["a red car", "a photo of a cat", "a blue sky"]):
-        Image.new("RGB", (40, 36), (60 * i, 100, 200 - 50 * i)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(caption)
-    return folder
 
 
 def config(teacher, output, prompts, **overrides):

@@ -13,29 +13,8 @@ from safetensors.torch import load_file
 from fewstep.cli import main
 from fewstep.training.methods.dmd import DMDTrainConfig, train_dmd
 from fewstep.training.methods.progressive import ProgressiveBatch, ProgressiveLoop, ProgressiveTrainConfig, train_progressive
-from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline, save_tiny_pipeline
 
-BUILDERS = {"sd15": build_tiny_sd15_pipeline, "sdxl": build_tiny_sdxl_pipeline}
 TRAIN = {"dmd": (DMDTrainConfig, train_dmd), "progressive": (ProgressiveTrainConfig, train_progressive)}
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teachers")
-    paths = {}
-    for family, prediction_type in [("sd15", "epsilon"), ("sd15", "v_prediction"), ("sdxl", "epsilon"),
-                                    ("sdxl", "v_prediction")]:  # fmt: skip
-        path = root / f"{family}-{prediction_type}"
-        save_tiny_pipeline(BUILDERS[family](prediction_type=prediction_type), path)
-        paths[family, prediction_type] = path
-    return paths
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prompts.txt"
-    path.write_text("a photo of a cat\na red car\na dog on the beach\n")
-    return path
 
 
 def config(method, teacher, output, prompts, **overrides):
@@ -165,7 +144,7 @@ def test_another_methods_option_is_refused_in_one_line(capsys, tmp_path, args, m
     ],
 )
 def test_bad_combinations_within_a_method_are_refused(teachers, prompts, tmp_path, method, overrides, message):
-    from fewstep.training.loop.trainer import TrainingError
+    from fewstep.training.loop.errors import TrainingError
 
     with pytest.raises(TrainingError, match=message):
         TRAIN[method][1](config(method, teachers["sd15", "epsilon"], tmp_path / "run", prompts, **overrides))
@@ -186,7 +165,7 @@ def _generator_gradient(method, checkpointing):
     from test_gradient_checkpointing import networks_with_nonzero_adapters
 
     from fewstep.training.loop.dmd2_loop import DMD2LoopConfig
-    from fewstep.training.methods.dmd import DMDBatch, DMDLoop
+    from fewstep.training.loop.regression import DMDBatch, DMDLoop
 
     networks, cond = networks_with_nonzero_adapters("sd15", 4, 4, checkpointing)
     seen = []
@@ -275,7 +254,7 @@ def test_every_method_stops_on_sigterm_after_a_checkpoint_and_resumes_bit_identi
     import os
     import signal
 
-    from fewstep.training.methods.dmd import DMDLoop
+    from fewstep.training.loop.regression import DMDLoop
 
     loop_class = DMDLoop if method == "dmd" else ProgressiveLoop
     train_step = loop_class.train_step

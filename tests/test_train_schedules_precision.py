@@ -9,25 +9,11 @@ from PIL import Image
 
 from fewstep.training.data.prompts import CaptionedImage
 from fewstep.training.methods.dmd2 import DMD2TrainConfig, effective_batch_warning, train_dmd2
-from fewstep.training.loop.trainer import TrainingError
+from fewstep.training.loop.errors import TrainingError
 from fewstep.training.loop.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from fewstep.training.loop.networks import SharedUNetNetworks, attach_adapters
 from fewstep.training.teacher.loading import encode_images, encode_prompts, teacher_schedule, unconditional
-from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline, save_tiny_pipeline
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "sd15"
-    save_tiny_pipeline(build_tiny_sd15_pipeline(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "prompts.txt"
-    path.write_text("a photo of a cat\na red car\n")
-    return path
+from fewstep.training.teacher.tiny_models import build_tiny_sd15_pipeline
 
 
 def config(teacher, output, prompts, **overrides):

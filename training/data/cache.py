@@ -39,19 +39,34 @@ def entry_name(name: str, version: int, config) -> str:
     return f"{name}-v{version}-seed{config.seed}-{config_hash(config)}"
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, sync: bool = False) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+        if sync and os.name == "posix":  # fsync of a read-only handle flushes the file (POSIX only)
+            os.fsync(handle.fileno())
     return digest.hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
-    """Record every file's size and hash; written last, it marks the folder as complete."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+def write_manifest(directory: Path, durable: bool = False) -> None:
+    """Record every file's size and hash; written last (temp file + rename), it marks the folder as complete.
+
+    ``durable`` also flushes every file to disk before the manifest, and the manifest before it is renamed into
+    place: after a power cut a folder with a manifest then holds the data it lists, not empty files (file systems
+    may keep a rename made after a write but lose the written data).
+    """
+    tmp = directory / f".{MANIFEST}.tmp"
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (MANIFEST, tmp.name))
+    manifest = {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=durable)} for p in files
+    }
+    with tmp.open("w") as handle:
+        handle.write(json.dumps(manifest, indent=1) + "\n")
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(tmp, directory / MANIFEST)
 
 
 def check_entry(directory: Path) -> str | None:
@@ -62,13 +77,18 @@ def check_entry(directory: Path) -> str | None:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict):  # cut short (a power cut) or not ours
         return f"its manifest {MANIFEST} is unreadable"
     for relative, expected in manifest.items():
         path = directory / relative
         if not path.is_file():
             return f"{relative} is missing"
-        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
-            return f"{relative} differs from what was built"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{relative} is {size} bytes, expected {expected['bytes']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{relative} differs from what was written (SHA-256)"
     return None
 
 

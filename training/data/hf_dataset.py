@@ -10,10 +10,13 @@ images). The images are written once as PNG files under ``RUN_DIR/dataset_images
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from .images_io import to_rgb
 from .prompts import CaptionedImage, DataError, read_image_folder, read_prompts
+from .summary import DataSummary, Tally, counted
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 IMAGE_COLUMN = "image"
@@ -35,10 +38,7 @@ def load_hf_dataset(name: str, split: str = "train", streaming: bool = False):
     try:
         if folder.is_dir() and any((folder / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
             loaded = datasets.load_from_disk(str(folder))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise DataError(f"dataset {name} has no split {split!r}; its splits: {', '.join(loaded)}")
-                loaded = loaded[split]
+            loaded = _saved_split(name, loaded, split, datasets)
             return loaded.to_iterable_dataset() if streaming else loaded
         if name.startswith((".", "/", "~")) and not folder.exists():
             raise DataError(f"dataset folder {name} does not exist")
@@ -47,6 +47,25 @@ def load_hf_dataset(name: str, split: str = "train", streaming: bool = False):
         raise
     except Exception as error:  # datasets raises FileNotFoundError, ValueError, offline and HTTP errors here
         raise DataError(f"could not load dataset {name!r}: {_first_line(error)}") from None
+
+
+def _saved_split(name: str, loaded, split: str, datasets):
+    """The ``split`` of a saved DatasetDict; a saved single Dataset is its own split, which ``split`` must name
+    (or be the default "train": a dataset saved without splits has no name to match)."""
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(
+                f"dataset {name} has no split {split!r}; its splits: {', '.join(loaded)}; pass --dataset-split NAME"
+            )
+        return loaded[split]
+    saved = str(loaded.split) if loaded.split is not None else None
+    if split != "train" and split != saved:
+        held = f"its only split is {saved!r}" if saved else "it was saved as a single split without a name"
+        raise DataError(
+            f"dataset {name} has no split {split!r}: {held}; drop --dataset-split"
+            + (f" or pass --dataset-split {saved}" if saved else "")
+        )
+    return loaded
 
 
 def _columns(dataset) -> list[str]:
@@ -92,6 +111,55 @@ def _to_pil(value):
     raise DataError(f"dataset image of type {type(value).__name__} is not an image; check --image-column")
 
 
+def _first_example(dataset):
+    if hasattr(dataset, "__len__"):
+        return dataset[0] if len(dataset) else None
+    return next(iter(dataset), None)
+
+
+def _check_image_column(name: str, dataset, column: str, explicit: bool) -> None:
+    """Refuse an image column whose first value is not an image (a caption column passed by mistake would
+    otherwise fail as "no such file" on its first caption), naming the columns that do hold images."""
+    import datasets
+
+    example = _first_example(dataset)
+    value = None if example is None else example.get(column)
+    try:
+        if value is not None:
+            _to_pil(value)
+        return
+    except (DataError, OSError, ValueError, TypeError):
+        pass
+    features = dataset.features or {}
+    feature = features.get(column)
+    if isinstance(feature, datasets.Image):
+        return  # an image column whose first image is corrupt: the example is named when it is written
+    kind = getattr(feature, "dtype", None) or (type(feature).__name__ if feature else type(value).__name__)
+    shown = repr(value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "...")
+    with_images = [c for c, f in features.items() if isinstance(f, datasets.Image)] or ["none"]
+    label = f"--image-column {column!r}" if explicit else f"column {column!r}"
+    raise DataError(
+        f"{label} of dataset {name} holds {kind} values, not images (e.g. {shown}); columns that hold images: "
+        f"{', '.join(with_images)}; pass one of them with --image-column"
+    )
+
+
+def _caption_text(value) -> str | None:
+    """The caption of one example ("" when empty; None when the column holds no text)."""
+    value = value[0] if isinstance(value, (list, tuple)) and value else value  # several captions: the first
+    if value is None:
+        return ""
+    return value.strip() if isinstance(value, str) else None
+
+
+def _write_rgb(value, path: Path, name: str, index: int) -> None:
+    try:
+        image = to_rgb(_to_pil(value))  # decodes: 16-bit, palette and transparent images come out right
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"dataset {name} example {index}: image cannot be decoded ({_first_line(error)})") from None
+    image.save(path)
+
+
 def read_dataset(
     name: str,
     image_dir: Path,
@@ -100,44 +168,77 @@ def read_dataset(
     split: str = "train",
     streaming: bool = False,
     max_samples: int | None = None,
+    tally: Tally | None = None,
 ) -> tuple[list[str], list[CaptionedImage]]:
-    """Captions, and the captioned images written to ``image_dir`` (none for a prompt-only dataset)."""
+    """Captions, and the captioned images written to ``image_dir`` (none for a prompt-only dataset). Examples with
+    an empty caption or no image are skipped and counted in ``tally``."""
+    tally = tally if tally is not None else Tally()
     dataset = load_hf_dataset(name, split, streaming)
     image, caption = _pick_columns(name, _columns(dataset), image_column, caption_column)
+    if image is not None:
+        _check_image_column(name, dataset, image, explicit=image_column is not None)
+        image_dir.mkdir(parents=True, exist_ok=True)
     limit = max_samples or (STREAMING_DEFAULT_SAMPLES if streaming else None)
     captions, items = [], []
-    if image is not None:
-        image_dir.mkdir(parents=True, exist_ok=True)
     for index, example in enumerate(islice(iter(dataset), limit)):
-        text = example[caption]
-        text = text[0] if isinstance(text, (list, tuple)) and text else text  # several captions: the first
-        if not isinstance(text, str) or not text.strip():
+        text = _caption_text(example[caption])
+        if text is None:
             raise DataError(f"dataset {name} example {index} has no caption text in column {caption!r}")
-        captions.append(text.strip())
+        if not text or (image is not None and example[image] is None):
+            tally.skip("empty caption" if not text else "example: no image")
+            continue
+        captions.append(text)
         if image is not None:
             path = image_dir / f"{index:06d}.png"
-            _to_pil(example[image]).convert("RGB").save(path)
-            items.append(CaptionedImage(path, text.strip()))
+            _write_rgb(example[image], path, name, index)
+            items.append(CaptionedImage(path, text))
     if not captions:
-        raise DataError(f"dataset {name} (split {split!r}) has no examples")
+        empty = f" ({_counted_skips(tally)})" if tally.skipped else ""
+        raise DataError(f"dataset {name} (split {split!r}) has no usable examples{empty}")
     return captions, items
 
 
-def read_training_data(config, run_dir: Path) -> tuple[list[str], list[CaptionedImage]]:
+def _counted_skips(tally: Tally) -> str:
+    return ", ".join(counted(count, reason, "skipped") for reason, count in tally.skipped.items())
+
+
+@dataclass
+class TrainingData:
+    """The prompts, the captioned real images and what was left out; unpacks as ``prompts, items``."""
+
+    prompts: list[str]
+    items: list[CaptionedImage]
+    summary: DataSummary
+
+    def __iter__(self):
+        return iter((self.prompts, self.items))
+
+
+def read_training_data(config, run_dir: Path) -> TrainingData:
     """Prompts for the generator and captioned real images for the GAN, from ``--prompts``, ``--images`` and
-    ``--dataset``. Prompts come from the prompts file, else from the captions of the images."""
+    ``--dataset``. Prompts come from the prompts file, else from the captions of the images.
+
+    Prints what the run uses and skips; ``.summary.write(run_dir)`` records it once the run directory is made.
+    """
     if not config.prompts and not config.images and not config.dataset:
         raise DataError(
             "give --prompts FILE or --dataset NAME (and optionally --images DIR with captioned real images)"
         )
-    prompts = read_prompts(config.prompts) if config.prompts else []
-    items = read_image_folder(config.images) if config.images else []
+    prompt_tally, image_tally = Tally(), Tally()
+    prompts = read_prompts(config.prompts, prompt_tally) if config.prompts else []
+    items = read_image_folder(config.images, image_tally) if config.images else []
     captions = [item.caption for item in items]
     if config.dataset:
+        dataset_tally = Tally()
         dataset_captions, dataset_items = read_dataset(
             config.dataset, Path(run_dir) / "dataset_images", config.image_column, config.caption_column,
-            config.dataset_split, config.streaming, config.max_train_samples,
+            config.dataset_split, config.streaming, config.max_train_samples, dataset_tally,
         )  # fmt: skip
+        (image_tally if dataset_items else prompt_tally).merge(dataset_tally)
         captions += dataset_captions
         items += dataset_items
-    return prompts or captions, items
+    source = f"prompts file {config.prompts}" if prompts else "captions"
+    data = TrainingData(prompts or captions, items, DataSummary(len(prompts or captions), source, len(items),
+                                                                prompt_tally, image_tally))  # fmt: skip
+    print(data.summary.line())
+    return data

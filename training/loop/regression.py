@@ -20,9 +20,10 @@ import torch
 from ...core.losses import regression_loss
 from ..data.pair_cache import PairCacheMismatch, TeacherPairs, count_saved_pairs, ensure_teacher_pairs, load_teacher_pairs
 from .dmd2_loop import DMD2Batch, DMD2Loop
+from .errors import TrainingError
 from .interrupts import RunInterrupted
 from .networks import GENERATOR
-from .trainer import MethodRun, TrainingContext, TrainingError
+from .trainer import MethodRun, TrainingContext
 from .update_loop import frozen
 
 

@@ -27,19 +27,39 @@ def saved_options(checkpoint: Path) -> dict:
     return load_yaml(checkpoint / "config.yaml")
 
 
-def check_resume(config, saved: dict, checkpoint: Path) -> None:
-    """Refuse a resume with nothing left to train, or with options that differ from the checkpoint's run and
-    cannot change on resume.
+def check_resume(config, checkpoint: Path) -> None:
+    """Before anything loads: refuse a resume with nothing left to train, or with options given for it that differ
+    from the checkpoint's run and cannot change on resume.
 
-    Fields still None (to be filled from the teacher's family) are skipped; calling this again once they are
-    filled checks them too.
+    Options still None are filled from the teacher's family once the teacher has loaded; :func:`check_resume_defaults`
+    checks those then.
     """
+    _refuse_changes(config, saved_options(checkpoint), checkpoint, [f.name for f in dataclasses.fields(config)])
+    step = int(checkpoint.name.removeprefix("step-"))
+    if step >= config.max_steps:
+        raise ResumeError(
+            f"--resume: the run in {checkpoint.parent.parent} is already at step {step} (--max-steps "
+            f"{config.max_steps}); give a larger --max-steps to train on, or write its LoRA files with fewstep export"
+        )
+
+
+def check_resume_defaults(config, given, checkpoint: Path) -> None:
+    """Once the teacher's family is known: :func:`check_resume`'s check of the options that ``given`` (the options
+    checked before the teacher loaded) left None and ``config`` has filled with the family's defaults."""
+    filled = [f.name for f in dataclasses.fields(given) if getattr(given, f.name) is None]
+    _refuse_changes(config, saved_options(checkpoint), checkpoint, filled)
+
+
+def _refuse_changes(config, saved: dict, checkpoint: Path, names: list[str]) -> None:
+    """Refuse the options among ``names`` that differ from the checkpoint's run and cannot change on resume
+    (those still None are not known yet)."""
     changed = []
     for field in dataclasses.fields(config):
         new, old = getattr(config, field.name), saved.get(field.name)
-        if may_change_on_resume(field) or new is None or field.name not in saved or _same(new, old):
+        if field.name not in names or may_change_on_resume(field) or new is None or field.name not in saved:
             continue
-        changed.append(f"{flag(field.name)} {_show(new)} (the run has {_show(old)})")
+        if not _same(new, old):
+            changed.append(f"{flag(field.name)} {_show(new)} (the run has {_show(old)})")
     if changed:
         free = ", ".join(
             flag(f.name) for f in dataclasses.fields(config) if may_change_on_resume(f) and f.name != "output"
@@ -47,12 +67,6 @@ def check_resume(config, saved: dict, checkpoint: Path) -> None:
         raise ResumeError(
             f"--resume from {checkpoint}: {'; '.join(changed)} cannot change on resume; drop the option to keep the "
             f"run's value, or start a new run in another --output (options that may change: {free})"
-        )
-    step = int(checkpoint.name.removeprefix("step-"))
-    if step >= config.max_steps:
-        raise ResumeError(
-            f"--resume: the run in {checkpoint.parent.parent} is already at step {step} (--max-steps "
-            f"{config.max_steps}); give a larger --max-steps to train on, or write its LoRA files with fewstep export"
         )
 
 

@@ -1,44 +1,48 @@
 """The trainer every distillation method shares, on one shared base UNet.
 
-Reads top to bottom: config → teacher and cached encodings → the method's adapters, optimizers and loop
-(``method.build``) → resume → loop → checkpoints, validation, LoRA files. A method (``training/methods/``) says
-only what is particular to it: its config fields and checks, which adapters it adds, its optimizers and its loop
-(``train_step``). Teacher loading, caches, accelerate, checkpoints + resume, EMA, validation, export, progress and
-NaN handling live here, once.
+:func:`train` reads top to bottom: options and the run directory → data → teacher, family and the family's defaults
+→ cached encodings → the method's adapters, optimizers and loop (``method.build``) → resume → the iterations →
+the final checkpoint and LoRA files. A method (``training/methods/``) says only what is particular to it: its
+config fields and checks, which adapters it adds, its optimizers and its loop (``train_step``). Teacher loading,
+caches, accelerate, checkpoints + resume, EMA, validation, export, progress and NaN handling live in this room
+(``training/loop/``), once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 
-from ...core.sampling import ddim_timesteps, sample_ddim
 from ...core.schedule import validate_timesteps
-from . import interrupts
-from .config import build_config, check_config, load_yaml, save_yaml
+from ..data.hf_dataset import read_training_data
 from ..publish.lora_files import RECIPE_FILE
+from ..teacher import loading as teachers
+from . import interrupts
+from .checkpoints import TrainingState
+from .config import build_config, check_config, load_yaml, save_yaml
+from .distributed import ProcessGroup, check_replicas_agree
+from .ema import AdapterEMA, ema_weights
+from .encodings import EncodedTeacher, encode_teacher
+from .errors import TrainingError
+from .iterations import Progress, stop_on_signal, train_iteration
 from .networks import GENERATOR, TextConditioning
-from .resume import check_resume, saved_options, set_base_lr
-from .run_dir import checkpoint_path, checkpoints_of, claim_run_dir, clear_run_dir, validation_missed
-from .trackers import open_run_logger, resolve_report_to
+from .precision import auto_mixed_precision, autocast
+from .resume import check_resume, check_resume_defaults
+from .run_dir import claim_run_dir, clear_run_dir, validation_missed
+from .trackers import resolve_report_to
+from .validation import Validator
 
 # Per-family defaults every method shares (docs/defaults.md); the methods add their own.
 FAMILY_DEFAULTS = {
     "sd15": dict(guidance_scale=1.75, gradient_checkpointing=False),
     "sdxl": dict(guidance_scale=8.0, gradient_checkpointing=True),
 }
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on: the message says why and what to do."""
 
 
 @dataclass
@@ -167,11 +171,6 @@ class TrainConfig:
         return {}
 
 
-def auto_mixed_precision() -> str:
-    """bf16 (autocast over a bf16 base, fp32 adapters) on a GPU that supports it; full precision elsewhere."""
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
 def lr_factor(iteration: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
     """The learning-rate multiplier at ``iteration`` (0-based), for every optimizer.
 
@@ -276,36 +275,6 @@ class Method(Protocol):
     def build(self, ctx: TrainingContext) -> MethodRun: ...
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(run_dir: Path, state: dict, adapters: dict, modules: dict, config, family: str, limit: int) -> Path:
-    """Write ``checkpoints/step-NNNNNNN`` atomically (temp dir + rename), keeping the last ``limit``."""
-    from safetensors.torch import save_file
-
-    step = state["loop"]["step"]
-    final = run_dir / "checkpoints" / f"step-{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        for name, tensors in adapters.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
-        for name, module in modules.items():
-            save_file({k: v.contiguous().cpu() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
-        torch.save(state, tmp / "training_state.pt")
-        save_yaml(config, tmp / "config.yaml")
-        (tmp / "family").write_text(family)
-    except BaseException:  # a full disk (torch reports it as a RuntimeError), a second Ctrl-C: leave no half copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    checkpoints = checkpoints_of(run_dir)
-    for old in checkpoints[: max(0, len(checkpoints) - limit)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 # ------------------------------------------------------------------------------------------ the trainer
 @interrupts.handles_stop_signals
 def train(method: Method, config, resume: bool = False, on_step=None, overwrite: bool = False) -> Path:
@@ -315,14 +284,83 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     SIGTERM stop after a checkpoint (see :mod:`.interrupts`).
     """
     from accelerate import Accelerator
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from tqdm import tqdm
 
-    from ..teacher import loading as teachers
-    from ..data.hf_dataset import read_training_data
-    from ..publish.lora_files import save_diffusers_lora, save_kohya_lora
+    # 0. Options, the run directory and a resume: refused before anything loads -------------------
+    run_dir, checkpoint = check_start(method, config, resume, overwrite)
 
+    # 1. Data first (cheap to check), then the teacher, its family and the family's defaults -----------
+    prompts, real_items = read_training_data(config, run_dir)  # --prompts, --images, --dataset
+    # No mixed precision for accelerate: it is the trainer's own (see .precision).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    pipe, family = teachers.load_teacher(config.teacher, config.model_type, config.teacher_config, config.teacher_lora)
+    config = fill_family_defaults(config, pipe, family, checkpoint)
+    use_gan = uses_gan(method, config, real_items)
+    method.check(config, family, use_gan, accelerator.num_processes)
+    device, is_main = accelerator.device, accelerator.is_main_process
+    start_run_dir(run_dir, method, config, overwrite, is_main)
+
+    # 2. Cached encodings; then only the UNet (and the VAE decoder) stay --------------------------
+    encoded = encode_teacher(pipe, family, prompts, real_items, use_gan, config, device)
+    del pipe
+
+    # 3. The method: adapters, optimizers, loop ---------------------------------------------------
+    torch.manual_seed(config.seed)
+    data_rng = torch.Generator().manual_seed(config.seed * 1000 + 17 + accelerator.process_index)
+    ctx = method_context(config, family, run_dir, encoded, prompts, data_rng, accelerator)
+    with autocast(device, config.mixed_precision):
+        run = method.build(ctx)
+    loop = run.loop
+    ema = AdapterEMA(run.ema_parameters, config.ema_decay) if config.ema_decay > 0 and run.ema_parameters else None
+    state = TrainingState(run_dir, config, family, encoded.unet, loop, run.adapters, run.modules, data_rng, ema)
+
+    # 4. Resume ----------------------------------------------------------------------------------
+    if checkpoint is not None:
+        state.load(checkpoint)
+        accelerator.print(f"fewstep: resumed from {checkpoint} at step {loop.step}")
+
+    # 5. Validation: teacher images once, student images every validate_every --------------------
+    validator = Validator(run_dir, run.sample_student, run.teacher, encoded.vae, encoded.schedule,
+                          encoded.validation_cond, encoded.latent_shape, config.seed, device, ema)  # fmt: skip
+
+    # 6. The loop --------------------------------------------------------------------------------
+    progress = Progress(method.name, config, run_dir, loop, is_main)
+    if validation_missed(run_dir, loop.step, config.validate_every) and is_main:
+        validator.run(loop.step)  # step 0, or a grid a kill lost
+    interrupts.arm()
+    stopped = False
+    while loop.step < config.max_steps and not stopped:
+        metrics = train_iteration(run, config, ema, device)
+        progress.update(loop.step, metrics)
+        step = loop.step
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and is_main:
+            state.save()
+        if config.validate_every and step % config.validate_every == 0 and is_main:
+            validator.run(step, progress.writer)
+        stopped = on_step is not None and bool(on_step(step, metrics))
+        if interrupts.stop_requested(accelerator.num_processes, device) and step < config.max_steps:
+            stop_on_signal(state, progress, step, is_main)  # a checkpoint, then RunInterrupted; a last step ends anyway
+    progress.bar.close()
+    accelerator.wait_for_everyone()
+    check_replicas_agree(loop.optimizers, accelerator)
+
+    # 7. Final checkpoint and LoRA files ---------------------------------------------------------
+    if is_main:
+        if not config.checkpoint_every or loop.step % config.checkpoint_every:
+            state.save()
+        lora_dir = run_dir / "lora"
+        with ema_weights(ema):  # users get the EMA weights
+            ctx.export_lora(GENERATOR, lora_dir, run.recipe())
+            if run.on_finish is not None:
+                run.on_finish()
+        accelerator.print(f"fewstep: wrote {lora_dir}/pytorch_lora_weights.safetensors and fewstep_comfyui.safetensors")
+    progress.close()
+    return run_dir
+
+
+def check_start(method: Method, config, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    """Refuse what can be refused before minutes of loading: bad options, a run directory this run may not take, a
+    resume of another method's run or with options it cannot change. Returns the run directory and the checkpoint
+    to resume from (None for a new run)."""
     check_config(config)
     if not config.output:
         raise TrainingError("--output is required (the run directory)")
@@ -331,20 +369,17 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     checkpoint = claim_run_dir(run_dir, resume, overwrite)
     if checkpoint is not None:
         check_method(run_dir, method)
-        check_resume(config, saved_options(checkpoint), checkpoint)
+        check_resume(config, checkpoint)
     if not config.teacher:
         raise TrainingError("--teacher is required (a Hub id, a local diffusers folder or a .safetensors file)")
     if getattr(config, "timesteps", None):
         validate_timesteps(config.timesteps)  # before minutes of loading
+    return run_dir, checkpoint
 
-    # 1. Data first (cheap to check), then the teacher, its family and the family's defaults -----------
-    prompts, real_items = read_training_data(config, run_dir)  # --prompts, --images, --dataset
-    if config.mixed_precision == "auto":
-        config = dataclasses.replace(config, mixed_precision=auto_mixed_precision())
-    # Mixed precision is ours, not accelerate's: autocast below, and the loop's per-optimizer GradScalers for fp16
-    # (accelerate's scaler needs accelerator.backward, which cannot do the loops' staged backward).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    pipe, family = teachers.load_teacher(config.teacher, config.model_type, config.teacher_config, config.teacher_lora)
+
+def fill_family_defaults(config, pipe, family: str, checkpoint: Path | None):
+    """The options with the teacher family's defaults, "auto" mixed precision and the teacher's native resolution
+    filled in. A resume must be of a run of this family, and its options filled here are checked now."""
     if checkpoint is not None:
         saved_family = (checkpoint / "family").read_text().strip()
         if saved_family != family:
@@ -352,191 +387,47 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
                 f"checkpoint {checkpoint} is from an {saved_family} run and cannot resume on this {family} teacher; "
                 f"use the {saved_family} teacher or start a new --output"
             )
-    config = config.resolved(family)
-    resolution = config.resolution or teachers.default_resolution(pipe)
+    filled = config.resolved(family)
+    resolution = filled.resolution or teachers.default_resolution(pipe)
     teachers.check_resolution(pipe, resolution)
-    config = dataclasses.replace(config, resolution=resolution)
+    filled = dataclasses.replace(filled, resolution=resolution)
     if checkpoint is not None:
-        check_resume(config, saved_options(checkpoint), checkpoint)  # now with the family's defaults too
+        check_resume_defaults(filled, config, checkpoint)
+    return filled
+
+
+def uses_gan(method: Method, config, real_items: list) -> bool:
+    """Does the run train with the GAN loss? When the method wants real images and the data has them."""
     wants_gan = method.wants_real_images(config)
     if wants_gan and not real_items:
         print("fewstep: no --images given, training without the GAN loss (DMD2 stage 1)")
-    use_gan = wants_gan and bool(real_items)
-    method.check(config, family, use_gan, accelerator.num_processes)
-    device = accelerator.device
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    return wants_gan and bool(real_items)
 
-    if overwrite and accelerator.is_main_process:  # once, before any process writes into the directory
+
+def start_run_dir(run_dir: Path, method: Method, config, overwrite: bool, is_main_process: bool) -> None:
+    """Every input is checked: now the run may write into its directory (its method and its full options)."""
+    if overwrite and is_main_process:  # once, before any process writes into the directory
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
+    if is_main_process:
         (run_dir / METHOD_FILE).write_text(method.key + "\n")
     save_yaml(config, run_dir / "config.yaml")
 
-    # 2. Cached encodings; then only the UNet (and the VAE decoder) stay --------------------------
-    pipe.to(device)
-    schedule = teachers.teacher_schedule(pipe).to(device)
-    prompt_cond = teachers.encode_prompts(pipe, family, prompts, resolution)
-    uncond = teachers.unconditional(pipe, family, resolution)
-    real_latents = teachers.encode_images(pipe, real_items, resolution) if use_gan else None
-    real_cond = (
-        teachers.encode_prompts(pipe, family, [i.caption for i in real_items], resolution) if use_gan else None
-    )
-    validation_cond = teachers.encode_prompts(pipe, family, prompts[: config.num_validation_prompts], resolution)
-    unet, vae = pipe.unet, pipe.vae
-    pipe.text_encoder = pipe.tokenizer = None
-    if family == "sdxl":
-        pipe.text_encoder_2 = pipe.tokenizer_2 = None
-    vae.encoder = None  # only the decoder is needed, for validation images
-    del pipe
-    unet.to(device)
-    if unet.dtype != weight_dtype:  # diffusers warns on any dtype cast, even a no-op one (the full-precision runs)
-        unet.to(dtype=weight_dtype)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    latent_size = resolution // teachers.vae_scale_factor_of(vae)
-    latent_shape = (unet.config.in_channels, latent_size, latent_size)
 
-    world = accelerator.num_processes
-
-    def all_finite(loss: torch.Tensor) -> bool:
-        # Every process must take the same decision, or the gradient all-reduce below deadlocks.
-        flag = torch.tensor([float(torch.isfinite(loss).all())], device=device)
-        if world > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def clip_grad_norm(params, max_norm):
-        # The UNet is not wrapped in DDP (several adapter passes per backward); average LoRA grads by hand.
-        if world > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def export_lora(adapter: str, directory: Path, recipe: dict) -> None:
-        """The diffusers and ComfyUI (kohya) LoRA files of ``adapter``, with its sampling recipe recorded."""
-        if not accelerator.is_main_process:
-            return
-        save_diffusers_lora(unet, adapter, directory, family=family)
-        save_kohya_lora(unet, adapter, directory / "fewstep_comfyui.safetensors", family=family)
-        write_recipe(directory, recipe)
-
-    # 3. The method: adapters, optimizers, loop ---------------------------------------------------
-    torch.manual_seed(config.seed)
-    data_rng = torch.Generator().manual_seed(config.seed * 1000 + 17 + accelerator.process_index)
-    ctx = TrainingContext(
-        config=config, family=family, run_dir=run_dir, device=device, unet=unet, vae=vae, schedule=schedule,
-        prompt_cond=prompt_cond, uncond=uncond, latent_shape=latent_shape, real_latents=real_latents,
-        real_cond=real_cond, data_rng=data_rng, is_main_process=accelerator.is_main_process, num_processes=world,
+def method_context(config, family: str, run_dir: Path, encoded: EncodedTeacher, prompts: list[str],
+                   data_rng: torch.Generator, accelerator) -> TrainingContext:  # fmt: skip
+    """What ``method.build`` gets: the encoded teacher, this process's place in the run, and the trainer's services."""
+    group = ProcessGroup(accelerator.num_processes, accelerator.device)
+    return TrainingContext(
+        config=config, family=family, run_dir=run_dir, device=accelerator.device, unet=encoded.unet, vae=encoded.vae,
+        schedule=encoded.schedule, prompt_cond=encoded.prompt_cond, uncond=encoded.uncond,
+        latent_shape=encoded.latent_shape, real_latents=encoded.real_latents, real_cond=encoded.real_cond,
+        data_rng=data_rng, is_main_process=accelerator.is_main_process, num_processes=accelerator.num_processes,
         process_index=accelerator.process_index, wait_for_everyone=accelerator.wait_for_everyone,
-        all_finite=all_finite, clip_grad_norm=clip_grad_norm, export_lora=export_lora,
+        all_finite=group.all_finite, clip_grad_norm=group.clip_grad_norm,
+        export_lora=LoraExport(encoded.unet, family, accelerator.is_main_process),
         teacher_fingerprint=teacher_fingerprint(config, family, prompts),
     )  # fmt: skip
-    with torch.autocast(device.type, dtype=weight_dtype, enabled=config.mixed_precision != "no"):
-        run = method.build(ctx)
-    loop = run.loop
-    ema = AdapterEMA(run.ema_parameters, config.ema_decay) if config.ema_decay > 0 and run.ema_parameters else None
-
-    # 4. Resume ----------------------------------------------------------------------------------
-    if checkpoint is not None:
-        for name in run.adapters:
-            set_peft_model_state_dict(unet, load_file(checkpoint / f"{name}.safetensors"), adapter_name=name)
-        for name, module in run.modules.items():
-            module.load_state_dict(load_file(checkpoint / f"{name}.safetensors"))
-        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
-        for name, optimizer in loop.optimizers.items():
-            optimizer.load_state_dict(state[f"{name}_optimizer"])
-        for name, scheduler in loop.lr_schedulers.items():
-            configured = list(scheduler.base_lrs)  # this run's rates (--lr, --fake-lr), as the method set them
-            scheduler.load_state_dict(state[f"{name}_scheduler"])
-            set_base_lr(scheduler, configured)  # a new --lr takes effect, not only in config.yaml
-        loop.load_state_dict(state["loop"])
-        data_rng.set_state(state["data_rng"])
-        if ema is not None and (checkpoint / f"{GENERATOR}_ema.safetensors").is_file():
-            ema.load_peft_state_dict(unet, load_file(checkpoint / f"{GENERATOR}_ema.safetensors"))
-        accelerator.print(f"fewstep: resumed from {checkpoint} at step {loop.step}")
-
-    def checkpoint_now():
-        if not accelerator.is_main_process:
-            return
-        state = {"loop": loop.state_dict(), "data_rng": data_rng.get_state()}
-        state.update({f"{name}_optimizer": o.state_dict() for name, o in loop.optimizers.items()})
-        state.update({f"{name}_scheduler": s.state_dict() for name, s in loop.lr_schedulers.items()})
-        adapters = {name: get_peft_model_state_dict(unet, adapter_name=name) for name in run.adapters}
-        if ema is not None:
-            with ema.swapped_in():
-                ema_state = get_peft_model_state_dict(unet, adapter_name=GENERATOR)
-                adapters[f"{GENERATOR}_ema"] = {k: v.clone() for k, v in ema_state.items()}
-        save_checkpoint(run_dir, state, adapters, run.modules, config, family, config.checkpoints_total_limit)
-
-    # 5. Validation: teacher images once, student images every validate_every --------------------
-    validator = Validator(run_dir, run.sample_student, vae, schedule, validation_cond, latent_shape, config, device)
-
-    # 6. The loop --------------------------------------------------------------------------------
-    writer = open_run_logger(config.report_to, run_dir, config, loop.optimizers) if accelerator.is_main_process else None
-    bar = tqdm(
-        total=config.max_steps, initial=loop.step, desc=method.name, unit="it",
-        disable=not accelerator.is_main_process,
-    )  # fmt: skip
-    teacher_x0 = run.teacher
-    if validation_missed(run_dir, loop.step, config.validate_every) and accelerator.is_main_process:
-        with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # step 0, or a grid a kill lost
-            validator.run(loop.step, teacher_x0)
-    interrupts.arm()
-    stopped = False
-    shown: dict[str, str] = {}
-    while loop.step < config.max_steps and not stopped:
-        with torch.autocast(device.type, dtype=weight_dtype, enabled=config.mixed_precision != "no"):
-            metrics = loop.train_step([run.next_batch() for _ in range(config.gradient_accumulation_steps)])
-        if ema is not None and run.updated_generator(metrics):
-            ema.update()
-        if loop.skipped_steps > config.max_nan_steps:
-            raise TrainingError(
-                f"the loss was NaN/inf in {loop.skipped_steps} steps (limit --max-nan-steps {config.max_nan_steps}); "
-                "lower --lr, or use --mixed-precision bf16 instead of fp16"
-            )
-        bar.update(1)
-        shown.update({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})  # latest of each
-        bar.set_postfix(shown)
-        if writer is not None:
-            for key, value in metrics.items():
-                writer.add_scalar(f"train/{key}", value, loop.step)
-        step = loop.step
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            checkpoint_now()
-        if config.validate_every and step % config.validate_every == 0 and accelerator.is_main_process:
-            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-                validator.run(step, teacher_x0, writer)
-        if on_step is not None and on_step(step, metrics):
-            stopped = True
-        if interrupts.stop_requested(world, device) and step < config.max_steps:  # else the run ends now anyway
-            if not checkpoint_path(run_dir, step).is_dir():
-                checkpoint_now()
-            bar.close()
-            if writer is not None:
-                writer.close()
-            raise interrupts.interrupted(run_dir, step)
-    bar.close()
-    accelerator.wait_for_everyone()
-    if world > 1:
-        _check_replicas_agree(run.loop.optimizers, accelerator)
-
-    # 7. Final checkpoint and LoRA files ---------------------------------------------------------
-    if accelerator.is_main_process:
-        if not config.checkpoint_every or loop.step % config.checkpoint_every:
-            checkpoint_now()
-        lora_dir = run_dir / "lora"
-        with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # users get the EMA weights
-            export_lora(GENERATOR, lora_dir, run.recipe())
-            if run.on_finish is not None:
-                run.on_finish()
-        accelerator.print(f"fewstep: wrote {lora_dir}/pytorch_lora_weights.safetensors and fewstep_comfyui.safetensors")
-    if writer is not None:
-        writer.close()
-    return run_dir
 
 
 METHOD_FILE = "method"
@@ -576,78 +467,19 @@ def teacher_fingerprint(config, family: str, prompts: list[str]) -> dict:
     }
 
 
-class AdapterEMA:
-    """Exponential moving average of the generator adapter (updated after each generator step)."""
+@dataclass
+class LoraExport:
+    """Writes an adapter's diffusers and ComfyUI (kohya) LoRA files, with its sampling recipe; on the main process."""
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().clone().float() for p in params]
+    unet: torch.nn.Module
+    family: str
+    is_main_process: bool
 
-    @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+    def __call__(self, adapter: str, directory: Path, recipe: dict) -> None:
+        from ..publish.lora_files import save_diffusers_lora, save_kohya_lora
 
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """Temporarily put the EMA weights into the adapter (for validation, checkpoints and export)."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self.params, backup):
-                    p.copy_(b)
-
-    def load_peft_state_dict(self, unet, state_dict: dict) -> None:
-        from peft import set_peft_model_state_dict
-
-        backup = [p.detach().clone() for p in self.params]
-        set_peft_model_state_dict(unet, state_dict, adapter_name=GENERATOR)
-        self.shadow = [p.detach().clone().float() for p in self.params]
-        with torch.no_grad():
-            for p, b in zip(self.params, backup):
-                p.copy_(b)
-
-
-def _check_replicas_agree(optimizers: dict, accelerator) -> None:
-    """Multi-process runs average gradients by hand: prove every process ends with the same adapter weights."""
-    params = [p for optimizer in optimizers.values() for group in optimizer.param_groups for p in group["params"]]
-    local = torch.stack([p.detach().double().sum() for p in params])
-    gathered = accelerator.gather(local[None])  # (world, n)
-    spread = float((gathered - gathered[0]).abs().max())
-    if spread != 0.0:
-        raise TrainingError(f"adapter weights differ across processes (max |Δ| of parameter sums {spread:g})")
-    accelerator.print(f"fewstep: adapter weights identical on all {accelerator.num_processes} processes")
-
-
-class Validator:
-    """Student-vs-teacher grids on fixed prompts and seeds, saved under ``RUN_DIR/samples/``."""
-
-    def __init__(self, run_dir, sample_student, vae, schedule, cond, latent_shape, config, device):
-        self.dir = run_dir / "samples"
-        self.sample_student, self.vae, self.schedule = sample_student, vae, schedule
-        self.cond, self.device = cond.to(device), device
-        n = cond.prompt_embeds.shape[0]
-        self.noise = torch.randn((n, *latent_shape), generator=torch.Generator().manual_seed(config.seed)).to(device)
-        self.teacher_images = None
-        self.n = n
-
-    @torch.no_grad()
-    def run(self, step: int, teacher_x0, writer=None) -> Path:
-        from .images import save_grid
-        from ..teacher.loading import decode_latents
-
-        if self.teacher_images is None:
-            batched = lambda x, t: teacher_x0(x, torch.full((self.n,), t, device=self.device), self.cond)
-            teacher = sample_ddim(batched, self.noise, ddim_timesteps(25), self.schedule)
-            self.teacher_images = decode_latents(self.vae, teacher)
-        images = decode_latents(self.vae, self.sample_student(self.noise, self.cond))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"step-{step:07d}.png"
-        save_grid([self.teacher_images, images], path)
-        if writer is not None:
-            writer.add_images("validation/student", images, step)
-        return path
+        if not self.is_main_process:
+            return
+        save_diffusers_lora(self.unet, adapter, directory, family=self.family)
+        save_kohya_lora(self.unet, adapter, directory / "fewstep_comfyui.safetensors", family=self.family)
+        write_recipe(directory, recipe)

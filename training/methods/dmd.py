@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..loop.regression import DMDLoop, with_teacher_pairs
 from ..loop.trainer import MethodRun, TrainingContext, TrainingError, train
+from .base import Method
 from .dmd2 import DMD2TrainConfig, build_distribution_matching, check_option_combinations, student_timesteps_of
 
 
@@ -29,15 +30,17 @@ class DMDTrainConfig(DMD2TrainConfig):
     )
 
 
-class DMD:
+class DMD(Method):
     """``--method dmd``."""
 
     name = "DMD"
     key = "dmd"  # fewstep train --method KEY
+    title = "DMD"
+    paper = "DMD (Yin et al., *One-step Diffusion with Distribution Matching Distillation*, 2023)"
+    summary = ("DMD: distribution matching + regression on teacher ODE pairs cached in RUN_DIR/pairs; one step, no "
+               "GAN, both networks updated every iteration.")  # fmt: skip
     config_class = DMDTrainConfig
-
-    def wants_real_images(self, config) -> bool:
-        return False
+    demo_steps = "one step"
 
     def check(self, config: DMDTrainConfig, family: str, use_gan: bool, num_processes: int) -> None:
         if config.gan_weight:
@@ -56,6 +59,19 @@ class DMD:
             init_regression_steps=0, regression_kind=config.regression_loss,
         )  # fmt: skip
         return with_teacher_pairs(ctx, run, networks)
+
+    def card_description(self, config: dict) -> str:
+        return "DMD (distribution matching + regression on the teacher's ODE pairs)"
+
+    def demo_steps_error(self, num_steps: int) -> str | None:
+        if num_steps != 1:
+            return f"--method {self.key} trains a one-step student; drop --num-steps {num_steps}"
+        return None
+
+    def demo_options(self, settings, num_steps: int, real_dir) -> dict:
+        # No GAN, no EMA, both networks every iteration; the digits' own regression weight (demo_settings.py).
+        return dict(dfake_gen_update_ratio=1, regression_weight=settings.dmd_regression_weight,
+                    **settings.fake_score_options())  # fmt: skip
 
 
 def train_dmd(config: DMDTrainConfig, resume: bool = False, on_step=None, overwrite: bool = False):

@@ -21,6 +21,7 @@ from ..loop.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from ..loop.regression import DMDLoop, with_teacher_pairs
 from ..loop.networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
 from ..loop.trainer import FAMILY_DEFAULTS, MethodRun, TrainConfig, TrainingContext, TrainingError, train
+from .base import Method
 
 # DMD2's per-family defaults (docs/defaults.md sets each beside the reference's value).
 DMD2_FAMILY_DEFAULTS = {
@@ -192,12 +193,18 @@ def build_distribution_matching(
     return run, networks
 
 
-class DMD2:
+class DMD2(Method):
     """``--method dmd2``."""
 
     name = "DMD2"
     key = "dmd2"  # fewstep train --method KEY
+    title = "DMD2"
+    paper = "DMD2 (Yin et al., *Improved Distribution Matching Distillation for Fast Image Synthesis*, 2024)"
+    summary = "DMD2: distribution matching, fake score (adapter 'fake_score') on two time scales, GAN on --images."
     config_class = DMD2TrainConfig
+    # Measured at the steps it was trained for (+ Distillation++ when multi-step): the yardstick's default rows.
+    demo_rows = None
+    demo_grid_rows = None
 
     def wants_real_images(self, config) -> bool:
         return config.gan_weight > 0
@@ -212,12 +219,30 @@ class DMD2:
         use_gan = ctx.real_latents is not None
         config = ctx.config
         if not config.init_regression_steps:
-            return build_distribution_matching(ctx, use_gan)[0]
+            return build_distribution_matching(ctx, use_gan, self.key)[0]
         run, networks = build_distribution_matching(  # the regression warm start on teacher ODE pairs
             ctx, use_gan, self.key, loop_class=DMDLoop, regression_weight=0.0,
             init_regression_steps=config.init_regression_steps, regression_kind=config.regression_loss,
         )  # fmt: skip
         return with_teacher_pairs(ctx, run, networks)
+
+    def card_description(self, config: dict) -> str:
+        gan = float(config.get("gan_weight") or 0) > 0 and bool(config.get("images") or config.get("dataset"))
+        return "DMD2 (distribution matching + GAN)" if gan else "DMD2 (distribution matching, no GAN)"
+
+    def demo_gan(self, settings) -> bool:
+        return bool(settings.gan_weight)
+
+    def demo_options(self, settings, num_steps: int, real_dir) -> dict:
+        shifted = num_steps == 1 and settings.conditioning_timestep != 999  # DMD2's one-step SDXL recipe: t = 399
+        return dict(
+            images=str(real_dir) if self.demo_gan(settings) else None, num_steps=num_steps,
+            timesteps=[settings.conditioning_timestep] if shifted else None,
+            init_regression_steps=settings.init_regression_steps,
+            dfake_gen_update_ratio=settings.dfake_gen_update_ratio, gan_weight=settings.gan_weight,
+            disc_weight=settings.disc_weight, ema_decay=settings.ema_decay, gan_real_latents=settings.gan_real_latents,
+            **settings.fake_score_options(),
+        )  # fmt: skip
 
 
 def train_dmd2(config: DMD2TrainConfig, resume: bool = False, on_step=None, overwrite: bool = False):

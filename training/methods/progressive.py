@@ -30,8 +30,10 @@ from ..loop.networks import GENERATOR, SharedUNetNetworks, attach_adapters
 from ..loop.trainer import MethodRun, TrainConfig, TrainingContext, TrainingError, lr_factor, train
 from ..loop.regression import teacher_pairs
 from ..loop.update_loop import AdapterUpdateLoop, frozen
+from .base import Method
 
 PREVIOUS = "previous"  # the previous round's student: a frozen adapter, the teacher of rounds ≥ 1
+DEMO_START_STEPS = 8  # the digits demo's first round; --num-steps is its last
 
 
 @dataclass
@@ -171,15 +173,18 @@ def recipe(num_steps: int) -> dict:
     return {"method": "progressive", "timesteps": pd_timesteps(num_steps)[0], "sampler": "ddim"}
 
 
-class Progressive:
+class Progressive(Method):
     """``--method progressive``."""
 
     name = "PD"
     key = "progressive"  # fewstep train --method KEY
+    title = "Progressive Distillation"
+    paper = ("Progressive Distillation (Salimans & Ho, *Progressive Distillation for Fast Sampling of Diffusion "
+             "Models*, 2022)")  # fmt: skip
+    summary = ("Progressive Distillation: rounds that halve the DDIM steps (--start-steps → --end-steps); the previous "
+               "round's student is a frozen adapter; every round's LoRA goes to RUN_DIR/lora/steps-N/.")  # fmt: skip
     config_class = ProgressiveTrainConfig
-
-    def wants_real_images(self, config) -> bool:
-        return False
+    demo_steps = f"halves {DEMO_START_STEPS} steps down to --num-steps"
 
     def check(self, config: ProgressiveTrainConfig, family: str, use_gan: bool, num_processes: int) -> None:
         start, end = config.start_steps, config.end_steps
@@ -247,6 +252,21 @@ class Progressive:
             recipe=lambda: recipe(current()),
             on_finish=lambda: ctx.export_lora(GENERATOR, lora / f"steps-{current()}", recipe(current())),
         )
+
+    def card_description(self, config: dict) -> str:
+        return "Progressive Distillation (each round: one student DDIM step = two of its teacher's)"
+
+    def demo_steps_error(self, num_steps: int) -> str | None:
+        if num_steps > DEMO_START_STEPS or DEMO_START_STEPS % num_steps:
+            *most, last = map(str, round_step_counts(DEMO_START_STEPS, 1))
+            return (f"--method {self.key} halves {DEMO_START_STEPS} steps: --num-steps must be {', '.join(most)} or "
+                    f"{last}, got {num_steps}")  # fmt: skip
+        return None
+
+    def demo_options(self, settings, num_steps: int, real_dir) -> dict:
+        # Rounds from DEMO_START_STEPS down to num_steps, at least one iteration for each of the most rounds.
+        most_rounds = len(round_step_counts(DEMO_START_STEPS, 1))
+        return dict(start_steps=DEMO_START_STEPS, end_steps=num_steps, max_steps=max(settings.max_steps, most_rounds))
 
 
 def train_progressive(config: ProgressiveTrainConfig, resume: bool = False, on_step=None, overwrite: bool = False):

@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from ...core.lora_format import KOHYA_WEIGHT_NAME, RECIPE_FILE, RUN_DIR_LORA
 from ..loop.config import load_yaml
 from ..loop.networks import GENERATOR, lora_config
+from ..loop.run_dir import checkpoint_problem, checkpoints_of, latest_complete_checkpoint
 
 
 def _find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
+    """The checkpoint to export: the named one, or the newest complete one; a damaged one is refused by name."""
     if checkpoint is None:
-        if not checkpoints:
+        path = latest_complete_checkpoint(run_dir)  # skips (and names) damaged newer ones
+        if path is None:
             raise ValueError(f"{run_dir} has no checkpoints; is it a fewstep run directory?")
-        return checkpoints[-1]
+        return path
     if checkpoint.isdigit():
         path = run_dir / "checkpoints" / f"step-{int(checkpoint):07d}"
     else:
         path = Path(checkpoint)
-    if not (path / f"{GENERATOR}.safetensors").is_file():
-        available = ", ".join(p.name for p in checkpoints) or "none"
+    if not path.is_dir():
+        available = ", ".join(p.name for p in checkpoints_of(run_dir)) or "none"
         raise ValueError(f"checkpoint {checkpoint} not found (available: {available})")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ValueError(f"checkpoint {path} is incomplete ({problem}); export another one with --checkpoint STEP")
     return path
+
+
+def _read(path: Path, reader):
+    """``reader(path)``, with a failure to read it (an I/O error, a damaged file) as one line naming the file.
+
+    Not an OSError: ``fewstep export`` reports those as failed writes of its output.
+    """
+    try:
+        return reader(path)
+    except ValueError:
+        raise  # load_yaml's messages already name the file
+    except Exception as error:  # OSError, safetensors' SafetensorError (not exported), torch's RuntimeError
+        raise ValueError(f"cannot read {path}: {' '.join(str(error).split()) or type(error).__name__}") from None
 
 
 def export_run(run_dir, fmt: str = "all", checkpoint: str | None = None, out: str | None = None) -> list[Path]:
@@ -39,8 +59,8 @@ def export_run(run_dir, fmt: str = "all", checkpoint: str | None = None, out: st
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} is not a fewstep run directory (no config.yaml)")
     path = _find_checkpoint(run_dir, checkpoint)
-    config = load_yaml(path / "config.yaml")
-    family = (path / "family").read_text().strip()
+    config = _read(path / "config.yaml", load_yaml)
+    family = _read(path / "family", Path.read_text).strip()
     teacher = config["teacher"]
     try:
         unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
@@ -50,11 +70,41 @@ def export_run(run_dir, fmt: str = "all", checkpoint: str | None = None, out: st
     unet.add_adapter(lora_config(config["gen_rank"], config["gen_alpha"]), adapter_name=GENERATOR)
     ema = path / f"{GENERATOR}_ema.safetensors"  # runs with --ema-decay ship the EMA weights
     weights = ema if ema.is_file() else path / f"{GENERATOR}.safetensors"
-    set_peft_model_state_dict(unet, load_file(weights), adapter_name=GENERATOR)
-    out_dir = Path(out) if out else run_dir / "lora"
+    set_peft_model_state_dict(unet, _read(weights, load_file), adapter_name=GENERATOR)
+    out_dir = Path(out) if out else export_dir(run_dir, path)
     written = []
     if fmt in ("diffusers", "all"):
         written.append(save_diffusers_lora(unet, GENERATOR, out_dir, family=family))
     if fmt in ("comfyui", "all"):
-        written.append(save_kohya_lora(unet, GENERATOR, out_dir / "fewstep_comfyui.safetensors", family=family))
+        written.append(save_kohya_lora(unet, GENERATOR, out_dir / KOHYA_WEIGHT_NAME, family=family))
+    recipe = checkpoint_recipe(run_dir, path, config)
+    (out_dir / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+    written.append(out_dir / RECIPE_FILE)
     return written
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def export_dir(run_dir: Path, checkpoint: Path) -> Path:
+    """``RUN_DIR/lora`` for the run's newest complete checkpoint (what training itself exports); any other
+    checkpoint gets its own ``RUN_DIR/lora-step-NNNNNNN``, so exporting an older step never replaces the run's LoRA."""
+    if checkpoint == latest_complete_checkpoint(run_dir, log=lambda _: None):
+        return run_dir / RUN_DIR_LORA
+    return run_dir / f"{RUN_DIR_LORA}-step-{checkpoint_step(checkpoint):07d}"
+
+
+def checkpoint_recipe(run_dir: Path, checkpoint: Path, config: dict) -> dict:
+    """How the checkpoint's LoRA samples, with the step it comes from: the checkpoint's own ``fewstep_recipe.json``
+    (written with every checkpoint), else the run's final recipe, else what a DMD2 config implies."""
+    from ...core.schedule import student_timesteps
+
+    for source in (checkpoint / RECIPE_FILE, run_dir / RUN_DIR_LORA / RECIPE_FILE):
+        if source.is_file():
+            recipe = json.loads(_read(source, Path.read_text))
+            break
+    else:
+        timesteps = config.get("timesteps") or student_timesteps(int(config.get("num_steps") or 1))
+        recipe = {"method": "dmd2", "timesteps": [int(t) for t in timesteps], "sampler": "few_step"}
+    return {**recipe, "step": checkpoint_step(checkpoint)}

@@ -46,14 +46,19 @@ class Run:
     config: dict
     metrics: dict | None
     sample_grid: Path | None
+    lora_dir: Path | None = None  # the LoRA folder published: RUN_DIR/lora, or an export (RUN_DIR/lora-step-N)
+
+    @property
+    def lora(self) -> Path:
+        return self.lora_dir or self.directory / "lora"
 
     @property
     def diffusers_lora(self) -> Path:
-        return self.directory / "lora" / DIFFUSERS_LORA_WEIGHT_NAME
+        return self.lora / DIFFUSERS_LORA_WEIGHT_NAME
 
     @property
     def kohya_lora(self) -> Path:
-        return self.directory / "lora" / KOHYA_WEIGHT_NAME
+        return self.lora / KOHYA_WEIGHT_NAME
 
     @property
     def recipe(self) -> dict:
@@ -62,7 +67,7 @@ class Run:
         from ...core.schedule import student_timesteps
 
         if self.directory is not None:  # a Run made in code (no directory) has only its config
-            path = Path(self.directory) / "lora" / RECIPE_FILE
+            path = self.lora / RECIPE_FILE
             if path.is_file():
                 recipe = json.loads(path.read_text())
                 return {**recipe, "timesteps": [int(t) for t in recipe["timesteps"]]}
@@ -75,21 +80,25 @@ class Run:
         return self.recipe["timesteps"]
 
 
-def read_run(run_dir: str | Path) -> Run:
-    """Check a run directory has both LoRA files and a config; read its family, config, metrics, sample grid."""
+def read_run(run_dir: str | Path, lora_dir: str | Path | None = None) -> Run:
+    """Check a run directory has both LoRA files (in ``lora_dir``, default ``RUN_DIR/lora``) and a config; read its
+    family, config, metrics and the validation grid of the step the LoRA comes from."""
     directory = Path(run_dir).expanduser()
     if not directory.is_dir():
         raise PublishError(f"run directory {str(run_dir)!r} does not exist")
+    lora = Path(lora_dir).expanduser() if lora_dir else directory / "lora"
     for required, fmt in ((DIFFUSERS_LORA_WEIGHT_NAME, "diffusers"), (KOHYA_WEIGHT_NAME, "comfyui")):
-        if not (directory / "lora" / required).is_file():
+        if not (lora / required).is_file():
+            where = f"--lora {str(lora_dir)!r}" if lora_dir else f"run directory {str(run_dir)!r}"
+            missing = required if lora_dir else f"lora/{required}"
             raise PublishError(
-                f"run directory {str(run_dir)!r} has no lora/{required}; finish training, or write it from the "
-                f"latest checkpoint with `fewstep export {run_dir} --format {fmt}`"
+                f"{where} has no {missing}; finish training, or write it from a checkpoint with "
+                f"`fewstep export {run_dir} --format {fmt}`"
             )
     if not (directory / "config.yaml").is_file():
         raise PublishError(f"run directory {str(run_dir)!r} has no config.yaml; give the --output of fewstep train")
     config = load_yaml(directory / "config.yaml")
-    family = lora_family_of_state_dict(directory / "lora" / DIFFUSERS_LORA_WEIGHT_NAME) or config.get("model_type")
+    family = lora_family_of_state_dict(lora / DIFFUSERS_LORA_WEIGHT_NAME) or config.get("model_type")
     if family not in FAMILIES:
         raise PublishError(f"cannot tell whether the LoRA in {str(run_dir)!r} is for SD1.5 or SDXL")
     metrics_file = directory / "metrics.json"
@@ -97,8 +106,19 @@ def read_run(run_dir: str | Path) -> Run:
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
     except ValueError as error:
         raise PublishError(f"{metrics_file} is not valid JSON ({error}); fix or remove it") from None
-    grids = sorted((directory / "samples").glob("*.png"))
-    return Run(directory, family, config, metrics, grids[-1] if grids else None)
+    return Run(directory, family, config, metrics, _grid_of(directory, lora), lora)
+
+
+def _grid_of(directory: Path, lora: Path) -> Path | None:
+    """The validation grid of the step the LoRA comes from (its recipe's ``step``), else the last one; an export
+    of an older step without a grid of its own shows none rather than a later step's."""
+    grids = sorted((directory / "samples").glob("step-*.png"))
+    recipe_file = lora / RECIPE_FILE
+    step = json.loads(recipe_file.read_text()).get("step") if recipe_file.is_file() else None
+    if step is None:
+        return grids[-1] if grids else None
+    own = directory / "samples" / f"step-{int(step):07d}.png"
+    return own if own.is_file() else None
 
 
 def base_model_of(run: Run, override: str | None = None) -> str:
@@ -123,10 +143,12 @@ def build_upload_folder(
     folder: str | Path,
     base_model: str | None = None,
     license: str | None = None,
+    lora_dir: str | Path | None = None,
 ) -> Path:
-    """Write the upload folder for ``run_dir`` into ``folder`` (created; must be empty or new)."""
+    """Write the upload folder for ``run_dir`` (its LoRA in ``lora_dir``, default ``RUN_DIR/lora``) into
+    ``folder`` (created; must be empty or new)."""
     check_repo_id(repo_id)
-    run = read_run(run_dir)
+    run = read_run(run_dir, lora_dir)
     base = base_model_of(run, base_model)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():

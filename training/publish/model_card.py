@@ -62,39 +62,27 @@ def _format_value(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-METHOD_PAPERS = {
-    "dmd2": "DMD2 (Yin et al., *Improved Distribution Matching Distillation for Fast Image Synthesis*, 2024)",
-    "dmd": "DMD (Yin et al., *One-step Diffusion with Distribution Matching Distillation*, 2023)",
-    "progressive": "Progressive Distillation (Salimans & Ho, *Progressive Distillation for Fast Sampling of "
-    "Diffusion Models*, 2022)",
-}
 SAMPLING_RULES = {
     "few_step": "predict x0, re-noise it to the next timestep with fresh noise (LCM's rule)",
     "ddim": "deterministic DDIM from pure noise (η = 0; the rule Progressive Distillation trains for)",
 }
 
 
-def _method(config: dict, method: str = "dmd2") -> str:
-    if method == "dmd":
-        return "DMD (distribution matching + regression on the teacher's ODE pairs)"
-    if method == "progressive":
-        return "Progressive Distillation (each round: one student DDIM step = two of its teacher's)"
-    gan = float(config.get("gan_weight") or 0) > 0 and bool(config.get("images") or config.get("dataset"))
-    return "DMD2 (distribution matching + GAN)" if gan else "DMD2 (distribution matching, no GAN)"
-
-
-def _facts_table(run, base_model: str, recipe: SamplingRecipe, styles: list[StyleLora]) -> str:
+def _facts_table(run, base_model: str, recipe: SamplingRecipe, styles: list[StyleLora], method) -> str:
     style_text = ", ".join(f"`{s.path.name}` at scale {s.scale:g}" for s in styles) or "none"
     rows = [
         ("base model", f"[{base_model}](https://huggingface.co/{base_model}) ({FAMILY_NAMES[run.family]})"),
         ("style LoRAs fused into the teacher", style_text),
-        ("method", _method(run.config, recipe.method)),
+        ("method", method.card_description(run.config)),
         ("steps", str(recipe.steps)),
         ("timesteps", f"`{recipe.timesteps}` (exactly these; other timesteps give blurry or noisy images)"),
         ("CFG", f"{recipe.cfg:g} (guidance is distilled in; the teacher used CFG {run.config.get('guidance_scale')})"),
         ("LoRA scale", f"{recipe.lora_scale:g}"),
         ("sampling rule", SAMPLING_RULES[recipe.sampler]),
     ]
+    step = run.recipe.get("step")
+    if step is not None:  # an export of an earlier checkpoint says so
+        rows.append(("LoRA from training step", f"{step} of {run.config.get('max_steps')}"))
     return "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
@@ -220,9 +208,12 @@ def model_card(run, repo_id: str, base_model: str, license: str) -> str:
     tool, samples, training config, metrics, files."""
     from huggingface_hub import ModelCardData
 
+    from ..methods import get_method
+
     recipe = SamplingRecipe(run.recipe["timesteps"], sampler=run.recipe.get("sampler", "few_step"),
                             method=run.recipe.get("method", "dmd2"))  # fmt: skip
     styles = style_loras_of(run.config)
+    method = get_method(recipe.method)
     data = ModelCardData(
         base_model=base_model,
         base_model_relation="adapter",
@@ -236,9 +227,9 @@ def model_card(run, repo_id: str, base_model: str, license: str) -> str:
     sections = [
         f"# {name}",
         f"A {recipe.steps}-step student of [{base_model}](https://huggingface.co/{base_model}), distilled with "
-        f"{METHOD_PAPERS[recipe.method]} by [fewstep](https://github.com/fewstep/fewstep), as a LoRA on the base UNet.",
+        f"{method.paper} by [fewstep](https://github.com/fewstep/fewstep), as a LoRA on the base UNet.",
         "## How to sample",
-        _facts_table(run, base_model, recipe, styles),
+        _facts_table(run, base_model, recipe, styles, method),
     ]
     if styles:
         sections.append(

@@ -57,7 +57,11 @@ def load_teacher(
     else:
         pipe, detected = _load_pipeline(name)
     if model_type is not None and model_type != detected:
-        print(f"fewstep: --model-type {model_type} overrides the detected family {detected}")
+        names = {"sd15": "SD1.5", "sdxl": "SDXL"}
+        raise TeacherError(
+            f"--model-type {model_type} does not match the teacher's weights, which are {names[detected]} "
+            f"({detected}); drop --model-type or give an {names[model_type]} teacher"
+        )
     family = model_type or detected
     fuse_style_loras(pipe, family, styles)
     return pipe, family
@@ -115,12 +119,25 @@ def default_resolution(pipe) -> int:
     return int(pipe.unet.config.sample_size) * vae_scale_factor(pipe)
 
 
+# Training far above the UNet's native size costs memory with the square of the side, and the teacher was never
+# trained there: refused above this many times the native side (SD1.5: 1024 px, SDXL: 2048 px).
+MAX_RESOLUTION_FACTOR = 2
+
+
 def check_resolution(pipe, resolution: int) -> None:
+    """A resolution the VAE can take, at most :data:`MAX_RESOLUTION_FACTOR` × the teacher's native size."""
     factor = vae_scale_factor(pipe)
     if resolution <= 0 or resolution % factor:
         raise TeacherError(
             f"resolution {resolution} is not divisible by the VAE's scale factor {factor}; "
             f"use a multiple of {factor} such as {max(factor, resolution // factor * factor)}"
+        )
+    native = default_resolution(pipe)
+    if resolution > MAX_RESOLUTION_FACTOR * native:
+        raise TeacherError(
+            f"--resolution {resolution} is {resolution / native:g}× the teacher's native {native} px: activations "
+            f"would need about {(resolution / native) ** 2:.0f}× the memory of a native-size step, at a size the "
+            f"teacher never saw; use at most {MAX_RESOLUTION_FACTOR * native} px (the default is {native})"
         )
 
 

@@ -6,12 +6,15 @@ trained on, so users sample with base + the same style LoRAs (fused, at the same
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..publish.lora_files import lora_family_of_state_dict
 
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+# Style LoRAs are used at -2 … 2 in practice; far outside that the fused teacher is broken, not styled.
+MAX_STYLE_SCALE = 4.0
 
 
 class StyleLoraError(ValueError):
@@ -51,6 +54,11 @@ def parse_style_lora(spec: str) -> StyleLora:
         raise StyleLoraError(f"--teacher-lora {text!r}: {lora.path} does not exist; give FILE.safetensors[:SCALE]")
     if lora.path.suffix != ".safetensors":
         raise StyleLoraError(f"--teacher-lora {text!r} is not a .safetensors file; convert it to safetensors first")
+    if not math.isfinite(lora.scale) or abs(lora.scale) > MAX_STYLE_SCALE:
+        raise StyleLoraError(
+            f"--teacher-lora {text!r}: scale {lora.scale:g} is not a number in [-{MAX_STYLE_SCALE:g}, "
+            f"{MAX_STYLE_SCALE:g}]; give FILE.safetensors:SCALE with a scale such as 0.8"
+        )
     return lora
 
 
