@@ -105,11 +105,20 @@ def _method_name(args: argparse.Namespace, output: str | None) -> str:
     return "dmd2"
 
 
+def _complete_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` continues from (the newest complete one), or None; the trainer names bad ones."""
+    from ..training.loop.run_dir import RunDirError, latest_complete_checkpoint
+
+    try:
+        return latest_complete_checkpoint(run_dir, log=lambda _: None)
+    except RunDirError:
+        return None
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from ..cli import UserError, write_failures
     from ..training.loop.config import build_config, load_yaml
     from ..training.methods import get_method
-    from ..training.loop.run_dir import checkpoints_of
     from ..training.loop.trainer import TrainingError, check_method, train
 
     all_fields = set().union(*_method_fields().values())
@@ -126,15 +135,14 @@ def cmd_train(args: argparse.Namespace) -> None:
             check_method(Path(output), method)  # before its saved options are read as this method's
         except TrainingError as error:
             raise UserError(str(error)) from None
-        checkpoints = checkpoints_of(Path(output))
-        saved = (checkpoints[-1] if checkpoints else Path(output)) / "config.yaml"
+        saved = (_complete_checkpoint(Path(output)) or Path(output)) / "config.yaml"
         if saved.is_file():
             layers, sources = [load_yaml(saved), *layers], [str(saved), *sources]
     config = build_config(method.config_class, *layers, cli, sources=(*sources, None))
     run_dir = Path(config.output or ".")
 
     def resume_hint() -> str:
-        if not checkpoints_of(run_dir):
+        if _complete_checkpoint(run_dir) is None:
             return ""
         return f"the last complete checkpoint is kept: fewstep train --output {shlex.quote(str(run_dir))} --resume"
 

@@ -12,6 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fewstep.cli import main
+from fewstep.training.data.cache import MANIFEST
 from fewstep.training.teacher import loading as teachers
 from fewstep.training.loop.dmd2_loop import DMD2Loop
 
@@ -191,6 +192,8 @@ def checkpoint_contents(checkpoint: Path) -> dict:
             contents[path.name] = torch.load(path, weights_only=True)
         elif path.name == "config.yaml":  # the same options; only the run directory differs
             contents[path.name] = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "output"}
+        elif path.name == MANIFEST:  # hashes of the files above, config.yaml (its run directory) included
+            continue
         else:
             contents[path.name] = path.read_bytes()
     return contents

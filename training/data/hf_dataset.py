@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .images_io import to_rgb
 from .prompts import CaptionedImage, DataError, read_image_folder, read_prompts
-from .summary import DataSummary, Tally, counted
+from .summary import DataSummary, Tally, counted, data_fingerprint
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 IMAGE_COLUMN = "image"
@@ -238,7 +238,8 @@ def read_training_data(config, run_dir: Path) -> TrainingData:
         captions += dataset_captions
         items += dataset_items
     source = f"prompts file {config.prompts}" if prompts else "captions"
-    data = TrainingData(prompts or captions, items, DataSummary(len(prompts or captions), source, len(items),
-                                                                prompt_tally, image_tally))  # fmt: skip
+    summary = DataSummary(len(prompts or captions), source, len(items), prompt_tally, image_tally,
+                          data_fingerprint(prompts or captions, items))  # fmt: skip
+    data = TrainingData(prompts or captions, items, summary)
     print(data.summary.line())
     return data

@@ -8,23 +8,32 @@ loop's counters and the data stream's random state, with the run's options and f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from ...core.lora_format import RECIPE_FILE
 from .config import save_yaml
 from .ema import AdapterEMA
 from .networks import GENERATOR
 from .resume import set_base_lr
-from .run_dir import checkpoints_of
+from .run_dir import RunLock, checkpoints_of, write_checkpoint_manifest
 
 
-def save_checkpoint(run_dir: Path, state: dict, adapters: dict, modules: dict, config, family: str, limit: int) -> Path:
-    """Write ``checkpoints/step-NNNNNNN`` atomically (temp dir + rename), keeping the last ``limit``."""
+def save_checkpoint(
+    run_dir: Path, state: dict, adapters: dict, modules: dict, config, family: str, limit: int, recipe: dict | None = None
+) -> Path:
+    """Write ``checkpoints/step-NNNNNNN`` atomically (temp dir + rename), keeping the last ``limit``.
+
+    The manifest of every file's size and hash is written last, so ``--resume`` and ``fewstep export`` can tell a
+    complete checkpoint from one a full disk or a copy cut short (:func:`.run_dir.checkpoint_problem`). ``recipe``
+    (how the generator at this step samples, and the step) is what ``fewstep export`` of this checkpoint records.
+    """
     from safetensors.torch import save_file
 
     step = state["loop"]["step"]
@@ -40,6 +49,9 @@ def save_checkpoint(run_dir: Path, state: dict, adapters: dict, modules: dict, c
         torch.save(state, tmp / "training_state.pt")
         save_yaml(config, tmp / "config.yaml")
         (tmp / "family").write_text(family)
+        if recipe is not None:
+            (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+        write_checkpoint_manifest(tmp)
     except BaseException:  # a full disk (torch reports it as a RuntimeError), a second Ctrl-C: leave no half copy
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -65,6 +77,8 @@ class TrainingState:
     modules: dict[str, torch.nn.Module]  # the method's extra networks (the GAN head)
     data_rng: torch.Generator
     ema: AdapterEMA | None
+    recipe: Callable[[], dict] | None = None  # the method's sampling recipe, recorded with each checkpoint
+    lock: RunLock | None = None  # the run directory's lock: each checkpoint proves the run still holds it
 
     def save(self) -> Path:
         """A checkpoint at the loop's current step (the main process calls this; the others hold the same state)."""
@@ -79,8 +93,13 @@ class TrainingState:
             with self.ema.swapped_in():
                 ema_state = get_peft_model_state_dict(self.unet, adapter_name=GENERATOR)
                 adapters[f"{GENERATOR}_ema"] = {k: v.clone() for k, v in ema_state.items()}
+        if self.lock is not None:
+            self.lock.heartbeat()  # a run whose lock was taken over stops before it writes beside the new holder
         c = self.config
-        return save_checkpoint(self.run_dir, state, adapters, self.modules, c, self.family, c.checkpoints_total_limit)
+        recipe = {**self.recipe(), "step": loop.step} if self.recipe is not None else None
+        return save_checkpoint(
+            self.run_dir, state, adapters, self.modules, c, self.family, c.checkpoints_total_limit, recipe
+        )
 
     def load(self, checkpoint: Path) -> None:
         """Continue from ``checkpoint``, with this run's learning rates (a new ``--lr`` on resume takes effect)."""

@@ -33,7 +33,7 @@ except ImportError:  # Windows: the lock file alone
 # What a training run writes into its directory (``--overwrite`` deletes these and nothing else). The teacher ODE
 # pairs (``pairs/``, DMD and PD) are a cache keyed by the teacher's settings (training/pair_cache.py): a new run
 # with the same settings reuses them, one with other settings is refused and names the folder to delete.
-RUN_ENTRIES = ("config.yaml", "method", "checkpoints", "lora", "samples", "logs")
+RUN_ENTRIES = ("config.yaml", "method", "data_summary.json", "checkpoints", "lora", "samples", "logs")
 # Written by every start before any check that may fail (the images of a --dataset) and rewritten by the next: a
 # directory that holds only these is one where a start failed, and is free for a new one.
 REWRITTEN_BY_EVERY_START = ("dataset_images",)

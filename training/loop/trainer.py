@@ -11,6 +11,7 @@ caches, accelerate, checkpoints + resume, EMA, validation, export, progress and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import torch
 
 from ...core.schedule import validate_timesteps
 from ..data.hf_dataset import read_training_data
+from ..data.summary import read_summary
+from ..teacher.style_lora import parse_style_spec
 from ..publish.lora_files import RECIPE_FILE
 from ..teacher import loading as teachers
 from . import interrupts
@@ -34,7 +37,7 @@ from .iterations import Progress, stop_on_signal, train_iteration
 from .networks import GENERATOR, TextConditioning
 from .precision import auto_mixed_precision, autocast
 from .resume import check_resume, check_resume_defaults
-from .run_dir import claim_run_dir, clear_run_dir, validation_missed
+from .run_dir import RunLock, claim_run_dir, clear_run_dir, validation_missed
 from .trackers import resolve_report_to
 from .validation import Validator
 
@@ -276,42 +279,58 @@ class Method(Protocol):
 
 
 # ------------------------------------------------------------------------------------------ the trainer
+def holds_the_run_dir(train_function):
+    """``train`` with the run directory's lock held throughout (:class:`.run_dir.RunLock`): a second ``fewstep
+    train`` into a directory a live process is training into is refused, naming that process."""
+
+    @functools.wraps(train_function)
+    def locked(method, config, *args, **kwargs):
+        if not config.output:  # refused by check_start
+            return train_function(method, config, *args, **kwargs)
+        with RunLock(Path(config.output)) as run_lock:
+            return train_function(method, config, *args, run_lock=run_lock, **kwargs)
+
+    return locked
+
+
 @interrupts.handles_stop_signals
-def train(method: Method, config, resume: bool = False, on_step=None, overwrite: bool = False) -> Path:
+@holds_the_run_dir
+def train(method: Method, config, resume: bool = False, on_step=None, overwrite: bool = False, run_lock=None) -> Path:
     """Run ``method``. ``on_step(step, metrics)`` is called after each iteration; returning True stops the run.
 
-    ``overwrite`` lets a new run replace the run already in ``config.output`` (see :mod:`.run_dir`); SIGINT and
-    SIGTERM stop after a checkpoint (see :mod:`.interrupts`).
+    ``overwrite`` lets a new run replace the run already in ``config.output``; one process at a time trains into a
+    run directory (``run_lock``: :func:`holds_the_run_dir`); SIGINT and SIGTERM stop after a checkpoint.
     """
     from accelerate import Accelerator
 
     # 0. Options, the run directory and a resume: refused before anything loads -------------------
-    run_dir, checkpoint = check_start(method, config, resume, overwrite)
+    run_dir, checkpoint, config = check_start(method, config, resume, overwrite)
 
     # 1. Data first (cheap to check), then the teacher, its family and the family's defaults -----------
-    prompts, real_items = read_training_data(config, run_dir)  # --prompts, --images, --dataset
+    data = read_run_data(config, run_dir, checkpoint)  # --prompts, --images, --dataset; a resume: the same data
     # No mixed precision for accelerate: it is the trainer's own (see .precision).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     pipe, family = teachers.load_teacher(config.teacher, config.model_type, config.teacher_config, config.teacher_lora)
     config = fill_family_defaults(config, pipe, family, checkpoint)
-    use_gan = uses_gan(method, config, real_items)
+    use_gan = uses_gan(method, config, data.items)
     method.check(config, family, use_gan, accelerator.num_processes)
     device, is_main = accelerator.device, accelerator.is_main_process
-    start_run_dir(run_dir, method, config, overwrite, is_main)
+    start_run_dir(run_dir, method, config, overwrite, is_main, data.summary)
 
     # 2. Cached encodings; then only the UNet (and the VAE decoder) stay --------------------------
-    encoded = encode_teacher(pipe, family, prompts, real_items, use_gan, config, device)
+    encoded = encode_teacher(pipe, family, data.prompts, data.items, use_gan, config, device)
     del pipe
 
     # 3. The method: adapters, optimizers, loop ---------------------------------------------------
     torch.manual_seed(config.seed)
     data_rng = torch.Generator().manual_seed(config.seed * 1000 + 17 + accelerator.process_index)
-    ctx = method_context(config, family, run_dir, encoded, prompts, data_rng, accelerator)
+    ctx = method_context(config, family, run_dir, encoded, data.prompts, data_rng, accelerator)
     with autocast(device, config.mixed_precision):
         run = method.build(ctx)
     loop = run.loop
     ema = AdapterEMA(run.ema_parameters, config.ema_decay) if config.ema_decay > 0 and run.ema_parameters else None
-    state = TrainingState(run_dir, config, family, encoded.unet, loop, run.adapters, run.modules, data_rng, ema)
+    state = TrainingState(run_dir, config, family, encoded.unet, loop, run.adapters, run.modules, data_rng, ema,
+                          run.recipe, run_lock)  # fmt: skip
 
     # 4. Resume ----------------------------------------------------------------------------------
     if checkpoint is not None:
@@ -349,7 +368,7 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
             state.save()
         lora_dir = run_dir / "lora"
         with ema_weights(ema):  # users get the EMA weights
-            ctx.export_lora(GENERATOR, lora_dir, run.recipe())
+            ctx.export_lora(GENERATOR, lora_dir, {**run.recipe(), "step": loop.step})
             if run.on_finish is not None:
                 run.on_finish()
         accelerator.print(f"fewstep: wrote {lora_dir}/pytorch_lora_weights.safetensors and fewstep_comfyui.safetensors")
@@ -357,13 +376,14 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     return run_dir
 
 
-def check_start(method: Method, config, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+def check_start(method: Method, config, resume: bool, overwrite: bool):
     """Refuse what can be refused before minutes of loading: bad options, a run directory this run may not take, a
-    resume of another method's run or with options it cannot change. Returns the run directory and the checkpoint
-    to resume from (None for a new run)."""
+    resume of another method's run or with options it cannot change. Returns the run directory, the checkpoint to
+    resume from (None for a new run) and the options with their local paths made absolute."""
     check_config(config)
     if not config.output:
         raise TrainingError("--output is required (the run directory)")
+    config = with_absolute_paths(config)
     resolve_report_to(config.report_to)  # an unusable tracker fails before the teacher loads
     run_dir = Path(config.output)
     checkpoint = claim_run_dir(run_dir, resume, overwrite)
@@ -374,7 +394,41 @@ def check_start(method: Method, config, resume: bool, overwrite: bool) -> tuple[
         raise TrainingError("--teacher is required (a Hub id, a local diffusers folder or a .safetensors file)")
     if getattr(config, "timesteps", None):
         validate_timesteps(config.timesteps)  # before minutes of loading
-    return run_dir, checkpoint
+    return run_dir, checkpoint, config
+
+
+def with_absolute_paths(config):
+    """Local files and folders (teacher, prompts, images, dataset, style LoRAs) resolved against the directory the
+    run starts in, so that ``config.yaml`` names them wherever ``--resume`` is run from. Hub ids stay as they are."""
+
+    def absolute(value):
+        path = Path(value).expanduser() if value else None
+        return str(path.resolve()) if path is not None and path.exists() else value
+
+    def absolute_style(spec: str) -> str:
+        style = parse_style_spec(spec)
+        return f"{absolute(str(style.path))}:{style.scale:g}" if style.path.exists() else spec
+
+    fields = {name: absolute(getattr(config, name)) for name in ("teacher", "teacher_config", "prompts", "images",
+                                                                 "dataset") if hasattr(config, name)}  # fmt: skip
+    styles = config.teacher_lora
+    if styles:
+        fields["teacher_lora"] = [absolute_style(spec) for spec in ([styles] if isinstance(styles, str) else styles)]
+    return dataclasses.replace(config, **fields)
+
+
+def read_run_data(config, run_dir: Path, checkpoint: Path | None):
+    """The training data; a resumed run's must be the data the run started with (its recorded fingerprint)."""
+    data = read_training_data(config, run_dir)
+    saved = (read_summary(run_dir) or {}).get("fingerprint") if checkpoint is not None else None
+    if saved and saved != data.summary.fingerprint:
+        now = data.summary.fingerprint
+        raise TrainingError(
+            f"--resume: the run's data changed since it started (now {now['prompts']} prompts and {now['images']} "
+            f"images, was {saved['prompts']} and {saved['images']}, or their contents differ); restore the run's "
+            "files, or start a new run in another --output"
+        )
+    return data
 
 
 def fill_family_defaults(config, pipe, family: str, checkpoint: Path | None):
@@ -404,13 +458,15 @@ def uses_gan(method: Method, config, real_items: list) -> bool:
     return wants_gan and bool(real_items)
 
 
-def start_run_dir(run_dir: Path, method: Method, config, overwrite: bool, is_main_process: bool) -> None:
-    """Every input is checked: now the run may write into its directory (its method and its full options)."""
+def start_run_dir(run_dir: Path, method: Method, config, overwrite: bool, is_main_process: bool, summary) -> None:
+    """Every input is checked: now the run may write into its directory (its method, its full options and what
+    data it trains on)."""
     if overwrite and is_main_process:  # once, before any process writes into the directory
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process:
         (run_dir / METHOD_FILE).write_text(method.key + "\n")
+        summary.write(run_dir)
     save_yaml(config, run_dir / "config.yaml")
 
 
