@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..digits.teacher import cached_train_images, digits_teacher, write_digit_prompts
     from ..digits.yardstick import digit_classifier
 
+    from ..cli import resolve_device
+
+    args.device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher = args.teacher or str(digits_teacher(device=args.device))

@@ -56,12 +56,14 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    _check(args)
     import torch
 
+    from ..cli import resolve_device
+
+    _check(args)
+    device = torch.device(resolve_device(args.device))  # before anything is built
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     timed_steps = args.teacher_timed_steps or args.teacher_steps
 

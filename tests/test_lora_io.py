@@ -224,3 +224,23 @@ def test_tiny_sdxl_lora_is_recognised_by_its_stacked_transformer_blocks():
 
     unet = _add_generator_lora(build_tiny_sdxl_pipeline().unet)
     assert lora_family_of_state_dict(get_peft_model_state_dict(unet, adapter_name="generator")) == "sdxl"
+
+
+def test_the_same_lora_saved_twice_is_the_same_file(tmp_path):
+    """safetensors writes its header from a hash map (key order varies run to run); fewstep's files sort it."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; from safetensors.torch import save_file; "
+        "from fewstep.training.publish.lora_files import canonical_header; "
+        "tensors = {f'lora_unet_block_{i}.lora_down.weight': torch.full((2, 3), float(i)) for i in range(6)}; "
+        "save_file(tensors, sys.argv[1], metadata={k: k * 3 for k in 'abcdefgh'}); canonical_header(sys.argv[1])"
+    )
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for path in paths:  # separate processes: each hash map gets its own random order
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert len({path.read_bytes() for path in paths}) == 1
+    with safe_open(str(paths[0]), framework="pt") as handle:
+        assert handle.metadata() == {k: k * 3 for k in "abcdefgh"}
+        assert torch.equal(handle.get_tensor("lora_unet_block_5.lora_down.weight"), torch.full((2, 3), 5.0))

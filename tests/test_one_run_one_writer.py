@@ -101,3 +101,18 @@ def test_resume_refuses_when_the_runs_data_changed(capsys, teacher, prompts, tmp
     code, err = train(capsys, "--output", str(run), "--resume", "--max-steps", "4")
     lines = [line for line in err.strip().splitlines() if "error" in line]
     assert code == 2 and len(lines) == 1 and "the run's data changed since it started" in lines[0], err
+
+
+@pytest.mark.parametrize("damaged", ["training_state.pt", "generator.safetensors", "fake_score.safetensors"])
+def test_resume_falls_back_past_a_truncated_checkpoint_naming_the_file(capsys, teacher, prompts, tmp_path, damaged):
+    run = tmp_path / "run"
+    code, err = train(capsys, "--teacher", str(teacher), "--prompts", str(prompts), "--output", str(run),
+                      "--max-steps", "4", "--checkpoint-every", "2", *TINY)  # fmt: skip
+    assert code == 0, err
+    path = run / "checkpoints" / "step-0000004" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a full disk, a copy cut short
+    capsys.readouterr()
+    assert main(["train", "--output", str(run), "--resume", "--max-steps", "6"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint step-0000004 is incomplete ({damaged}" in out and "using step-0000002" in out
+    assert "resumed from" in out and "step-0000002" in out

@@ -43,21 +43,23 @@ def test_a_style_lora_scale_that_is_not_a_number_in_range_is_refused(capsys, tea
     assert not run.exists()
 
 
-def test_a_resolution_far_above_the_teachers_is_refused_with_the_memory_it_would_need(capsys, teacher, prompts, tmp_path):
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--resolution", "4096"], ["--resolution 4096", "native", "memory", "at most"]),
+        (["--model-type", "sdxl"], ["--model-type sdxl", "SD1.5"]),
+        (["--num-steps", "1000"], ["--num-steps 1000", "999 distinct timesteps"]),
+        (["--timesteps", "999,499", "--num-steps", "4"], ["--timesteps 999,499", "--num-steps is 4", "only one"]),
+    ],
+    ids=["resolution far above the teacher's", "model type not the weights'", "num-steps beyond the schedule",
+         "num-steps with timesteps"],
+)
+def test_options_the_teacher_cannot_take_are_refused_before_any_folder_is_made(capsys, teacher, prompts, tmp_path, options, words):
     run = tmp_path / "run"
     code, err = run_cli(capsys, "train", "--teacher", str(teacher), "--prompts", str(prompts), "--output", str(run),
-                        "--resolution", "4096")  # fmt: skip
+                        *options)  # fmt: skip
     assert code == 2
-    assert_one_line(err, "--resolution 4096", "native", "memory", "at most")
-    assert not run.exists()
-
-
-def test_a_model_type_that_does_not_match_the_weights_is_refused(capsys, teacher, prompts, tmp_path):
-    run = tmp_path / "run"
-    code, err = run_cli(capsys, "train", "--teacher", str(teacher), "--prompts", str(prompts), "--output", str(run),
-                        "--model-type", "sdxl")  # fmt: skip
-    assert code == 2
-    assert_one_line(err, "--model-type sdxl", "SD1.5")
+    assert_one_line(err, *words)
     assert not run.exists()
 
 
@@ -67,6 +69,7 @@ def test_a_model_type_that_does_not_match_the_weights_is_refused(capsys, teacher
     [
         ["demo", "--device", "cuda", "--quick"],
         ["bench", "memory", "--device", "cuda"],
+        ["bench", "inference", "--device", "cuda"],
         ["bench", "methods", "--device", "cuda", "--quick"],
         ["sample", "--device", "cuda", "--lora", "run", "--teacher", "base", "--prompt", "a cat"],
     ],

@@ -69,7 +69,7 @@ def test_dmd_writes_pairs_checkpoints_and_a_one_step_lora(teachers, prompts, tmp
     assert load_file(run / "pairs" / "pairs-000000.safetensors")["target"].shape == (6, 4, 16, 16)
     assert (run / "checkpoints" / "step-0000004" / "fake_score.safetensors").is_file()
     assert json.loads((run / "lora" / "fewstep_recipe.json").read_text()) == {
-        "method": "dmd", "timesteps": [999], "sampler": "few_step"
+        "method": "dmd", "timesteps": [999], "sampler": "few_step", "step": 4
     }
 
 

@@ -20,6 +20,7 @@ import torch
 from ...core.lora_format import RECIPE_FILE
 from .config import save_yaml
 from .ema import AdapterEMA
+from .errors import TrainingError
 from .networks import GENERATOR
 from .resume import set_base_lr
 from .run_dir import RunLock, checkpoints_of, write_checkpoint_manifest
@@ -106,11 +107,12 @@ class TrainingState:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        read = lambda name, reader: read_checkpoint_file(checkpoint / name, reader)
         for name in self.adapters:
-            set_peft_model_state_dict(self.unet, load_file(checkpoint / f"{name}.safetensors"), adapter_name=name)
+            set_peft_model_state_dict(self.unet, read(f"{name}.safetensors", load_file), adapter_name=name)
         for name, module in self.modules.items():
-            module.load_state_dict(load_file(checkpoint / f"{name}.safetensors"))
-        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+            module.load_state_dict(read(f"{name}.safetensors", load_file))
+        state = read("training_state.pt", lambda path: torch.load(path, weights_only=True))
         for name, optimizer in self.loop.optimizers.items():
             optimizer.load_state_dict(state[f"{name}_optimizer"])
         for name, scheduler in self.loop.lr_schedulers.items():
@@ -120,4 +122,14 @@ class TrainingState:
         self.loop.load_state_dict(state["loop"])
         self.data_rng.set_state(state["data_rng"])
         if self.ema is not None and (checkpoint / f"{GENERATOR}_ema.safetensors").is_file():
-            self.ema.load_peft_state_dict(self.unet, load_file(checkpoint / f"{GENERATOR}_ema.safetensors"))
+            self.ema.load_peft_state_dict(self.unet, read(f"{GENERATOR}_ema.safetensors", load_file))
+
+
+def read_checkpoint_file(path: Path, reader):
+    """``reader(path)``; a file that cannot be read (an I/O error, damage the manifest could not see) is a read
+    error in one line naming it, never reported as a failed write of the run."""
+    try:
+        return reader(path)
+    except Exception as error:  # OSError, safetensors' SafetensorError, torch's RuntimeError / UnpicklingError
+        raise TrainingError(f"cannot read {path}: {' '.join(str(error).split()) or type(error).__name__}; resume "
+                            "from an older checkpoint by moving this one aside") from None

@@ -121,7 +121,18 @@ def effective_batch_warning(config, family: str, num_processes: int) -> str | No
 
 
 def student_timesteps_of(config) -> list[int]:
-    return validate_timesteps(config.timesteps) if config.timesteps else student_timesteps(config.num_steps)
+    """The student's timesteps: ``--timesteps``, else DMD2's list for ``--num-steps``; given both, they must agree."""
+    if config.timesteps:
+        if config.num_steps not in (1, len(config.timesteps)):  # 1 is the default, so it may be "not given"
+            raise TrainingError(
+                f"--timesteps {','.join(map(str, config.timesteps))} is a {len(config.timesteps)}-step student but "
+                f"--num-steps is {config.num_steps}; give only one of them"
+            )
+        return validate_timesteps(config.timesteps)
+    try:
+        return student_timesteps(config.num_steps)
+    except ValueError as error:
+        raise TrainingError(f"--num-steps {config.num_steps}: {error}") from None
 
 
 def build_distribution_matching(

@@ -14,7 +14,6 @@ Both files carry ``fewstep_base_family`` in their metadata so a LoRA can be matc
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Mapping
 
@@ -82,6 +81,28 @@ def _rewrite_metadata(path: Path, extra: Mapping[str, str]) -> None:
     with safe_open(path, framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
     save_file(load_file(path), path, metadata={**metadata, **extra})
+    canonical_header(path)
+
+
+def canonical_header(path: str | Path) -> None:
+    """Rewrite a safetensors file's JSON header with its keys sorted, in place.
+
+    safetensors writes the header from a hash map, so the same tensors and metadata saved by two processes differ
+    in key order, and so in bytes. Sorted, the same LoRA is the same file (one hash on the Hub, reproducible
+    exports). The header keeps its length (compact JSON either way, padded with spaces as safetensors pads it), so
+    the tensor data is not moved.
+    """
+    import json
+    import struct
+
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # never the case for safetensors' own compact header; leave such a file as it is
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))
 
 
 def save_diffusers_lora(unet, adapter_name: str, directory: str | Path, family: str | None = None) -> Path:
@@ -158,6 +179,7 @@ def save_kohya_lora(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path, metadata=metadata)
+    canonical_header(path)
     return path
 
 
