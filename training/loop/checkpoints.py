@@ -20,10 +20,9 @@ import torch
 from ...core.lora_format import RECIPE_FILE
 from .config import save_yaml
 from .ema import AdapterEMA
-from .errors import TrainingError
 from .networks import GENERATOR
 from .resume import set_base_lr
-from .run_dir import RunLock, checkpoints_of, write_checkpoint_manifest
+from .run_dir import RunLock, checkpoints_of, read_checkpoint_file, write_checkpoint_manifest
 
 
 def save_checkpoint(
@@ -123,13 +122,3 @@ class TrainingState:
         self.data_rng.set_state(state["data_rng"])
         if self.ema is not None and (checkpoint / f"{GENERATOR}_ema.safetensors").is_file():
             self.ema.load_peft_state_dict(self.unet, read(f"{GENERATOR}_ema.safetensors", load_file))
-
-
-def read_checkpoint_file(path: Path, reader):
-    """``reader(path)``; a file that cannot be read (an I/O error, damage the manifest could not see) is a read
-    error in one line naming it, never reported as a failed write of the run."""
-    try:
-        return reader(path)
-    except Exception as error:  # OSError, safetensors' SafetensorError, torch's RuntimeError / UnpicklingError
-        raise TrainingError(f"cannot read {path}: {' '.join(str(error).split()) or type(error).__name__}; resume "
-                            "from an older checkpoint by moving this one aside") from None

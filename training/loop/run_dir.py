@@ -450,3 +450,16 @@ def _held_message(run_dir: Path, holder: dict | None, stat: os.stat_result) -> s
     if holder.get("host") != socket.gethostname():
         started += f", last heartbeat {(time.time() - stat.st_mtime) / 60:.0f} min ago"
     return f"--output {run_dir} is being trained by {_who(holder)} ({started}); wait for it, or stop it first"
+
+
+def read_checkpoint_file(path: Path, reader):
+    """``reader(path)`` for a file of a run (a checkpoint's adapters, state, options): a file that cannot be read
+    (an I/O error, damage its manifest could not see) is one line naming it, a read error, never reported as a
+    failed write of the run. ``ValueError``s of the reader (load_yaml's, which name the file) pass as they are."""
+    try:
+        return reader(path)
+    except ValueError:
+        raise
+    except Exception as error:  # OSError, safetensors' SafetensorError, torch's RuntimeError / UnpicklingError
+        detail = " ".join(str(error).split()) or type(error).__name__
+        raise RunDirError(f"cannot read {path}: {detail}; move this checkpoint aside to use an older one") from None

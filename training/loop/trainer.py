@@ -65,7 +65,9 @@ class TrainConfig:
     model_type: str | None = field(
         default=None, metadata={"help": "override the detected family", "choices": ["sd15", "sdxl"]}
     )
-    prompts: str | None = field(default=None, metadata={"help": "prompts file: .txt (one per line) or .jsonl"})
+    prompts: str | None = field(
+        default=None, metadata={"help": "prompts file: .txt (one per line), .jsonl, .json, .csv or .tsv"}
+    )
     images: str | None = field(
         default=None, metadata={"help": "real images with captions (metadata.jsonl or same-name .txt) for the GAN"}
     )

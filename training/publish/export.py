@@ -8,7 +8,8 @@ from pathlib import Path
 from ...core.lora_format import KOHYA_WEIGHT_NAME, RECIPE_FILE, RUN_DIR_LORA
 from ..loop.config import load_yaml
 from ..loop.networks import GENERATOR, lora_config
-from ..loop.run_dir import checkpoint_problem, checkpoints_of, latest_complete_checkpoint
+from .sampling_recipes import recipe_from_config
+from ..loop.run_dir import checkpoint_problem, checkpoints_of, latest_complete_checkpoint, read_checkpoint_file
 
 
 def _find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
@@ -31,19 +32,6 @@ def _find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
     return path
 
 
-def _read(path: Path, reader):
-    """``reader(path)``, with a failure to read it (an I/O error, a damaged file) as one line naming the file.
-
-    Not an OSError: ``fewstep export`` reports those as failed writes of its output.
-    """
-    try:
-        return reader(path)
-    except ValueError:
-        raise  # load_yaml's messages already name the file
-    except Exception as error:  # OSError, safetensors' SafetensorError (not exported), torch's RuntimeError
-        raise ValueError(f"cannot read {path}: {' '.join(str(error).split()) or type(error).__name__}") from None
-
-
 def export_run(run_dir, fmt: str = "all", checkpoint: str | None = None, out: str | None = None) -> list[Path]:
     """Rebuild the generator adapter on the teacher's UNet from a checkpoint and write the LoRA file(s)."""
     from diffusers import UNet2DConditionModel
@@ -59,8 +47,8 @@ def export_run(run_dir, fmt: str = "all", checkpoint: str | None = None, out: st
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} is not a fewstep run directory (no config.yaml)")
     path = _find_checkpoint(run_dir, checkpoint)
-    config = _read(path / "config.yaml", load_yaml)
-    family = _read(path / "family", Path.read_text).strip()
+    config = read_checkpoint_file(path / "config.yaml", load_yaml)
+    family = read_checkpoint_file(path / "family", Path.read_text).strip()
     teacher = config["teacher"]
     try:
         unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
@@ -70,7 +58,7 @@ def export_run(run_dir, fmt: str = "all", checkpoint: str | None = None, out: st
     unet.add_adapter(lora_config(config["gen_rank"], config["gen_alpha"]), adapter_name=GENERATOR)
     ema = path / f"{GENERATOR}_ema.safetensors"  # runs with --ema-decay ship the EMA weights
     weights = ema if ema.is_file() else path / f"{GENERATOR}.safetensors"
-    set_peft_model_state_dict(unet, _read(weights, load_file), adapter_name=GENERATOR)
+    set_peft_model_state_dict(unet, read_checkpoint_file(weights, load_file), adapter_name=GENERATOR)
     out_dir = Path(out) if out else export_dir(run_dir, path)
     written = []
     if fmt in ("diffusers", "all"):
@@ -98,13 +86,10 @@ def export_dir(run_dir: Path, checkpoint: Path) -> Path:
 def checkpoint_recipe(run_dir: Path, checkpoint: Path, config: dict) -> dict:
     """How the checkpoint's LoRA samples, with the step it comes from: the checkpoint's own ``fewstep_recipe.json``
     (written with every checkpoint), else the run's final recipe, else what a DMD2 config implies."""
-    from ...core.schedule import student_timesteps
-
     for source in (checkpoint / RECIPE_FILE, run_dir / RUN_DIR_LORA / RECIPE_FILE):
         if source.is_file():
-            recipe = json.loads(_read(source, Path.read_text))
+            recipe = json.loads(read_checkpoint_file(source, Path.read_text))
             break
     else:
-        timesteps = config.get("timesteps") or student_timesteps(int(config.get("num_steps") or 1))
-        recipe = {"method": "dmd2", "timesteps": [int(t) for t in timesteps], "sampler": "few_step"}
+        recipe = recipe_from_config(config)
     return {**recipe, "step": checkpoint_step(checkpoint)}

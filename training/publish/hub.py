@@ -28,6 +28,7 @@ from ..loop.config import load_yaml
 from .lora_files import DIFFUSERS_LORA_WEIGHT_NAME, FAMILIES, RECIPE_FILE, lora_family_of_state_dict
 from .model_card import KOHYA_WEIGHT_NAME, SAMPLE_GRID, looks_like_hub_id, model_card, public_config
 from .pushed_code import write_pushed_code
+from .sampling_recipes import recipe_from_config
 
 # Licenses of the reference base models; a LoRA inherits its base model's license (override with --license).
 BASE_LICENSES = {"sd15": "creativeml-openrail-m", "sdxl": "openrail++"}
@@ -64,16 +65,12 @@ class Run:
     def recipe(self) -> dict:
         """How the LoRA samples: ``lora/fewstep_recipe.json`` (written by the trainer for every method), else what
         the config implies (a DMD2 run: its timesteps, DMD2's rule)."""
-        from ...core.schedule import student_timesteps
-
         if self.directory is not None:  # a Run made in code (no directory) has only its config
             path = self.lora / RECIPE_FILE
             if path.is_file():
                 recipe = json.loads(path.read_text())
                 return {**recipe, "timesteps": [int(t) for t in recipe["timesteps"]]}
-        timesteps = [int(t) for t in self.config.get("timesteps") or []]
-        timesteps = timesteps or student_timesteps(int(self.config.get("num_steps") or 1))
-        return {"method": "dmd2", "timesteps": timesteps, "sampler": "few_step"}
+        return recipe_from_config(self.config)
 
     @property
     def timesteps(self) -> list[int]:

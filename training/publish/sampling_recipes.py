@@ -66,3 +66,11 @@ class SamplingRecipe:
         """The stock ComfyUI sampler of this rule: ``lcm`` is DMD2's x0-then-fresh-noise rule; ``ddim`` (Euler in
         σ, i.e. deterministic DDIM) is Progressive Distillation's."""
         return "ddim" if self.sampler == "ddim" else "lcm"
+
+
+def recipe_from_config(config: dict) -> dict:
+    """What a run's options imply about how its LoRA samples, for a LoRA without its own ``fewstep_recipe.json``
+    (runs from before the recipe file): a DMD2 run's timesteps and DMD2's re-noising rule."""
+    timesteps = [int(t) for t in config.get("timesteps") or []]
+    timesteps = timesteps or student_timesteps(int(config.get("num_steps") or 1))
+    return {"method": "dmd2", "timesteps": timesteps, "sampler": "few_step"}
