@@ -18,6 +18,7 @@ BENCHMARKS = {
     "inference": "few-step pipeline latency vs its networks and vs the 50-step CFG teacher",
     "memory": "peak memory of training and inference",
     "methods": "DMD2, DMD and progressive distillation of the digits teacher at a matched budget",
+    "data": "peak RSS, encoding throughput and start-up time of training against dataset size",
 }
 
 

@@ -65,3 +65,24 @@ def lora_family_of_state_dict(state_dict_or_path) -> str | None:
     if any(_SD15_KEY.search(name) for name in names):
         return "sd15"
     return None
+
+
+def canonical_header(path) -> None:
+    """Rewrite a safetensors file's JSON header with its keys sorted, in place.
+
+    safetensors writes the header from a hash map, so the same tensors and metadata saved by two processes differ
+    in key order, and so in bytes. Sorted, the same LoRA is the same file (one hash on the Hub, reproducible
+    exports). The header keeps its length (compact JSON either way, padded with spaces as safetensors pads it), so
+    the tensor data is not moved.
+    """
+    import json
+    import struct
+
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # never the case for safetensors' own compact header; leave such a file as it is
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))

@@ -25,6 +25,20 @@ def library_log_handlers_on_the_session_stderr():
     transformers_logging.get_logger("transformers")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def encoding_cache_of_the_session(tmp_path_factory):
+    """Every run's encodings go to a cache of the test session's own, never the user's ``~/.cache/fewstep``; tests
+    that look into the cache take ``cache_dir`` (their own)."""
+    import os
+
+    from fewstep.training.data.encoding_cache import CACHE_DIR_VARIABLE
+
+    saved = os.environ.get(CACHE_DIR_VARIABLE)
+    os.environ[CACHE_DIR_VARIABLE] = str(tmp_path_factory.mktemp("encodings"))
+    yield
+    os.environ.pop(CACHE_DIR_VARIABLE) if saved is None else os.environ.__setitem__(CACHE_DIR_VARIABLE, saved)
+
+
 # Each family's tiny pipeline saved as a user's base model folder, and fabricated run directories on them, shared by
 # the pipeline, push and LoRA-file tests (see fake_runs.py).
 @pytest.fixture(scope="module")
@@ -94,5 +108,6 @@ def cache_dir(tmp_path, monkeypatch):
     """A cache root of the test's own (``FEWSTEP_CACHE``), never the user's, and no network to fill it from."""
     root = tmp_path / "cache"
     monkeypatch.setenv("FEWSTEP_CACHE", str(root))
+    monkeypatch.delenv("FEWSTEP_ENCODING_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return root

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewstep.training.data.hf_dataset import read_dataset, read_training_data
 from fewstep.training.data.prompts import DataError, load_image_tensor, read_image_folder, read_prompts
+from fewstep.training.data.run_data import read_training_data
+from fewstep.training.data.sources import hf_dataset_source
 
 datasets = pytest.importorskip("datasets")
 
@@ -19,6 +20,11 @@ def config(**given):
     options = dict(prompts=None, images=None, dataset=None, image_column=None, caption_column=None,
                    dataset_split="train", streaming=False, max_train_samples=None)  # fmt: skip
     return SimpleNamespace(**{**options, **given})
+
+
+def dataset_items(name, **given):
+    """A --dataset's items, in order, as the encoder reads them."""
+    return list(hf_dataset_source(config(dataset=name, **given)).items())
 
 
 def captioned(folder, captions, suffix=".png"):
@@ -44,14 +50,14 @@ def test_every_run_prints_and_records_what_it_uses_and_skips(tmp_path, capsys):
     prompts.write_text("a cat\n\na dog\n  \na car\n")
     images = captioned(tmp_path / "images", ["a red thing", "", "a blue thing"])
     (images / "notes.svg").write_text("<svg/>")
-    data = read_training_data(config(prompts=str(prompts), images=str(images)), tmp_path / "run")
+    data = read_training_data(config(prompts=str(prompts), images=str(images)))
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("fewstep: data: 3 prompts (2 empty lines skipped); 2 images (")
+    assert line.startswith(f"fewstep: data: prompts file {prompts} (3 prompts; 2 empty lines skipped); images folder")
     assert "1 .svg file skipped: unsupported format" in line and "1 empty caption skipped" in line
-    found_prompts, found_items = data  # the trainer's unpacking still works
-    assert found_prompts == ["a cat", "a dog", "a car"] and len(found_items) == 2
+    assert [item.caption for item in data.prompts.items()] == ["a cat", "a dog", "a car"]
+    assert len(list(data.images.items())) == 2
     (tmp_path / "run").mkdir()
-    recorded = json.loads(data.summary.write(tmp_path / "run").read_text())
+    recorded = json.loads(data.summary(3, 2, {}, {}).write(tmp_path / "run").read_text())
     assert recorded["prompts"]["count"] == 3 and recorded["prompts"]["skipped"] == {"empty line": 2}
     assert recorded["images"]["count"] == 2 and recorded["images"]["skipped"]["empty caption"] == 1
 
@@ -101,7 +107,8 @@ def test_empty_captions_are_skipped_and_all_empty_is_one_line(tmp_path):
     assert "empty" in one_line_error(read_image_folder, captioned(tmp_path / "blank", ["", " "]))
     saved = tmp_path / "saved"
     datasets.Dataset.from_dict({"text": ["a cat", "", "a dog"]}).save_to_disk(str(saved))
-    assert read_dataset(str(saved), tmp_path / "out")[0] == ["a cat", "a dog"]
+    assert [i.caption for i in dataset_items(str(saved)) if i.problem is None] == ["a cat", "a dog"]
+    assert [i.problem for i in dataset_items(str(saved))] == [None, "empty caption", None]
 
 
 # ------------------------------------------------------------------------------------------- 5. GIFs and others
@@ -110,9 +117,9 @@ def test_a_gif_is_read_as_its_first_frame_and_said_so(tmp_path, capsys):
     frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(images / "1.gif", save_all=True, append_images=frames[1:])
     (images / "1.txt").write_text("a flashing thing")
-    read_training_data(config(images=str(images)), tmp_path / "run")
+    read_training_data(config(images=str(images)))
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "2 images (1 animated image: first frame used)" in line
+    assert "(2 images; 1 animated image: first frame used)" in line
     red = load_image_tensor(images / "1.gif", 16)
     assert red[0].mean() > 0.9 and red[2].mean() < -0.9
 
@@ -131,22 +138,21 @@ def test_16_bit_palette_and_transparent_images_keep_their_colours(tmp_path):
     assert load_image_tensor(tmp_path / "clear.png", 8).min() == 1.0  # transparent: the white backdrop
 
 
-def test_a_16_bit_dataset_image_is_written_mid_grey(tmp_path):
+def test_a_16_bit_dataset_image_is_read_mid_grey(tmp_path):
     saved = tmp_path / "saved"
     grey = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
     datasets.Dataset.from_dict({"image": [grey], "text": ["grey"]}, features=features).save_to_disk(str(saved))
-    _, items = read_dataset(str(saved), tmp_path / "out")
-    assert Image.open(items[0].path).getpixel((0, 0)) == (128, 128, 128)
+    assert dataset_items(str(saved))[0].load_image().getpixel((0, 0)) == (128, 128, 128)
 
 
 # ------------------------------------------------------------------------- 7. dataset splits and image columns
 def test_a_split_a_saved_dataset_does_not_have_is_refused_naming_its_split(tmp_path):
     saved = tmp_path / "saved"
     datasets.Dataset.from_dict({"text": ["a cat"]}, split="validation").save_to_disk(str(saved))
-    message = one_line_error(read_dataset, str(saved), tmp_path / "out", split="test")
+    message = one_line_error(dataset_items, str(saved), dataset_split="test")
     assert "no split 'test'" in message and "validation" in message
-    assert read_dataset(str(saved), tmp_path / "out", split="validation")[0] == ["a cat"]
+    assert [item.caption for item in dataset_items(str(saved), dataset_split="validation")] == ["a cat"]
 
 
 def test_an_image_column_without_images_is_refused_naming_the_columns_with_images(tmp_path):
@@ -154,5 +160,5 @@ def test_an_image_column_without_images_is_refused_naming_the_columns_with_image
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
     datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "text": ["a red thing"]},
                                features=features).save_to_disk(str(saved))  # fmt: skip
-    message = one_line_error(read_dataset, str(saved), tmp_path / "out", image_column="text")
+    message = one_line_error(dataset_items, str(saved), image_column="text")
     assert "--image-column 'text'" in message and "string" in message and "image" in message.split(";")[-1]

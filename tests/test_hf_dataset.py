@@ -2,12 +2,13 @@
 columns and empty datasets are one line."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
 from fewstep.cli import main
-from fewstep.training.data.hf_dataset import read_dataset
+from fewstep.training.data.sources import hf_dataset_source
 
 datasets = pytest.importorskip("datasets")
 
@@ -29,6 +30,15 @@ def saved(tmp_path_factory):
     return folder
 
 
+def read_dataset(name, **given):
+    """(captions, the items with images) of a --dataset, as the encoder reads them."""
+    options = dict(dataset=name, image_column=None, caption_column=None, dataset_split="train", streaming=False,
+                   max_train_samples=None)  # fmt: skip
+    source = hf_dataset_source(SimpleNamespace(**{**options, **given}))
+    items = [item for item in source.items() if item.problem is None]
+    return [item.caption for item in items], [item for item in items if item.load_image is not None]
+
+
 def cli_error(capsys, *argv):
     capsys.readouterr()
     code = main(["train", *argv])
@@ -44,7 +54,9 @@ def test_saved_dataset_trains_with_its_images_for_the_gan(teacher, saved, tmp_pa
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "training without the GAN loss" not in out.out
-    assert sorted(p.name for p in (run / "dataset_images").glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    assert not (run / "dataset_images").exists()  # read from the dataset while encoded, not copied into the run
+    summary = json.loads((run / "data_summary.json").read_text())
+    assert summary["images"]["count"] == 3 and summary["prompts"]["count"] == 3
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -55,21 +67,21 @@ def test_image_folder_dataset_reads_captions_and_images(tmp_path):
         image.save(folder / f"{i}.png")
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "caption": c}) + "\n"
                                                    for i, c in enumerate(CAPTIONS)))  # fmt: skip
-    captions, items = read_dataset(str(folder), tmp_path / "out")
+    captions, items = read_dataset(str(folder))
     assert sorted(captions) == sorted(CAPTIONS) and len(items) == 3
-    assert Image.open(items[0].path).size == (40, 36)
+    assert items[0].load_image().size == (40, 36)
 
 
 def test_streaming_reads_at_most_max_train_samples(saved, tmp_path):
-    captions, items = read_dataset(str(saved), tmp_path / "out", streaming=True, max_samples=2)
+    captions, items = read_dataset(str(saved), streaming=True, max_train_samples=2)
     assert captions == CAPTIONS[:2] and len(items) == 2
 
 
 def test_dataset_without_an_image_column_is_prompt_only(tmp_path):
     folder = tmp_path / "prompts"
     datasets.Dataset.from_dict({"prompt": CAPTIONS}).save_to_disk(str(folder))
-    captions, items = read_dataset(str(folder), tmp_path / "out")
-    assert captions == CAPTIONS and items == [] and not (tmp_path / "out").exists()
+    captions, items = read_dataset(str(folder))
+    assert captions == CAPTIONS and items == []
 
 
 def test_wrong_caption_column_names_the_columns_that_exist(teacher, saved, tmp_path, capsys):

@@ -101,7 +101,7 @@ def _remove(directory: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -115,7 +115,7 @@ def _remove_stale_builds(root: Path, name: str) -> None:
     """Delete temporary folders left by builds whose process died without cleaning up (SIGKILL, SIGTERM)."""
     for tmp in root.glob(f".tmp-{name}-*"):
         pid = tmp.name.removeprefix(f".tmp-{name}-").split("-")[-2]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
     for trash in root.glob(f".trash-{name}-*"):
         shutil.rmtree(trash, ignore_errors=True)

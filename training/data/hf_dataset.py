@@ -4,23 +4,18 @@ The conventions of diffusers' training scripts: a local folder (``imagefolder``:
 dataset saved with ``save_to_disk``, or a Hub id; ``--image-column`` (default ``image``) and ``--caption-column``
 (default ``text``, ``caption`` or ``prompt``); ``--streaming`` for large ones, reading the first
 ``--max-train-samples``. A dataset without an image column is a prompt-only run (DMD2 without its GAN needs no
-images). The images are written once as PNG files under ``RUN_DIR/dataset_images/`` and then used like an
-``--images`` folder.
+images). Its examples are read in ranges by :func:`.sources.hf_dataset_source` and decoded while they are encoded into the
+encoding cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
-from .images_io import to_rgb
-from .prompts import CaptionedImage, DataError, read_image_folder, read_prompts
-from .summary import DataSummary, Tally, counted, data_fingerprint
+from .prompts import DataError
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 IMAGE_COLUMN = "image"
-STREAMING_DEFAULT_SAMPLES = 10_000
 
 
 def _first_line(error: BaseException) -> str:
@@ -95,7 +90,7 @@ def _pick_columns(name: str, columns: list[str], image_column: str | None, capti
     return image, caption
 
 
-def _to_pil(value):
+def image_of(value):
     from PIL import Image
 
     if isinstance(value, Image.Image):
@@ -126,7 +121,7 @@ def _check_image_column(name: str, dataset, column: str, explicit: bool) -> None
     value = None if example is None else example.get(column)
     try:
         if value is not None:
-            _to_pil(value)
+            image_of(value)
         return
     except (DataError, OSError, ValueError, TypeError):
         pass
@@ -144,7 +139,7 @@ def _check_image_column(name: str, dataset, column: str, explicit: bool) -> None
     )
 
 
-def _caption_text(value) -> str | None:
+def caption_text(value) -> str | None:
     """The caption of one example ("" when empty; None when the column holds no text)."""
     value = value[0] if isinstance(value, (list, tuple)) and value else value  # several captions: the first
     if value is None:
@@ -152,94 +147,11 @@ def _caption_text(value) -> str | None:
     return value.strip() if isinstance(value, str) else None
 
 
-def _write_rgb(value, path: Path, name: str, index: int) -> None:
-    try:
-        image = to_rgb(_to_pil(value))  # decodes: 16-bit, palette and transparent images come out right
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"dataset {name} example {index}: image cannot be decoded ({_first_line(error)})") from None
-    image.save(path)
-
-
-def read_dataset(
-    name: str,
-    image_dir: Path,
-    image_column: str | None = None,
-    caption_column: str | None = None,
-    split: str = "train",
-    streaming: bool = False,
-    max_samples: int | None = None,
-    tally: Tally | None = None,
-) -> tuple[list[str], list[CaptionedImage]]:
-    """Captions, and the captioned images written to ``image_dir`` (none for a prompt-only dataset). Examples with
-    an empty caption or no image are skipped and counted in ``tally``."""
-    tally = tally if tally is not None else Tally()
-    dataset = load_hf_dataset(name, split, streaming)
-    image, caption = _pick_columns(name, _columns(dataset), image_column, caption_column)
+def dataset_columns(config):
+    """The ``--dataset`` loaded (streamed with ``--streaming``), and its image column (None: prompt-only) and caption
+    column, checked: a missing column or an image column without images is a one-line error naming the columns."""
+    dataset = load_hf_dataset(config.dataset, config.dataset_split, config.streaming)
+    image, caption = _pick_columns(config.dataset, _columns(dataset), config.image_column, config.caption_column)
     if image is not None:
-        _check_image_column(name, dataset, image, explicit=image_column is not None)
-        image_dir.mkdir(parents=True, exist_ok=True)
-    limit = max_samples or (STREAMING_DEFAULT_SAMPLES if streaming else None)
-    captions, items = [], []
-    for index, example in enumerate(islice(iter(dataset), limit)):
-        text = _caption_text(example[caption])
-        if text is None:
-            raise DataError(f"dataset {name} example {index} has no caption text in column {caption!r}")
-        if not text or (image is not None and example[image] is None):
-            tally.skip("empty caption" if not text else "example: no image")
-            continue
-        captions.append(text)
-        if image is not None:
-            path = image_dir / f"{index:06d}.png"
-            _write_rgb(example[image], path, name, index)
-            items.append(CaptionedImage(path, text))
-    if not captions:
-        empty = f" ({_counted_skips(tally)})" if tally.skipped else ""
-        raise DataError(f"dataset {name} (split {split!r}) has no usable examples{empty}")
-    return captions, items
-
-
-def _counted_skips(tally: Tally) -> str:
-    return ", ".join(counted(count, reason, "skipped") for reason, count in tally.skipped.items())
-
-
-@dataclass
-class TrainingData:
-    """The prompts, the captioned real images and what was left out; unpacks as ``prompts, items``."""
-
-    prompts: list[str]
-    items: list[CaptionedImage]
-    summary: DataSummary
-
-    def __iter__(self):
-        return iter((self.prompts, self.items))
-
-
-def read_training_data(config, run_dir: Path) -> TrainingData:
-    """Prompts for the generator and captioned real images for the GAN, from ``--prompts``, ``--images`` and
-    ``--dataset``. Prompts come from the prompts file, else from the captions of the images.
-
-    Prints what the run uses and skips; ``.summary.write(run_dir)`` records it once the run directory is made.
-    """
-    if not config.prompts and not config.images and not config.dataset:
-        raise DataError(
-            "give --prompts FILE or --dataset NAME (and optionally --images DIR with captioned real images)"
-        )
-    prompt_tally, image_tally = Tally(), Tally()
-    prompts = read_prompts(config.prompts, prompt_tally) if config.prompts else []
-    items = read_image_folder(config.images, image_tally) if config.images else []
-    captions = [item.caption for item in items]
-    if config.dataset:
-        dataset_tally = Tally()
-        dataset_captions, dataset_items = read_dataset(
-            config.dataset, Path(run_dir) / "dataset_images", config.image_column, config.caption_column,
-            config.dataset_split, config.streaming, config.max_train_samples, dataset_tally,
-        )  # fmt: skip
-        (image_tally if dataset_items else prompt_tally).merge(dataset_tally)
-        captions += dataset_captions
-        items += dataset_items
-    source = f"prompts file {config.prompts}" if prompts else "captions"
-    summary = DataSummary(len(prompts or captions), source, len(items), prompt_tally, image_tally,
-                          data_fingerprint(prompts or captions, items))  # fmt: skip
-    data = TrainingData(prompts or captions, items, summary)
-    print(data.summary.line())
-    return data
+        _check_image_column(config.dataset, dataset, image, explicit=config.image_column is not None)
+    return dataset, image, caption

@@ -66,3 +66,16 @@ def frame_count(path: Path) -> int:
     with Image.open(path) as image:
         image.load()
         return int(getattr(image, "n_frames", 1))
+
+
+def image_tensor(image, resolution: int):
+    """An RGB PIL image resized (shorter side) and centre-cropped to ``resolution``, in [-1, 1], shape (3, H, W)."""
+    import numpy as np
+    import torch
+
+    scale = resolution / min(image.size)
+    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))))
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images_io import IMAGE_SUFFIXES, frame_count, load_rgb
+from .images_io import IMAGE_SUFFIXES, frame_count, image_tensor, load_rgb
 from .summary import Tally
 
 PROMPT_FIELDS = ("prompt", "text", "caption")
@@ -148,13 +149,14 @@ def _unsupported(path: Path) -> str:
 def _unsupported_files(directory: Path, tally: Tally) -> None:
     """Count the folder's files that are neither images in a supported format nor captions, and its subfolders
     (which a folder of same-name captions does not search)."""
-    for entry in sorted(directory.iterdir()):
-        if entry.name.startswith(".") or entry.suffix.lower() in IMAGE_SUFFIXES | {".txt"}:
-            continue
-        if entry.is_dir():
-            tally.skip("subfolder: not searched (put the images in the folder itself)")
-        else:
-            tally.skip(_unsupported(entry))
+    with os.scandir(directory) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith(".") or Path(entry.name).suffix.lower() in IMAGE_SUFFIXES | {".txt"}:
+                continue
+            if entry.is_dir():
+                tally.skip("subfolder: not searched (put the images in the folder itself)")
+            else:
+                tally.skip(_unsupported(Path(entry.path)))
 
 
 def _metadata_items(directory: Path, metadata: Path, tally: Tally) -> list[CaptionedImage]:
@@ -168,22 +170,25 @@ def _metadata_items(directory: Path, metadata: Path, tally: Tally) -> list[Capti
             raise DataError(f'{metadata}:{number} needs "file_name" and "text" fields')
         if not isinstance(name, str) or not (directory / name).is_file():
             raise DataError(f"{metadata}:{number} names {name}, which is not in {directory}")
-        named.add((directory / name).resolve())
+        named.add(os.path.normpath(name))
         if (directory / name).suffix.lower() not in IMAGE_SUFFIXES:
             tally.skip(_unsupported(directory / name))
         elif not caption.strip():
             tally.skip("empty caption")
         else:
             items.append(CaptionedImage(directory / name, caption.strip()))
-    unnamed = [p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.resolve() not in named]
+    unnamed = [n for n in os.listdir(directory) if Path(n).suffix.lower() in IMAGE_SUFFIXES and n not in named]
     tally.skip("image: not in metadata.jsonl", len(unnamed))
     return items
 
 
 def _caption_file_items(directory: Path, tally: Tally) -> list[CaptionedImage]:
     """Each image with its same-name .txt caption; an empty caption is counted, not trained on."""
-    images = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+    with os.scandir(directory) as entries:  # one listing (a folder may hold 100,000s of files), names sorted
+        files = sorted(e.name for e in entries if e.is_file())
+    names = set(files)
+    images = [directory / n for n in files if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    missing = [p.name for p in images if p.with_suffix(".txt").name not in names]
     if missing:
         raise DataError(
             f"{len(missing)} image(s) in {directory} have no caption (e.g. {missing[0]}); add a same-name .txt "
@@ -199,12 +204,13 @@ def _caption_file_items(directory: Path, tally: Tally) -> list[CaptionedImage]:
     return items
 
 
-def read_image_folder(directory: str | Path, tally: Tally | None = None) -> list[CaptionedImage]:
+def read_image_folder(directory: str | Path, tally: Tally | None = None,
+                      decode_up_to: int | None = None) -> list[CaptionedImage]:  # fmt: skip
     """Captioned images: an imagefolder with ``metadata.jsonl`` ({"file_name", "text"}), or image + same-name .txt.
 
-    Every image is decoded here, so a corrupt one is named before any model loads, not minutes into a run. What is
-    left out (empty captions, unsupported formats) or changed (an animated image's first frame) is counted in
-    ``tally``.
+    Every image is decoded here (a folder of at most ``decode_up_to`` images, when given), so a corrupt one is named
+    before any model loads, not minutes into a run; larger folders are checked while they are encoded. What is left
+    out (empty captions, unsupported formats) or changed (an animated image's first frame) is counted in ``tally``.
     """
     directory, tally = Path(directory), tally if tally is not None else Tally()
     if not directory.is_dir():
@@ -220,7 +226,7 @@ def read_image_folder(directory: str | Path, tally: Tally | None = None) -> list
         raise DataError(f"every caption in images directory {directory} is empty; write a caption for each image")
     if not items:
         raise DataError(f"images directory {directory} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    for item in items:
+    for item in items if decode_up_to is None or len(items) <= decode_up_to else ():
         if check_image(item.path) > 1:
             tally.change("animated image: first frame used")
     return items
@@ -238,13 +244,4 @@ def check_image(path: Path) -> int:
 def load_image_tensor(path: Path, resolution: int):
     """An RGB image resized (shorter side) and centre-cropped to ``resolution``, in [-1, 1], shape (3, H, W).
     Opened with :func:`~.images_io.load_rgb`, so 16-bit, palette and transparent images come out right."""
-    import numpy as np
-    import torch
-
-    image = load_rgb(path)
-    scale = resolution / min(image.size)
-    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))))
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return image_tensor(load_rgb(path), resolution)

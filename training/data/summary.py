@@ -54,7 +54,7 @@ class DataSummary:
     images: int
     prompts_tally: Tally = field(default_factory=Tally)
     images_tally: Tally = field(default_factory=Tally)
-    fingerprint: dict = field(default_factory=dict)  # what identifies the data: a resume must find the same
+    fingerprint: dict = field(default_factory=dict)  # {"sources": digests of the data}: a resume must find the same
 
     def line(self) -> str:
         """``fewstep: data: 1,234 prompts (2 empty lines skipped); 500 images (3 empty captions skipped)``."""
@@ -81,20 +81,6 @@ class DataSummary:
         path = Path(run_dir) / SUMMARY_FILE
         path.write_text(json.dumps(self.as_json(), indent=2) + "\n")
         return path
-
-
-def data_fingerprint(prompts: list[str], items: list) -> dict:
-    """SHA-256 of the prompts in order and of the real images (each file's path, size and caption): the same data
-    gives the same fingerprint wherever the run is resumed from."""
-    import hashlib
-
-    images = "\n".join(f"{Path(i.path).resolve()}\t{Path(i.path).stat().st_size}\t{i.caption}" for i in items)
-    return {
-        "prompts": len(prompts),
-        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-        "images": len(items),
-        "images_sha256": hashlib.sha256(images.encode()).hexdigest(),
-    }
 
 
 def read_summary(run_dir: str | Path) -> dict | None:

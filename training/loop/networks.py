@@ -39,6 +39,9 @@ class TextConditioning:
     pooled_prompt_embeds: torch.Tensor | None = None  # SDXL: (B, P)
     time_ids: torch.Tensor | None = None  # SDXL: (B, 6) original size, crop, target size
 
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
     def map(self, fn) -> "TextConditioning":
         """Apply ``fn`` to every tensor present (the SDXL-only fields may be None)."""
         apply = lambda x: None if x is None else fn(x)

@@ -101,7 +101,7 @@ def teacher_pairs(ctx: TrainingContext, teacher_x0) -> TeacherPairs:
             ensure_teacher_pairs(
                 pairs_dir, manifest, config.num_pairs,
                 lambda x, t, idx: teacher_x0(x, t, prompt_cond.select(idx).to(ctx.device)),
-                ctx.schedule, ctx.latent_shape, prompt_cond.prompt_embeds.shape[0], device=ctx.device,
+                ctx.schedule, ctx.latent_shape, len(prompt_cond), device=ctx.device,
             )  # fmt: skip
         except PairCacheMismatch as error:
             raise TrainingError(str(error)) from None

@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from ..data.cache import MANIFEST, _pid_alive, check_entry, write_manifest
+from ..data.cache import MANIFEST, pid_alive, check_entry, write_manifest
 
 try:
     import fcntl
@@ -400,7 +400,7 @@ def _stale_reason(path: Path, holder: dict | None, stat: os.stat_result) -> str 
             return "this machine has restarted since"
         if pid == os.getpid():
             return None if str(path.resolve()) in _HELD else "its pid is now this process's"
-        if not isinstance(pid, int) or not 0 < pid < 2**31 or not _pid_alive(pid):  # os.kill(0) is our group
+        if not isinstance(pid, int) or not 0 < pid < 2**31 or not pid_alive(pid):  # os.kill(0) is our group
             return "that process is not running"
         if holder.get("flock") and _flock_held(path) is False:
             return f"pid {pid} is now another process"

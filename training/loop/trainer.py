@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ...core.schedule import validate_timesteps
-from ..data.hf_dataset import read_training_data
+from ..data.run_data import TrainingData, read_training_data
 from ..data.summary import read_summary
 from ..teacher.style_lora import parse_style_spec
 from ..publish.lora_files import RECIPE_FILE
@@ -31,7 +31,7 @@ from .checkpoints import TrainingState
 from .config import build_config, check_config, load_yaml, save_yaml
 from .distributed import ProcessGroup, check_replicas_agree
 from .ema import AdapterEMA, ema_weights
-from .encodings import EncodedTeacher, encode_teacher
+from .encodings import EncodedTeacher, Processes, encode_teacher
 from .errors import TrainingError
 from .iterations import Progress, stop_on_signal, train_iteration
 from .networks import GENERATOR, TextConditioning
@@ -144,7 +144,8 @@ class TrainConfig:
                                         "(kohya or diffusers format; repeatable)"},
     )  # fmt: skip
     dataset: str | None = field(
-        default=None, metadata={"help": "a Hugging Face dataset: a local folder, a saved dataset or a Hub id"}
+        default=None, metadata={"help": "webdataset tar shards ('shards/{00000..00099}.tar' or a folder of .tar, as img2dataset "
+                                "writes them) or a Hugging Face dataset (a local folder, a saved dataset or a Hub id)"}
     )
     image_column: str | None = field(default=None, metadata={"help": "dataset image column (default: 'image')"})
     caption_column: str | None = field(
@@ -155,6 +156,21 @@ class TrainConfig:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "use at most this many dataset examples (streaming default: 10000)", "min": 1}
     )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "where encoded prompts and image latents are kept and shared by runs (default: "
+                                        "$FEWSTEP_ENCODING_CACHE, else ~/.cache/fewstep/encodings)",
+                                "on_resume": "may change"},
+    )  # fmt: skip
+    text_encoding: str = field(
+        default="cache", metadata={"help": "the prompts' text conditioning: encoded once into --cache-dir (cache), or "
+                                           "by the text encoders kept loaded, each batch (on-the-fly, as the DMD2 "
+                                           "reference does; needs --prompts FILE)", "choices": ["cache", "on-the-fly"],
+                                   "on_resume": "may change"},
+    )  # fmt: skip
+    max_bad_fraction: float = field(
+        default=0.01, metadata={"help": "share of unreadable images skipped (and logged in the cache) before encoding "
+                                        "stops with an error", "min": 0, "max": 1, "on_resume": "may change"},
+    )  # fmt: skip
     report_to: str | None = field(
         default=None, metadata={"help": "experiment tracker (default: tensorboard when installed)",
                                 "choices": ["none", "tensorboard", "wandb"], "on_resume": "may change"},
@@ -314,19 +330,23 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     pipe, family = teachers.load_teacher(config.teacher, config.model_type, config.teacher_config, config.teacher_lora)
     config = fill_family_defaults(config, pipe, family, checkpoint)
-    use_gan = uses_gan(method, config, data.items)
+    use_gan = uses_gan(method, config, data)
     method.check(config, family, use_gan, accelerator.num_processes)
     device, is_main = accelerator.device, accelerator.is_main_process
-    start_run_dir(run_dir, method, config, overwrite, is_main, data.summary)
+    start_run_dir(run_dir, method, config, overwrite, is_main)
 
-    # 2. Cached encodings; then only the UNet (and the VAE decoder) stay --------------------------
-    encoded = encode_teacher(pipe, family, data.prompts, data.items, use_gan, config, device)
-    del pipe
+    # 2. Encodings from the on-disk cache (each process encodes its share of what is missing) ---------
+    processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
+    encoded = encode_teacher(pipe, family, data, use_gan, config, device, processes)
+    if is_main:
+        data_summary(data, encoded).write(run_dir)
+    prompts_identity = (data.prompts or data.images).digest()
+    del pipe, data
 
     # 3. The method: adapters, optimizers, loop ---------------------------------------------------
     torch.manual_seed(config.seed)
     data_rng = torch.Generator().manual_seed(config.seed * 1000 + 17 + accelerator.process_index)
-    ctx = method_context(config, family, run_dir, encoded, data.prompts, data_rng, accelerator)
+    ctx = method_context(config, family, run_dir, encoded, prompts_identity, data_rng, accelerator)
     with autocast(device, config.mixed_precision):
         run = method.build(ctx)
     loop = run.loop
@@ -419,18 +439,34 @@ def with_absolute_paths(config):
     return dataclasses.replace(config, **fields)
 
 
-def read_run_data(config, run_dir: Path, checkpoint: Path | None):
-    """The training data; a resumed run's must be the data the run started with (its recorded fingerprint)."""
-    data = read_training_data(config, run_dir)
-    saved = (read_summary(run_dir) or {}).get("fingerprint") if checkpoint is not None else None
-    if saved and saved != data.summary.fingerprint:
-        now = data.summary.fingerprint
+def read_run_data(config, run_dir: Path, checkpoint: Path | None) -> TrainingData:
+    """The training data's sources; a resumed run's must be those the run started with (their recorded identity)."""
+    data = read_training_data(config)
+    if config.text_encoding == "on-the-fly" and (data.prompts is None or data.prompts.texts is None):
         raise TrainingError(
-            f"--resume: the run's data changed since it started (now {now['prompts']} prompts and {now['images']} "
-            f"images, was {saved['prompts']} and {saved['images']}, or their contents differ); restore the run's "
-            "files, or start a new run in another --output"
+            "--text-encoding on-the-fly needs --prompts FILE (prompts read by index); this run's prompts are the "
+            f"{'captions of its images' if data.prompts is None else data.prompts_from}: drop --text-encoding to "
+            "encode them into the cache"
+        )
+    saved = (read_summary(run_dir) or {}).get("fingerprint", {}) if checkpoint is not None else {}
+    now = data.identity()
+    changed = [kind for kind in ("prompts", "images") if "sources" in saved and saved["sources"].get(kind) != now[kind]]
+    if changed:
+        raise TrainingError(
+            f"--resume: the run's data changed since it started (its {' and '.join(changed)}: another file, folder, "
+            "dataset or contents); restore the run's data, or start a new run in another --output"
         )
     return data
+
+
+def data_summary(data: TrainingData, encoded: EncodedTeacher):
+    """What the run trains on, once encoded (counts, and what readers and the encoder skipped): printed and recorded
+    in ``RUN_DIR/data_summary.json``."""
+    skips = {report.kind: report.skipped for report in encoded.reports}
+    images = len(encoded.real_latents) if encoded.real_latents is not None else 0
+    summary = data.summary(len(encoded.prompt_cond), images, skips.get("prompts", {}), skips.get("images", {}))
+    print(summary.line())
+    return summary
 
 
 def fill_family_defaults(config, pipe, family: str, checkpoint: Path | None):
@@ -452,27 +488,25 @@ def fill_family_defaults(config, pipe, family: str, checkpoint: Path | None):
     return filled
 
 
-def uses_gan(method: Method, config, real_items: list) -> bool:
+def uses_gan(method: Method, config, data: TrainingData) -> bool:
     """Does the run train with the GAN loss? When the method wants real images and the data has them."""
     wants_gan = method.wants_real_images(config)
-    if wants_gan and not real_items:
+    if wants_gan and data.images is None:
         print("fewstep: no --images given, training without the GAN loss (DMD2 stage 1)")
-    return wants_gan and bool(real_items)
+    return wants_gan and data.images is not None
 
 
-def start_run_dir(run_dir: Path, method: Method, config, overwrite: bool, is_main_process: bool, summary) -> None:
-    """Every input is checked: now the run may write into its directory (its method, its full options and what
-    data it trains on)."""
+def start_run_dir(run_dir: Path, method: Method, config, overwrite: bool, is_main_process: bool) -> None:
+    """Every input is checked: now the run may write into its directory (its method and its full options)."""
     if overwrite and is_main_process:  # once, before any process writes into the directory
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process:
         (run_dir / METHOD_FILE).write_text(method.key + "\n")
-        summary.write(run_dir)
     save_yaml(config, run_dir / "config.yaml")
 
 
-def method_context(config, family: str, run_dir: Path, encoded: EncodedTeacher, prompts: list[str],
+def method_context(config, family: str, run_dir: Path, encoded: EncodedTeacher, prompts_identity: str,
                    data_rng: torch.Generator, accelerator) -> TrainingContext:  # fmt: skip
     """What ``method.build`` gets: the encoded teacher, this process's place in the run, and the trainer's services."""
     group = ProcessGroup(accelerator.num_processes, accelerator.device)
@@ -484,7 +518,7 @@ def method_context(config, family: str, run_dir: Path, encoded: EncodedTeacher, 
         process_index=accelerator.process_index, wait_for_everyone=accelerator.wait_for_everyone,
         all_finite=group.all_finite, clip_grad_norm=group.clip_grad_norm,
         export_lora=LoraExport(encoded.unet, family, accelerator.is_main_process),
-        teacher_fingerprint=teacher_fingerprint(config, family, prompts),
+        teacher_fingerprint=teacher_fingerprint(config, family, prompts_identity),
     )  # fmt: skip
 
 
@@ -508,10 +542,8 @@ def write_recipe(directory: Path, recipe: dict) -> None:
     Path(directory, RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
 
 
-def teacher_fingerprint(config, family: str, prompts: list[str]) -> dict:
+def teacher_fingerprint(config, family: str, prompts_identity: str) -> dict:
     """What makes a teacher's outputs what they are: caches of teacher outputs (ODE pairs) are keyed by it."""
-    import hashlib
-
     teacher = config.teacher
     if os.path.exists(teacher):
         teacher = str(Path(teacher).resolve())
@@ -521,7 +553,7 @@ def teacher_fingerprint(config, family: str, prompts: list[str]) -> dict:
         "family": family,
         "guidance_scale": float(config.guidance_scale),
         "resolution": int(config.resolution),
-        "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "prompts": prompts_identity,
     }
 
 

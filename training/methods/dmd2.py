@@ -174,12 +174,12 @@ def build_distribution_matching(
     )
 
     def next_batch() -> DMD2Batch:
-        idx = torch.randint(0, ctx.prompt_cond.prompt_embeds.shape[0], (config.batch_size,), generator=ctx.data_rng)
+        idx = torch.randint(0, len(ctx.prompt_cond), (config.batch_size,), generator=ctx.data_rng)
         batch = DMD2Batch(shape=(config.batch_size, *ctx.latent_shape), cond=ctx.prompt_cond.select(idx).to(ctx.device))
         if ctx.real_latents is not None:
             ridx = torch.randint(0, len(ctx.real_latents), (config.batch_size,), generator=ctx.data_rng)
             if config.gan_real_latents == "mean":
-                batch.real_x0 = ctx.real_latents.mean[ridx].to(ctx.device)
+                batch.real_x0 = ctx.real_latents.means(ridx).to(ctx.device)
             else:
                 batch.real_x0 = ctx.real_latents.sample(ridx, ctx.data_rng).to(ctx.device)
             batch.real_cond = ctx.real_cond.select(ridx).to(ctx.device)

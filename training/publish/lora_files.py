@@ -27,6 +27,7 @@ from ...core.lora_format import (  # noqa: F401  (re-exported: the trainer's LoR
     FAMILY_METADATA_KEY,
     KOHYA_WEIGHT_NAME,
     RECIPE_FILE,
+    canonical_header,
     lora_family_of_state_dict,
     unet_family,
 )
@@ -82,27 +83,6 @@ def _rewrite_metadata(path: Path, extra: Mapping[str, str]) -> None:
         metadata = dict(handle.metadata() or {})
     save_file(load_file(path), path, metadata={**metadata, **extra})
     canonical_header(path)
-
-
-def canonical_header(path: str | Path) -> None:
-    """Rewrite a safetensors file's JSON header with its keys sorted, in place.
-
-    safetensors writes the header from a hash map, so the same tensors and metadata saved by two processes differ
-    in key order, and so in bytes. Sorted, the same LoRA is the same file (one hash on the Hub, reproducible
-    exports). The header keeps its length (compact JSON either way, padded with spaces as safetensors pads it), so
-    the tensor data is not moved.
-    """
-    import json
-    import struct
-
-    with open(path, "r+b") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > length:  # never the case for safetensors' own compact header; leave such a file as it is
-            return
-        handle.seek(8)
-        handle.write(text + b" " * (length - len(text)))
 
 
 def save_diffusers_lora(unet, adapter_name: str, directory: str | Path, family: str | None = None) -> Path:

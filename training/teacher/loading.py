@@ -184,6 +184,9 @@ class LatentPosteriors:
     def __len__(self) -> int:
         return self.mean.shape[0]
 
+    def means(self, index: torch.Tensor) -> torch.Tensor:
+        return self.mean[index]
+
     def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mean, std = self.mean[index], self.std[index]
         return mean + std * torch.randn(mean.shape, generator=generator)
