@@ -15,7 +15,7 @@ import time
 ORDER = 15
 DATA_OPTIONS = ("teacher", "teacher_config", "teacher_lora", "model_type", "prompts", "images", "dataset",
                 "image_column", "caption_column", "dataset_split", "streaming", "max_train_samples", "resolution",
-                "cache_dir", "max_bad_fraction")  # fmt: skip
+                "cache_dir", "max_bad_fraction", "collective_timeout")  # fmt: skip
 
 
 def prepare_config_class():
@@ -43,15 +43,13 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def prepare(config, gan: bool = True) -> list:
     """Load the teacher, encode what the cache lacks (this process's share), return the entries' reports."""
-    import torch
-    from accelerate import Accelerator
-
     from ..training.data.run_data import read_training_data
+    from ..training.loop.distributed import make_accelerator
     from ..training.loop.encodings import Processes, build_caches
     from ..training.teacher import loading as teachers
 
     data = read_training_data(config)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(config.collective_timeout)
     pipe, family = teachers.load_teacher(config.teacher, config.model_type, config.teacher_config, config.teacher_lora)
     resolution = config.resolution or teachers.default_resolution(pipe)
     teachers.check_resolution(pipe, resolution)

@@ -20,16 +20,19 @@ Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 Refiner = Callable[[torch.Tensor, int, int, torch.Tensor], torch.Tensor]
 
 
-Generators = torch.Generator | list[torch.Generator] | None
+Generators = torch.Generator | list[torch.Generator] | Callable[[torch.Tensor], torch.Tensor] | None
 
 
 def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
     """Gaussian noise shaped like ``x``, drawn on the generator's device so a seed gives the same noise anywhere.
 
-    A list of generators draws sample ``i`` of the batch from ``generator[i]`` (diffusers' ``randn_tensor`` rule).
+    A list of generators draws sample ``i`` of the batch from ``generator[i]`` (diffusers' ``randn_tensor`` rule);
+    a callable is asked for the noise (``generator(x)``: the trainer's slice of its global batch's draw).
     """
     if generator is None:
         return torch.randn_like(x)
+    if callable(generator):
+        return generator(x)
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; give one per sample")

@@ -64,6 +64,11 @@ def _shard_path(directory: Path, start: int) -> Path:
     return directory / f"pairs-{start:06d}.safetensors"
 
 
+def check_pair_manifest(directory: Path, manifest: dict) -> None:
+    """Refuse pairs made for another setting; write the manifest of a new pair folder."""
+    _check_manifest(Path(directory), manifest)
+
+
 def _check_manifest(directory: Path, manifest: dict) -> None:
     path = directory / MANIFEST
     if path.is_file():
@@ -92,8 +97,11 @@ def ensure_teacher_pairs(
     shard_size: int = SHARD_SIZE,
     after_shard: Callable[[int], None] | None = None,
     show_progress: bool = True,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> None:
-    """Make the missing shards of ``num_pairs`` pairs in ``directory`` (nothing when all are there).
+    """Make the missing shards of ``num_pairs`` pairs in ``directory`` (nothing when all are there); with several
+    processes, process i makes shards i, i+N, ... (its share: nobody waits on one process making them all).
 
     ``manifest`` must hold ``pair_steps`` and ``seed`` besides the teacher fingerprint. ``teacher_x0(x_t, t, idx)``
     is the teacher with CFG for prompts ``idx``; ``after_shard(n_done)`` is called after each shard is written.
@@ -103,10 +111,11 @@ def ensure_teacher_pairs(
 
     directory = Path(directory)
     _check_manifest(directory, manifest)
-    starts = list(range(0, num_pairs, shard_size))
+    starts = [s for s in range(0, num_pairs, shard_size) if (s // shard_size) % num_processes == process_index]
     missing = [s for s in starts if not _shard_path(directory, s).is_file()]
     done = sum(min(shard_size, num_pairs - s) for s in starts if s not in missing)
-    bar = tqdm(total=num_pairs, initial=done, desc="teacher ODE pairs", unit="pair", disable=not show_progress)
+    num_pairs_here = sum(min(shard_size, num_pairs - s) for s in starts)
+    bar = tqdm(total=num_pairs_here, initial=done, desc="teacher ODE pairs", unit="pair", disable=not show_progress)
     timesteps = ddim_timesteps(int(manifest["pair_steps"]))
     for start in missing:
         indices = list(range(start, min(start + shard_size, num_pairs)))

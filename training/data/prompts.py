@@ -139,7 +139,7 @@ def read_prompts(path: str | Path, tally: Tally | None = None) -> list[str]:
 @dataclass
 class CaptionedImage:
     path: Path
-    caption: str
+    caption: str | None  # None: in the same-name .txt file, read when the image is encoded (large folders)
 
 
 def _unsupported(path: Path) -> str:
@@ -151,7 +151,7 @@ def _unsupported_files(directory: Path, tally: Tally) -> None:
     (which a folder of same-name captions does not search)."""
     with os.scandir(directory) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
-            if entry.name.startswith(".") or Path(entry.name).suffix.lower() in IMAGE_SUFFIXES | {".txt"}:
+            if entry.name.startswith(".") or os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES | {".txt"}:
                 continue
             if entry.is_dir():
                 tally.skip("subfolder: not searched (put the images in the folder itself)")
@@ -182,18 +182,22 @@ def _metadata_items(directory: Path, metadata: Path, tally: Tally) -> list[Capti
     return items
 
 
-def _caption_file_items(directory: Path, tally: Tally) -> list[CaptionedImage]:
-    """Each image with its same-name .txt caption; an empty caption is counted, not trained on."""
+def _caption_file_items(directory: Path, tally: Tally, read_up_to: int | None = None) -> list[CaptionedImage]:
+    """Each image with its same-name .txt caption; an empty caption is counted, not trained on. A folder of more
+    than ``read_up_to`` images leaves its captions to be read when each image is encoded (caption None)."""
     with os.scandir(directory) as entries:  # one listing (a folder may hold 100,000s of files), names sorted
         files = sorted(e.name for e in entries if e.is_file())
     names = set(files)
-    images = [directory / n for n in files if Path(n).suffix.lower() in IMAGE_SUFFIXES]
-    missing = [p.name for p in images if p.with_suffix(".txt").name not in names]
+    image_names = [n for n in files if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+    missing = [n for n in image_names if os.path.splitext(n)[0] + ".txt" not in names]
     if missing:
         raise DataError(
             f"{len(missing)} image(s) in {directory} have no caption (e.g. {missing[0]}); add a same-name .txt "
             "file per image or a metadata.jsonl with file_name/text"
         )
+    images = [directory / n for n in image_names]
+    if read_up_to is not None and len(images) > read_up_to:
+        return [CaptionedImage(path, None) for path in images]
     items = []
     for path in images:
         caption = _text(path.with_suffix(".txt"), "caption file").strip()
@@ -221,7 +225,7 @@ def read_image_folder(directory: str | Path, tally: Tally | None = None,
         items = _metadata_items(directory, metadata, tally)
     else:
         _unsupported_files(directory, tally)
-        items = _caption_file_items(directory, tally)
+        items = _caption_file_items(directory, tally, decode_up_to)
     if not items and tally.skipped["empty caption"]:
         raise DataError(f"every caption in images directory {directory} is empty; write a caption for each image")
     if not items:

@@ -135,12 +135,36 @@ def image_folder_source(directory: str) -> Source:
     tally = Tally()
     items = read_image_folder(directory, tally, decode_up_to=FAIL_FAST_IMAGES)
     folder = Path(directory)
-    lines = (f"{Path(i.path).relative_to(folder)}\t{os.stat(i.path).st_size}\t{i.caption}" for i in items)
     identity = {"kind": "image folder", "folder": str(folder.resolve()), "count": len(items),
-                "sha256": _sha256_lines(lines)}  # fmt: skip
-    return Source("images", f"images folder {directory}", identity, 0,
-                  _ranges(items, lambda i, item: Item(str(item.path), item.caption, _decoded(Path(item.path)))),
-                  count=len(items), tally=tally)  # fmt: skip
+                "sha256": _sha256_lines(_image_folder_lines(folder, items))}  # fmt: skip
+    return Source("images", f"images folder {directory}", identity, 0, _ranges(items, _folder_item), count=len(items),
+                  tally=tally)  # fmt: skip
+
+
+def _image_folder_lines(folder: Path, items: list) -> Iterator[str]:
+    """What identifies each image: its name, size and caption (a large folder's caption file by size and time, as
+    its captions are read only when encoded)."""
+    prefix = len(str(folder)) + 1
+    for item in items:
+        path = str(item.path)
+        line = f"{path[prefix:]}\t{os.stat(path).st_size}"
+        if item.caption is None:
+            caption = os.stat(os.path.splitext(path)[0] + ".txt")
+            yield f"{line}\t.txt {caption.st_size} {caption.st_mtime_ns}"
+        else:
+            yield f"{line}\t{item.caption}"
+
+
+def _folder_item(index: int, item) -> Item:
+    caption = item.caption
+    if caption is None:  # a large folder's caption, read now
+        try:
+            caption = Path(item.path).with_suffix(".txt").read_bytes().decode("utf-8-sig").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            return Item(str(item.path), "", problem=f"caption file unreadable ({first_line(error)})")
+        if not caption:
+            return Item(str(item.path), "", problem="empty caption")
+    return Item(str(item.path), caption, _decoded(Path(item.path)))
 
 
 # ------------------------------------------------------------------------------------------ webdataset shards

@@ -25,8 +25,12 @@ from .resume import set_base_lr
 from .run_dir import RunLock, checkpoints_of, read_checkpoint_file, write_checkpoint_manifest
 
 
+PROCESSES_FILE = "processes"
+
+
 def save_checkpoint(
-    run_dir: Path, state: dict, adapters: dict, modules: dict, config, family: str, limit: int, recipe: dict | None = None
+    run_dir: Path, state: dict, adapters: dict, modules: dict, config, family: str, limit: int, recipe: dict | None = None,
+    processes: int = 1,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNNN`` atomically (temp dir + rename), keeping the last ``limit``.
 
@@ -49,6 +53,7 @@ def save_checkpoint(
         torch.save(state, tmp / "training_state.pt")
         save_yaml(config, tmp / "config.yaml")
         (tmp / "family").write_text(family)
+        (tmp / PROCESSES_FILE).write_text(f"{processes}\n")  # with config.yaml's batch: the run's global batch
         if recipe is not None:
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
         write_checkpoint_manifest(tmp)
@@ -79,6 +84,7 @@ class TrainingState:
     ema: AdapterEMA | None
     recipe: Callable[[], dict] | None = None  # the method's sampling recipe, recorded with each checkpoint
     lock: RunLock | None = None  # the run directory's lock: each checkpoint proves the run still holds it
+    num_processes: int = 1
 
     def save(self) -> Path:
         """A checkpoint at the loop's current step (the main process calls this; the others hold the same state)."""
@@ -98,7 +104,8 @@ class TrainingState:
         c = self.config
         recipe = {**self.recipe(), "step": loop.step} if self.recipe is not None else None
         return save_checkpoint(
-            self.run_dir, state, adapters, self.modules, c, self.family, c.checkpoints_total_limit, recipe
+            self.run_dir, state, adapters, self.modules, c, self.family, c.checkpoints_total_limit, recipe,
+            self.num_processes,
         )
 
     def load(self, checkpoint: Path) -> None:

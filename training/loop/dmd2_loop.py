@@ -95,8 +95,8 @@ class DMD2Batch:
 class DMD2Loop(AdapterUpdateLoop):
     """Runs DMD2 iterations over :class:`DMD2Networks`; owns the RNGs so a run is reproducible and resumable.
 
-    ``clip_grad_norm`` defaults to plain torch; the SD trainer passes one that also averages gradients across
-    processes. ``fp16_loss_scaling`` scales each optimizer's losses with its own dynamic ``GradScaler`` (the DM
+    ``processes`` (the trainer's :class:`~.distributed.ProcessGroup`) averages gradients across processes and
+    slices the global batch's draws. ``fp16_loss_scaling`` scales each optimizer's losses with its own dynamic ``GradScaler`` (the DM
     gradient is ~1/numel per element and underflows in fp16 without it). Both learning-rate schedulers step once
     per iteration, whether or not their optimizer updated.
     """
@@ -108,11 +108,10 @@ class DMD2Loop(AdapterUpdateLoop):
         fake_score_optimizer: torch.optim.Optimizer,
         config: DMD2LoopConfig,
         seed: int = 0,
-        rank: int = 0,
+        processes=None,
         generator_lr_scheduler=None,
         fake_score_lr_scheduler=None,
         clip_grad_norm: Callable[[list, float], torch.Tensor] = default_clip,
-        all_finite: Callable[[torch.Tensor], bool] = lambda loss: bool(torch.isfinite(loss)),
         device: torch.device | str = "cpu",
         fp16_loss_scaling: bool = False,
     ):
@@ -122,10 +121,9 @@ class DMD2Loop(AdapterUpdateLoop):
             {GENERATOR: generator_optimizer, FAKE_SCORE: fake_score_optimizer},
             {GENERATOR: generator_lr_scheduler, FAKE_SCORE: fake_score_lr_scheduler},
             seed=seed,
-            rank=rank,
+            processes=processes,
             max_grad_norm=config.max_grad_norm,
             clip_grad_norm=clip_grad_norm,
-            all_finite=all_finite,
             device=device,
             fp16_loss_scaling=fp16_loss_scaling,
         )
@@ -159,7 +157,8 @@ class DMD2Loop(AdapterUpdateLoop):
             x_in = noise
         elif self.config.backward_simulation:
             with torch.no_grad():
-                x0 = sample_few_step(denoise, noise, timesteps[:k], self.schedule, self.rng)
+                renoise = lambda x: self._randn(x.shape).to(x.dtype)  # the global batch's draw, this process's rows
+                x0 = sample_few_step(denoise, noise, timesteps[:k], self.schedule, renoise)
             x_in = self.schedule.add_noise(x0, self._randn(batch.shape), timesteps[k])
         else:
             if batch.real_x0 is None:

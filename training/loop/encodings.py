@@ -83,10 +83,13 @@ class CachedLatents:
     def means(self, index) -> torch.Tensor:
         return self.entry.read(["mean"], index)["mean"].float()
 
-    def sample(self, index, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, index, generator) -> torch.Tensor:
+        """Fresh latents of rows ``index``; ``generator`` is a torch.Generator or ``shape → noise`` (the trainer's
+        slice of its global batch's draw)."""
         rows = self.entry.read(["mean", "std"], index)
         mean, std = rows["mean"].float(), rows["std"].float()
-        return mean + std * torch.randn(mean.shape, generator=generator)
+        noise = generator(mean.shape) if callable(generator) else torch.randn(mean.shape, generator=generator)
+        return mean + std * noise
 
 
 @dataclass

@@ -67,3 +67,31 @@ def stop_on_signal(state: TrainingState, progress: Progress, step: int, is_main_
         state.save()
     progress.close()
     raise interrupts.interrupted(state.run_dir, step)
+
+
+class Throughput:
+    """What the iterations of this launch cost: samples per second of the global batch, and the collectives and
+    bytes the processes exchanged per iteration (printed at the end of the run; ``fewstep bench scale`` reads it)."""
+
+    def __init__(self, loop, processes, config):
+        import time
+
+        self.loop, self.processes, self.config = loop, processes, config
+        self.started, self.first_step = time.perf_counter(), loop.step
+        self.collectives, self.bytes = processes.collectives, processes.bytes_reduced
+
+    def line(self) -> str | None:
+        import time
+
+        iterations = self.loop.step - self.first_step
+        if iterations <= 0:
+            return None
+        seconds = time.perf_counter() - self.started
+        c, world = self.config, self.processes.world
+        samples = iterations * world * c.batch_size * c.gradient_accumulation_steps
+        per_iteration = (self.processes.collectives - self.collectives) / iterations
+        mb = (self.processes.bytes_reduced - self.bytes) / iterations / 2**20
+        return (f"fewstep: {iterations} iterations in {seconds:.1f} s: {samples / seconds:.2f} samples/s ({world} "
+                f"process(es) × batch {c.batch_size} × accumulation {c.gradient_accumulation_steps}); per iteration "
+                f"{per_iteration:.1f} collectives, {mb:.3f} MB all-reduced")
+

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from ...core.losses import regression_loss
-from ..data.pair_cache import PairCacheMismatch, TeacherPairs, count_saved_pairs, ensure_teacher_pairs, load_teacher_pairs
+from ..data.pair_cache import (PairCacheMismatch, TeacherPairs, check_pair_manifest, count_saved_pairs,
+                               ensure_teacher_pairs, load_teacher_pairs)  # fmt: skip
 from .dmd2_loop import DMD2Batch, DMD2Loop
 from .errors import TrainingError
 from .interrupts import RunInterrupted
@@ -85,7 +86,8 @@ class DMDLoop(DMD2Loop):
 
 
 def teacher_pairs(ctx: TrainingContext, teacher_x0) -> TeacherPairs:
-    """The run's teacher ODE pairs: made (or resumed) by the main process, then loaded by every process.
+    """The run's teacher ODE pairs: made (or resumed) by every process, each its share of the shards, then loaded
+    by every process.
 
     ``teacher_x0(x_t, t, cond)`` is the teacher with CFG at the distillation scale (the base UNet, adapters off).
     """
@@ -96,23 +98,29 @@ def teacher_pairs(ctx: TrainingContext, teacher_x0) -> TeacherPairs:
         "latent_shape": list(ctx.latent_shape),
     }  # fmt: skip
     prompt_cond = ctx.prompt_cond
-    if ctx.is_main_process:
+    if ctx.is_main_process:  # the manifest is written (or checked) once, before any process reads it
         try:
-            ensure_teacher_pairs(
-                pairs_dir, manifest, config.num_pairs,
-                lambda x, t, idx: teacher_x0(x, t, prompt_cond.select(idx).to(ctx.device)),
-                ctx.schedule, ctx.latent_shape, len(prompt_cond), device=ctx.device,
-            )  # fmt: skip
+            check_pair_manifest(pairs_dir, manifest)
         except PairCacheMismatch as error:
             raise TrainingError(str(error)) from None
-        except RunInterrupted as stop:  # Ctrl-C before the loop: the finished shards stay and are reused
-            saved = count_saved_pairs(pairs_dir, config.num_pairs)
-            command = f"fewstep train --output {shlex.quote(str(ctx.run_dir))} --resume"
-            raise RunInterrupted(
-                stop.exit_code - 128,
-                f"stopped while making the teacher ODE pairs: {saved} of {config.num_pairs} are saved in {pairs_dir}; "
-                f"continue with: {command}",
-            ) from None
+    ctx.wait_for_everyone()
+    try:  # every process makes its share of the shards
+        ensure_teacher_pairs(
+            pairs_dir, manifest, config.num_pairs,
+            lambda x, t, idx: teacher_x0(x, t, prompt_cond.select(idx).to(ctx.device)),
+            ctx.schedule, ctx.latent_shape, len(prompt_cond), device=ctx.device,
+            show_progress=ctx.is_main_process, process_index=ctx.process_index, num_processes=ctx.num_processes,
+        )  # fmt: skip
+    except PairCacheMismatch as error:
+        raise TrainingError(str(error)) from None
+    except RunInterrupted as stop:  # Ctrl-C before the loop: the finished shards stay and are reused
+        saved = count_saved_pairs(pairs_dir, config.num_pairs)
+        command = f"fewstep train --output {shlex.quote(str(ctx.run_dir))} --resume"
+        raise RunInterrupted(
+            stop.exit_code - 128,
+            f"stopped while making the teacher ODE pairs: {saved} of {config.num_pairs} are saved in {pairs_dir}; "
+            f"continue with: {command}",
+        ) from None
     ctx.wait_for_everyone()
     return load_teacher_pairs(pairs_dir, config.num_pairs)
 
@@ -126,7 +134,7 @@ def with_teacher_pairs(ctx: TrainingContext, run: MethodRun, networks) -> Method
 
     def next_batch() -> DMDBatch:
         batch = dm_batch()
-        idx = torch.randint(0, len(pairs), (config.batch_size,), generator=ctx.data_rng)
+        idx = ctx.draw_indices(len(pairs), config.batch_size)
         return DMDBatch(
             **vars(batch), pair_noise=pairs.noise[idx].to(ctx.device), pair_target=pairs.target[idx].to(ctx.device),
             pair_cond=prompt_cond.select(pairs.prompt_index[idx]).to(ctx.device),

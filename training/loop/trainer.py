@@ -29,11 +29,11 @@ from ..teacher import loading as teachers
 from . import interrupts
 from .checkpoints import TrainingState
 from .config import build_config, check_config, load_yaml, save_yaml
-from .distributed import ProcessGroup, check_replicas_agree
+from .distributed import ProcessGroup, check_replicas_agree, make_accelerator
 from .ema import AdapterEMA, ema_weights
 from .encodings import EncodedTeacher, Processes, encode_teacher
 from .errors import TrainingError
-from .iterations import Progress, stop_on_signal, train_iteration
+from .iterations import Progress, Throughput, stop_on_signal, train_iteration
 from .networks import GENERATOR, TextConditioning
 from .precision import auto_mixed_precision, autocast
 from .resume import check_resume, check_resume_defaults
@@ -74,7 +74,10 @@ class TrainConfig:
     resolution: int | None = field(
         default=None, metadata={"help": "image size (default: the UNet's native size)", "min": 1}
     )
-    batch_size: int = field(default=1, metadata={"help": "samples per process and micro-batch", "min": 1})
+    batch_size: int = field(
+        default=1, metadata={"help": "samples per process and micro-batch (on --resume at another process count: the "
+                                     "one that keeps the run's global batch)", "min": 1, "on_resume": "may change"},
+    )  # fmt: skip
     gradient_accumulation_steps: int = field(
         default=1,
         metadata={"help": "micro-batches per update (effective batch = batch × this × processes)", "min": 1},
@@ -171,6 +174,12 @@ class TrainConfig:
         default=0.01, metadata={"help": "share of unreadable images skipped (and logged in the cache) before encoding "
                                         "stops with an error", "min": 0, "max": 1, "on_resume": "may change"},
     )  # fmt: skip
+    collective_timeout: float = field(
+        default=30.0, metadata={"help": "minutes a process waits for the others at a collective (encoding, teacher "
+                                        "pairs, checkpoints) before the run fails; the slowest process's share of a "
+                                        "first encoding must fit (or run fewstep prepare first)", "above": 0,
+                                "on_resume": "may change"},
+    )  # fmt: skip
     report_to: str | None = field(
         default=None, metadata={"help": "experiment tracker (default: tensorboard when installed)",
                                 "choices": ["none", "tensorboard", "wandb"], "on_resume": "may change"},
@@ -229,15 +238,23 @@ class TrainingContext:
     latent_shape: tuple[int, ...]
     real_latents: Any  # LatentPosteriors of --images, or None
     real_cond: TextConditioning | None
-    data_rng: torch.Generator
+    data_rng: torch.Generator  # the same on every process: draws are made for the global batch (.distributed)
     is_main_process: bool
     num_processes: int
     process_index: int
     wait_for_everyone: Callable[[], None]
-    all_finite: Callable[[torch.Tensor], bool]
-    clip_grad_norm: Callable[[list, float], torch.Tensor]
+    processes: ProcessGroup  # the draws' slices, the skip decision and the gradient average the loops share
     export_lora: Callable[[str, Path, dict], None]  # (adapter, directory, recipe metadata) → LoRA files
     teacher_fingerprint: dict
+
+    def draw_indices(self, count: int, batch_size: int) -> torch.Tensor:
+        """This process's ``batch_size`` rows of a uniform draw (with replacement) of ``count`` items for the global
+        batch: the same run at any process count."""
+        return self.processes.randint(0, count, batch_size, self.data_rng)
+
+    def draw_noise(self, shape) -> torch.Tensor:
+        """This process's rows of a Gaussian draw for the global batch (``shape[0]`` rows per process)."""
+        return self.processes.randn(shape, self.data_rng)
 
     def adamw(self, params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=self.config.weight_decay)
@@ -319,17 +336,17 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     ``overwrite`` lets a new run replace the run already in ``config.output``; one process at a time trains into a
     run directory (``run_lock``: :func:`holds_the_run_dir`); SIGINT and SIGTERM stop after a checkpoint.
     """
-    from accelerate import Accelerator
-
     # 0. Options, the run directory and a resume: refused before anything loads -------------------
     run_dir, checkpoint, config = check_start(method, config, resume, overwrite)
 
     # 1. Data first (cheap to check), then the teacher, its family and the family's defaults -----------
     data = read_run_data(config, run_dir, checkpoint)  # --prompts, --images, --dataset; a resume: the same data
     # No mixed precision for accelerate: it is the trainer's own (see .precision).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(config.collective_timeout)
     pipe, family = teachers.load_teacher(config.teacher, config.model_type, config.teacher_config, config.teacher_lora)
     config = fill_family_defaults(config, pipe, family, checkpoint)
+    if checkpoint is not None:
+        check_global_batch(checkpoint, config, accelerator.num_processes)
     use_gan = uses_gan(method, config, data)
     method.check(config, family, use_gan, accelerator.num_processes)
     device, is_main = accelerator.device, accelerator.is_main_process
@@ -345,14 +362,14 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
 
     # 3. The method: adapters, optimizers, loop ---------------------------------------------------
     torch.manual_seed(config.seed)
-    data_rng = torch.Generator().manual_seed(config.seed * 1000 + 17 + accelerator.process_index)
+    data_rng = torch.Generator().manual_seed(config.seed * 1000 + 17)  # alike on all: each takes its slice
     ctx = method_context(config, family, run_dir, encoded, prompts_identity, data_rng, accelerator)
     with autocast(device, config.mixed_precision):
         run = method.build(ctx)
     loop = run.loop
     ema = AdapterEMA(run.ema_parameters, config.ema_decay) if config.ema_decay > 0 and run.ema_parameters else None
     state = TrainingState(run_dir, config, family, encoded.unet, loop, run.adapters, run.modules, data_rng, ema,
-                          run.recipe, run_lock)  # fmt: skip
+                          run.recipe, run_lock, accelerator.num_processes)  # fmt: skip
 
     # 4. Resume ----------------------------------------------------------------------------------
     if checkpoint is not None:
@@ -368,7 +385,7 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     if validation_missed(run_dir, loop.step, config.validate_every) and is_main:
         validator.run(loop.step)  # step 0, or a grid a kill lost
     interrupts.arm()
-    stopped = False
+    stopped, throughput = False, Throughput(loop, ctx.processes, config)
     while loop.step < config.max_steps and not stopped:
         metrics = train_iteration(run, config, ema, device)
         progress.update(loop.step, metrics)
@@ -382,7 +399,8 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
             stop_on_signal(state, progress, step, is_main)  # a checkpoint, then RunInterrupted; a last step ends anyway
     progress.bar.close()
     accelerator.wait_for_everyone()
-    check_replicas_agree(loop.optimizers, accelerator)
+    accelerator.print(throughput.line() or "fewstep: no iteration left to run")
+    check_replicas_agree(loop.optimizers, ctx.processes, accelerator.print)
 
     # 7. Final checkpoint and LoRA files ---------------------------------------------------------
     if is_main:
@@ -488,6 +506,25 @@ def fill_family_defaults(config, pipe, family: str, checkpoint: Path | None):
     return filled
 
 
+def check_global_batch(checkpoint: Path, config, num_processes: int) -> None:
+    """A resume at another process count keeps the run's global batch (processes × --batch-size): its draws then
+    continue exactly (.distributed). Anything else is refused, naming the --batch-size that keeps it."""
+    from .checkpoints import PROCESSES_FILE
+
+    saved_file = checkpoint / PROCESSES_FILE
+    saved_processes = int(saved_file.read_text()) if saved_file.is_file() else 1
+    saved_batch = int(load_yaml(checkpoint / "config.yaml").get("batch_size", config.batch_size))
+    saved, now = saved_processes * saved_batch, num_processes * config.batch_size
+    if saved == now:
+        return
+    fix = (f"resume with --batch-size {saved // num_processes}" if saved % num_processes == 0
+           else f"resume on a process count that divides {saved}, with --batch-size {saved} / processes")
+    raise TrainingError(
+        f"--resume: the run's global batch is {saved} ({saved_processes} process(es) × --batch-size {saved_batch}); "
+        f"{num_processes} process(es) × --batch-size {config.batch_size} would make it {now}: {fix}"
+    )
+
+
 def uses_gan(method: Method, config, data: TrainingData) -> bool:
     """Does the run train with the GAN loss? When the method wants real images and the data has them."""
     wants_gan = method.wants_real_images(config)
@@ -509,14 +546,14 @@ def start_run_dir(run_dir: Path, method: Method, config, overwrite: bool, is_mai
 def method_context(config, family: str, run_dir: Path, encoded: EncodedTeacher, prompts_identity: str,
                    data_rng: torch.Generator, accelerator) -> TrainingContext:  # fmt: skip
     """What ``method.build`` gets: the encoded teacher, this process's place in the run, and the trainer's services."""
-    group = ProcessGroup(accelerator.num_processes, accelerator.device)
+    group = ProcessGroup(accelerator.num_processes, accelerator.device, accelerator.process_index)
     return TrainingContext(
         config=config, family=family, run_dir=run_dir, device=accelerator.device, unet=encoded.unet, vae=encoded.vae,
         schedule=encoded.schedule, prompt_cond=encoded.prompt_cond, uncond=encoded.uncond,
         latent_shape=encoded.latent_shape, real_latents=encoded.real_latents, real_cond=encoded.real_cond,
         data_rng=data_rng, is_main_process=accelerator.is_main_process, num_processes=accelerator.num_processes,
         process_index=accelerator.process_index, wait_for_everyone=accelerator.wait_for_everyone,
-        all_finite=group.all_finite, clip_grad_norm=group.clip_grad_norm,
+        processes=group,
         export_lora=LoraExport(encoded.unet, family, accelerator.is_main_process),
         teacher_fingerprint=teacher_fingerprint(config, family, prompts_identity),
     )  # fmt: skip

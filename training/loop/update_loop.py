@@ -2,8 +2,9 @@
 
 A method's loop (DMD2's in ``dmd2_loop``, DMD's and Progressive Distillation's in ``methods/``) subclasses
 :class:`AdapterUpdateLoop` and says only how its losses are computed and backpropagated. The base class owns:
-  * the update: micro-batch backwards already run → NaN/inf check (the whole update is skipped, never stepped
-    on NaN) → fp16 unscale → clip (the trainer's clip also averages gradients across processes) → step;
+  * the update: micro-batch backwards already run → NaN/inf check on every process (the whole update is skipped,
+    never stepped on NaN) → gradients averaged across processes → fp16 unscale (after the average, so every
+    process finds the same overflow) → clip → step;
   * one dynamic ``GradScaler`` per optimizer under fp16 (the DM gradient is ~1/numel per element and underflows
     without it);
   * the learning-rate schedulers, stepped once per iteration whether or not their optimizer updated;
@@ -19,6 +20,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from .distributed import ProcessGroup
+
 
 def default_clip(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -32,10 +35,9 @@ class AdapterUpdateLoop:
         optimizers: dict[str, torch.optim.Optimizer],
         lr_schedulers: dict[str, object] | None = None,
         seed: int = 0,
-        rank: int = 0,
+        processes: ProcessGroup | None = None,
         max_grad_norm: float = 10.0,
         clip_grad_norm: Callable[[list, float], torch.Tensor] = default_clip,
-        all_finite: Callable[[torch.Tensor], bool] = lambda loss: bool(torch.isfinite(loss)),
         device: torch.device | str = "cpu",
         fp16_loss_scaling: bool = False,
     ):
@@ -43,23 +45,25 @@ class AdapterUpdateLoop:
         self.lr_schedulers = {k: v for k, v in (lr_schedulers or {}).items() if v is not None}
         self.max_grad_norm = max_grad_norm
         self.clip_grad_norm = clip_grad_norm
-        self.all_finite = all_finite  # multi-process runs must agree on skipping, or they deadlock
+        self.processes = processes or ProcessGroup(1, device)
+        self.all_finite = self.processes.all_finite  # multi-process runs must agree on skipping, or they deadlock
         self.skipped_steps = 0  # updates skipped because the loss was NaN/inf
         self.device = torch.device(device)
         self.grad_scalers = (
             {role: torch.amp.GradScaler(self.device.type) for role in optimizers} if fp16_loss_scaling else {}
         )
         self.step = 0
-        # Noise and timesteps differ per process; the shared RNG (e.g. the student step index) is the same on all.
-        self.rng = torch.Generator().manual_seed(seed * 1000 + rank)
+        # Noise and timesteps are drawn for the global batch, alike on every process, which keeps its slice
+        # (world-size invariance, .distributed); the shared RNG (e.g. the student step index) is one draw for all.
+        self.rng = torch.Generator().manual_seed(seed * 1000)
         self.shared_rng = torch.Generator().manual_seed(seed)
 
     # ---------------------------------------------------------------- randomness
     def _randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.rng).to(self.device)
+        return self.processes.randn(shape, self.rng).to(self.device)
 
     def _randint(self, low: int, high: int, n: int) -> torch.Tensor:
-        return torch.randint(low, high, (n,), generator=self.rng).to(self.device)
+        return self.processes.randint(low, high, n, self.rng).to(self.device)
 
     # ---------------------------------------------------------------- guarded update
     def _scaled(self, loss: torch.Tensor, role: str) -> torch.Tensor:
@@ -92,6 +96,7 @@ class AdapterUpdateLoop:
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             return torch.tensor(float("nan")), metrics
+        self.processes.average_gradients(params)  # before unscale_: every process finds the same overflow
         scaler = self.grad_scalers.get(role)
         if scaler is not None:
             scaler.unscale_(optimizer)

@@ -163,25 +163,23 @@ def build_distribution_matching(
         fake_score_optimizer,
         loop_config,
         seed=config.seed,
-        rank=ctx.process_index,
+        processes=ctx.processes,
         generator_lr_scheduler=ctx.lr_scheduler(generator_optimizer),
         fake_score_lr_scheduler=ctx.lr_scheduler(fake_score_optimizer),
-        clip_grad_norm=ctx.clip_grad_norm,
-        all_finite=ctx.all_finite,
         device=ctx.device,
         fp16_loss_scaling=config.mixed_precision == "fp16",
         **loop_kwargs,
     )
 
     def next_batch() -> DMD2Batch:
-        idx = torch.randint(0, len(ctx.prompt_cond), (config.batch_size,), generator=ctx.data_rng)
+        idx = ctx.draw_indices(len(ctx.prompt_cond), config.batch_size)
         batch = DMD2Batch(shape=(config.batch_size, *ctx.latent_shape), cond=ctx.prompt_cond.select(idx).to(ctx.device))
         if ctx.real_latents is not None:
-            ridx = torch.randint(0, len(ctx.real_latents), (config.batch_size,), generator=ctx.data_rng)
+            ridx = ctx.draw_indices(len(ctx.real_latents), config.batch_size)
             if config.gan_real_latents == "mean":
                 batch.real_x0 = ctx.real_latents.means(ridx).to(ctx.device)
             else:
-                batch.real_x0 = ctx.real_latents.sample(ridx, ctx.data_rng).to(ctx.device)
+                batch.real_x0 = ctx.real_latents.sample(ridx, ctx.draw_noise).to(ctx.device)
             batch.real_cond = ctx.real_cond.select(ridx).to(ctx.device)
         return batch
 

@@ -226,13 +226,12 @@ class Progressive(Method):
         loop = ProgressiveLoop(
             networks, optimizer, rounds, per_round, lr_scheduler=schedule,
             end_of_round=lambda n: ctx.export_lora(GENERATOR, lora / f"steps-{n}", recipe(n)),
-            seed=config.seed, rank=ctx.process_index, max_grad_norm=config.max_grad_norm,
-            clip_grad_norm=ctx.clip_grad_norm, all_finite=ctx.all_finite, device=ctx.device,
+            seed=config.seed, processes=ctx.processes, max_grad_norm=config.max_grad_norm, device=ctx.device,
             fp16_loss_scaling=config.mixed_precision == "fp16",
         )  # fmt: skip
 
         def next_batch() -> ProgressiveBatch:
-            idx = torch.randint(0, len(pairs), (config.batch_size,), generator=ctx.data_rng)
+            idx = ctx.draw_indices(len(pairs), config.batch_size)
             cond = ctx.prompt_cond.select(pairs.prompt_index[idx]).to(ctx.device)
             return ProgressiveBatch(x0=pairs.target[idx].to(ctx.device), cond=cond)
 
