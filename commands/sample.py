@@ -135,7 +135,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
-    from ..core.distillpp import RECOMMENDED_LAMBDA, RECOMMENDED_RULE, RULES
+    from ..core.distillpp import (RECOMMENDED_GUIDED_STEPS, RECOMMENDED_LAMBDA, RECOMMENDED_RULE,
+                                  RECOMMENDED_TEACHER_CFG, RULES)  # fmt: skip
 
     parser = sub.add_parser(
         "sample",
@@ -162,15 +163,17 @@ def register(sub) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--distillpp", type=float, default=0.0,
-        help=f"Distillation++ λ in [0, 1] (default 0 = off; try {RECOMMENDED_LAMBDA})",
+        help=f"Distillation++ λ in [0, 1] (default 0 = off; the authors' DMD2 setting: {RECOMMENDED_LAMBDA})",
     )  # fmt: skip
-    parser.add_argument("--distillpp-steps", type=int, default=1, help="teacher-guided steps K (default %(default)s)")
+    parser.add_argument("--distillpp-steps", type=int, default=RECOMMENDED_GUIDED_STEPS,
+                        help="teacher-guided steps K (default %(default)s, the authors' DMD2 setting)")
     parser.add_argument(
         "--distillpp-rule", choices=RULES, default=RECOMMENDED_RULE,
-        help="Distillation++ rule: eps_mix (the authors' code; 0.15 is the digits sweep's λ) or x0_lerp (the "
-        "paper's closed form) (default %(default)s)",
+        help="Distillation++ rule: eps_mix (the authors' code; it also injects noise of std ≈ 20.7·λ into the first "
+        "x0) or x0_lerp (the paper's closed form) (default %(default)s)",
     )  # fmt: skip
-    parser.add_argument("--teacher-guidance-scale", type=float, default=7.5, help="teacher CFG w (default %(default)s)")
+    parser.add_argument("--teacher-guidance-scale", type=float, default=RECOMMENDED_TEACHER_CFG,
+                        help="teacher CFG w (default %(default)s, the authors')")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     parser.add_argument("--resolution", type=int, help="image size (default: the run's, else the model's)")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.distillpp import RECOMMENDED_LAMBDA, RECOMMENDED_RULE, check_teacher_guidance, sample_distillpp
+from ..core.distillpp import DIGITS_TUNED, check_teacher_guidance, sample_distillpp
 from ..core.sampling import Denoiser, cfg, ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from ..training.data.cache import cached_build
@@ -51,14 +51,16 @@ ROWS = ("real", *TEACHER_ROWS, *STUDENT_ROWS, "student_distillpp", "student")
 class DistillppSettings:
     """How the ``student_distillpp`` row applies Distillation++ (``core.distillpp``) on the student's own grid.
 
-    The defaults are the sweep's pick (docs/sweeps.md, 4-step DMD2 students, n = 2,000 × 3 seeds): the authors'
-    ``eps_mix`` at λ = 0.15 on one step, teacher at the distillation CFG: FD 70.6 ± 4.3 against the student's own
-    101.6 ± 2.8, accuracy 0.975 against 0.993. ``x0_lerp`` made FD worse at every λ, CFG and step count tried.
+    The defaults are ``core.distillpp.DIGITS_TUNED``, the sweep's pick (docs/sweeps.md, 4-step DMD2 students,
+    n = 2,000 × 3 seeds): the authors' ``eps_mix`` at λ = 0.15 on one step, teacher at the distillation CFG: FD
+    70.6 ± 4.3 against the student's own 101.6 ± 2.8, accuracy 0.975 against 0.993; the student guiding itself did
+    about as well, so the gain is mostly the rule's injected noise. ``x0_lerp`` made FD worse at every λ, CFG and step
+    count tried. The user-facing default is the authors' published setting (``RECOMMENDED_*``).
     """
 
-    lam: float = RECOMMENDED_LAMBDA  # the rule's step size λ
-    guided_steps: int = 1  # the first K student steps are refined by the teacher
-    rule: str = RECOMMENDED_RULE  # "eps_mix" (the authors' code) or "x0_lerp" (the paper)
+    lam: float = DIGITS_TUNED["lam"]  # the rule's step size λ
+    guided_steps: int = DIGITS_TUNED["guided_steps"]  # the first K student steps are refined by the teacher
+    rule: str = DIGITS_TUNED["rule"]  # "eps_mix" (the authors' code) or "x0_lerp" (the paper)
     teacher_guidance_scale: float | None = None  # the guiding teacher's CFG; None: the row's (the distillation CFG)
     # Ablation: "student" lets the student guide itself through the same rule (fresh noise, re-noising and all), which
     # separates what the teacher adds from what the rule's own noise does.

@@ -4,7 +4,7 @@
                                              trust_remote_code=True)
     pipe.load_lora_weights(RUN_DIR)            # a fewstep run, its lora/ folder, a .safetensors file or a Hub id
     image = pipe("a photo of a cat", num_inference_steps=1).images[0]
-    image = pipe("a photo of a cat", num_inference_steps=4, teacher_guidance=0.15).images[0]   # Distillation++
+    image = pipe("a photo of a cat", num_inference_steps=4, teacher_guidance=0.01).images[0]   # Distillation++
 
 Sampling is fewstep's math layer (``fewstep.core.sample_few_step``): x0 = G(x_t, t_i), then re-noise x0 to
 t_{i+1} with fresh noise (DMD2's rule, the same as LCMScheduler's at these timesteps); a Progressive Distillation
@@ -27,7 +27,8 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from fewstep.core.distillpp import RECOMMENDED_RULE, check_teacher_guidance, distillpp_refiner
+from fewstep.core.distillpp import (RECOMMENDED_GUIDED_STEPS, RECOMMENDED_RULE, RECOMMENDED_TEACHER_CFG,
+                                    check_teacher_guidance, distillpp_refiner)  # fmt: skip
 from fewstep.core.sampling import resolve_sampling
 from fewstep.core.schedule import NoiseSchedule
 from fewstep.pipelines.common import (
@@ -96,8 +97,8 @@ class FewStepSDPipeline(FewStepLoraMixin, StableDiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         teacher_guidance: float = 0.0,
-        teacher_guided_steps: int = 1,
-        teacher_guidance_scale: float = 7.5,
+        teacher_guided_steps: int = RECOMMENDED_GUIDED_STEPS,
+        teacher_guidance_scale: float = RECOMMENDED_TEACHER_CFG,
         teacher_guidance_rule: str = RECOMMENDED_RULE,
         sampler: str | None = None,
     ):
@@ -112,13 +113,16 @@ class FewStepSDPipeline(FewStepLoraMixin, StableDiffusionPipeline):
             negative_prompt: used by whichever CFG runs (the student's when ``guidance_scale > 1``, the teacher's
                 under Distillation++); ignored with a warning when neither does.
             latents: the initial noise (unit variance; it is not scaled by the scheduler's ``init_noise_sigma``).
-            teacher_guidance: Distillation++ λ in [0, 1]; 0 = off. What it weighs depends on the rule.
-            teacher_guided_steps: the first K student steps get teacher guidance.
-            teacher_guidance_scale: the teacher's CFG scale w.
+            teacher_guidance: Distillation++ λ in [0, 1]; 0 = off. What it weighs depends on the rule. The authors'
+                published DMD2 setting is 0.01 (with the defaults below: 2 guided steps, teacher CFG 7.5, the
+                negative prompt as the teacher's unconditional branch).
+            teacher_guided_steps: the first K student steps get teacher guidance (default 2, the authors').
+            teacher_guidance_scale: the teacher's CFG scale w (default 7.5, the authors').
             teacher_guidance_rule: "eps_mix" (default; the authors' code: ε ← ε_student + λ·(ε_teacher −
                 ε_student), x̂0 recomputed from x_t) or "x0_lerp" (the paper: x̂0 ← lerp(x̂0_student, x̂0_teacher,
-                λ)). On the digits yardstick eps_mix at λ = 0.15 on one step lowered a 4-step student's FD by 30%
-                at 0.02 less accuracy, and x0_lerp made FD worse at every setting (docs/sweeps.md).
+                λ)). eps_mix also injects noise of std ≈ 20.7·λ into the first x̂0 (core/distillpp.py): on the
+                digits yardstick λ = 0.15 on one step lowered a 4-step student's FD by 30% at 0.02 less accuracy,
+                mostly through that noise; x0_lerp made FD worse at every setting (docs/sweeps.md).
             sampler: "few_step" (DMD2's rule: x0, then fresh noise to the next timestep; DMD and DMD2 students) or
                 "ddim" (deterministic DDIM; Progressive Distillation students). Default: the loaded fewstep LoRA's
                 recorded sampler, else "few_step".

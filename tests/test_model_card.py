@@ -34,7 +34,7 @@ def test_card_parses_and_states_base_method_timesteps_cfg_and_lora_scale(tmp_pat
 def test_card_has_the_diffusers_recipes_custom_pipeline_and_stock_lcm(tmp_path):
     text = card(tmp_path, num_steps=4).text
     assert 'custom_pipeline="alice/student", trust_remote_code=True' in text
-    assert "num_inference_steps=4" in text and "teacher_guidance=0.15" in text
+    assert "num_inference_steps=4" in text and "teacher_guidance=0.01" in text
     assert "LCMScheduler.from_config" in text and "guidance_scale=0, timesteps=[999, 749, 499, 249]" in text
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ...core.distillpp import RECOMMENDED_LAMBDA, RECOMMENDED_RULE
+from ...core.distillpp import RECOMMENDED_GUIDED_STEPS, RECOMMENDED_LAMBDA, RECOMMENDED_RULE, RECOMMENDED_TEACHER_CFG
 from ...core.lora_format import DIFFUSERS_LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME
 from .sampling_recipes import COMFYUI_WRONG_SCHEDULERS, SamplingRecipe
 from ..teacher.style_lora import StyleLora, parse_style_spec
@@ -113,10 +113,12 @@ def _diffusers_sections(repo_id: str, base_model: str, recipe: SamplingRecipe, s
         f"{style_lines}"
         f'pipe.load_lora_weights("{repo_id}")\n'
         f'image = pipe("{PROMPT}", {step_kwargs}).images[0]\n\n'
-        "# Distillation++: the base model (the same UNet with the fewstep LoRA disabled) refines the first step\n"
-        "# (rule eps_mix, the authors' code; more variety, a little less prompt adherence; see fewstep's docs)\n"
-        f'image = pipe("{PROMPT}", {step_kwargs}, teacher_guidance={RECOMMENDED_LAMBDA}, teacher_guided_steps=1,\n'
-        f'             teacher_guidance_rule="{RECOMMENDED_RULE}", teacher_guidance_scale=7.5).images[0]\n'
+        "# Distillation++: the base model (the same UNet with the fewstep LoRA disabled) refines the first steps\n"
+        "# (the authors' published setting for DMD2 students: rule eps_mix, λ 0.01, 2 steps, teacher CFG 7.5)\n"
+        f'image = pipe("{PROMPT}", {step_kwargs}, teacher_guidance={RECOMMENDED_LAMBDA}, '
+        f'teacher_guided_steps={RECOMMENDED_GUIDED_STEPS},\n'
+        f'             teacher_guidance_rule="{RECOMMENDED_RULE}", '
+        f'teacher_guidance_scale={RECOMMENDED_TEACHER_CFG}).images[0]\n'
         "```",
     ] + _plain_diffusers_section(base_model, repo_id, recipe, style_lines)
 
