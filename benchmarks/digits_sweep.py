@@ -96,7 +96,7 @@ def run_one(
     """Distil with the demo's settings + ``overrides`` (or ``external``) at ``seed``; the student's row at n images."""
     from ..digits.demo_settings import DigitsDemoSettings
     from ..digits.teacher import cached_train_images
-    from ..training.dmd2 import train_dmd2
+    from ..training.methods.dmd2 import train_dmd2
     from ..digits.yardstick import evaluate
 
     settings = dataclasses.replace(DigitsDemoSettings(), **overrides)

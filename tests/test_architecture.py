@@ -153,3 +153,25 @@ def test_no_function_is_over_100_lines():
                 if lines > MAX_FUNCTION_LINES and (relative, node.name) not in LONG_FUNCTIONS_ALLOWED:
                     long.append(f"{relative}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
+
+
+def unresolved_imports() -> list[str]:
+    """``module: target`` for every fewstep import (inside functions too) that names no module of the package: an
+    import that only fails when its function runs (a benchmark, a rarely used command)."""
+    files = package_files()
+    known = set(files)
+    missing = []
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+            if target not in known:
+                missing.append(f"{module}: {target}")
+    return sorted(missing)
+
+
+def test_every_relative_import_names_a_module_of_the_package():
+    assert unresolved_imports() == []
