@@ -69,7 +69,8 @@ def parse_distillpp(text: str) -> tuple[str, dict]:
     """``"name:lam=0.1,guided_steps=2,rule=eps_mix,teacher_guidance_scale=4"`` → (name, DistillppSettings fields)."""
     from ..digits.yardstick import DistillppSettings
 
-    kinds = {"lam": float, "guided_steps": int, "rule": str, "teacher_guidance_scale": float, "guide": str}
+    kinds = {"lam": float, "guided_steps": int, "rule": str, "teacher_guidance_scale": float, "guide": str,
+             "teacher_steps": int}
     known = [f.name for f in dataclasses.fields(DistillppSettings)]
     name, values = _named_settings(text, "Distillation++ setting", known)
     settings = {key: kinds[key](value) for key, value in values.items()}

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.distillpp import DIGITS_TUNED, check_teacher_guidance, sample_distillpp
+from ..core.distillpp import DIGITS_TUNED, check_guide_source, check_teacher_guidance, sample_distillpp
 from ..core.sampling import Denoiser, cfg, ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from ..training.data.cache import cached_build
@@ -45,6 +45,10 @@ TEACHER_ROWS = {"teacher_50": 50, "teacher_4": 4, "teacher_1": 1}
 STUDENT_ROWS = {"student_1": 1, "student_4": 4}
 # "student": the LoRA at its own recipe (fewstep_recipe.json), asked for by name (demo --method, bench methods).
 ROWS = ("real", *TEACHER_ROWS, *STUDENT_ROWS, "student_distillpp", "student")
+
+
+# The yardstick's Distillation++ guides → where core.distillpp takes the guiding x̂0 from.
+GUIDES = {"teacher": "renoised", "student": "renoised", "noise": "noise_only", "teacher_at_input": "at_student_input"}
 
 
 @dataclass(frozen=True)
@@ -62,20 +66,35 @@ class DistillppSettings:
     guided_steps: int = DIGITS_TUNED["guided_steps"]  # the first K student steps are refined by the teacher
     rule: str = DIGITS_TUNED["rule"]  # "eps_mix" (the authors' code) or "x0_lerp" (the paper)
     teacher_guidance_scale: float | None = None  # the guiding teacher's CFG; None: the row's (the distillation CFG)
-    # Ablation: "student" lets the student guide itself through the same rule (fresh noise, re-noising and all), which
-    # separates what the teacher adds from what the rule's own noise does.
+    # Ablations, which separate what the teacher adds from what the rule's own noise does: "student" lets the student
+    # guide itself through the same rule (fresh noise, re-noising and all); "noise" is the noise-only control (the
+    # same injected noise, no teacher call); "teacher_at_input" calls the teacher at the student's own x_t (no fresh
+    # noise). ``teacher_steps`` > 1: the teacher's x̂0 from m DDIM steps instead of one (core.distillpp).
     guide: str = "teacher"
+    teacher_steps: int = 1
 
     def __post_init__(self):
         check_teacher_guidance(self.lam, self.guided_steps, self.rule)
-        if self.guide not in ("teacher", "student"):
-            raise ValueError(f"Distillation++ guide must be teacher or student, got {self.guide!r}")
+        if self.guide not in GUIDES:
+            raise ValueError(f"Distillation++ guide must be one of {', '.join(GUIDES)}, got {self.guide!r}")
+        check_guide_source(GUIDES[self.guide], self.teacher_steps)
         if self.teacher_guidance_scale is not None and self.teacher_guidance_scale < 0:
             raise ValueError(f"teacher guidance scale must be ≥ 0, got {self.teacher_guidance_scale}")
 
     def describe(self, scale: float) -> str:
         cfg_scale = self.teacher_guidance_scale if self.teacher_guidance_scale is not None else scale
-        return f"{self.rule} λ={self.lam:g}, {self.guided_steps} guided step(s), teacher CFG {cfg_scale:g}"
+        text = f"{self.rule} λ={self.lam:g}, {self.guided_steps} guided step(s), teacher CFG {cfg_scale:g}"
+        if self.guide != "teacher" or self.teacher_steps != 1:
+            text += f", guide {self.guide}" + (f" ({self.teacher_steps} DDIM steps)" if self.teacher_steps > 1 else "")
+        return text + f"; {self.extra_unet_calls(scale)} extra UNet passes per image"
+
+    def extra_unet_calls(self, scale: float) -> int:
+        """UNet passes per image beyond the student's own: per guided step, the guide's steps × (2 with CFG)."""
+        if self.guide == "noise":
+            return 0
+        cfg_scale = self.teacher_guidance_scale if self.teacher_guidance_scale is not None else scale
+        passes = 1 if self.guide == "student" or cfg_scale == 1 else 2
+        return self.guided_steps * self.teacher_steps * passes
 
 
 # ----------------------------------------------------------------------------------------------- classifier
@@ -403,7 +422,7 @@ def sample_digits(
             guide = student if distillpp.guide == "student" else guide
             latents = sample_distillpp(
                 student, guide, noise, timesteps, schedule, distillpp.lam, distillpp.guided_steps, generator,
-                distillpp.rule,
+                distillpp.rule, GUIDES[distillpp.guide], distillpp.teacher_steps,
             )  # fmt: skip
     else:
         raise ValueError(f"unknown row {row!r}; use one of {', '.join(ROWS[1:])}")
