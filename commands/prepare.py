@@ -45,7 +45,8 @@ def prepare(config, gan: bool = True) -> list:
     """Load the teacher, encode what the cache lacks (this process's share), return the entries' reports."""
     from ..training.data.run_data import read_training_data
     from ..training.loop.distributed import make_accelerator
-    from ..training.loop.encodings import Processes, build_caches
+    from ..training.loop.distributed import ProcessGroup
+    from ..training.loop.encodings import build_caches
     from ..training.teacher import loading as teachers
 
     data = read_training_data(config)
@@ -56,7 +57,7 @@ def prepare(config, gan: bool = True) -> list:
     config = dataclasses.replace(config, resolution=resolution)
     pipe.to(accelerator.device)
     started = time.perf_counter()
-    processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
+    processes = ProcessGroup(accelerator.num_processes, accelerator.device, accelerator.process_index)
     use_gan = gan and data.images is not None
     _, _, reports = build_caches(pipe, family, data, use_gan, config, processes)
     for report in reports:

@@ -44,6 +44,11 @@ class ProcessGroup:
         return self._slice(torch.randint(low, high, (n * self.world,), generator=generator), n)
 
     # ---------------------------------------------------------------- collectives
+    def wait_for_everyone(self) -> None:
+        """A barrier (what accelerate's ``wait_for_everyone`` does): every process reaches it before any goes on."""
+        if self.world > 1:
+            torch.distributed.barrier()
+
     def _all_reduce(self, tensor: torch.Tensor, op=None) -> None:
         self.collectives += 1
         self.bytes_reduced += tensor.numel() * tensor.element_size()

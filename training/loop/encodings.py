@@ -19,6 +19,7 @@ import torch
 
 from ..data.encoding_cache import BuildReport, CachedEntry, EncodingCache, cache_dir_default, module_digest
 from ..data.sources import Source
+from .distributed import ProcessGroup
 from .networks import TextConditioning
 from .precision import WEIGHT_DTYPES
 
@@ -108,15 +109,6 @@ class EncodedTeacher:
     reports: list[BuildReport] = dataclasses.field(default_factory=list)  # what the cache held and what was encoded
 
 
-@dataclass
-class Processes:
-    """This process's place among the run's processes (each encodes its share of the cache)."""
-
-    index: int = 0
-    count: int = 1
-    wait_for_everyone: Callable[[], None] = lambda: None
-
-
 def captions_of(images: Source) -> Source:
     """The captions of an image source as a prompt source (a run without the GAN needs no image decoded)."""
     return dataclasses.replace(images, kind="prompts", description=f"captions of {images.description}",
@@ -171,22 +163,18 @@ def image_encoder(pipe, family: str, resolution: int):
     """(items, images) → the images' VAE posterior mean and std (× the scaling factor) and their captions'
     conditioning, fp16 on the CPU (what the images entry stores)."""
     from ..data.images_io import image_tensor
+    from ..teacher.loading import vae_posterior
 
     text = prompt_encoder(pipe, family, resolution)
-    vae = pipe.vae
 
-    @torch.no_grad()
     def encode(items, images) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([image_tensor(image, resolution) for image in images])
-        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        scale = vae.config.scaling_factor
-        return {"mean": (posterior.mean * scale).half().cpu(), "std": (posterior.std * scale).half().cpu(),
-                **text(items)}  # fmt: skip
+        mean, std = vae_posterior(pipe.vae, torch.stack([image_tensor(image, resolution) for image in images]))
+        return {"mean": mean.half(), "std": std.half(), **text(items)}
 
     return encode
 
 
-def build_caches(pipe, family: str, data, use_gan: bool, config, processes: Processes,
+def build_caches(pipe, family: str, data, use_gan: bool, config, processes: ProcessGroup,
                  log: Callable[[str], None] = print) -> tuple[EncodingCache | None, EncodingCache | None, list]:  # fmt: skip
     """Encode what the cache lacks (each process its share); the entries and their reports."""
     prompts, images = teacher_caches(pipe, family, data, use_gan, config)
@@ -194,7 +182,7 @@ def build_caches(pipe, family: str, data, use_gan: bool, config, processes: Proc
     for entry, encoder in ((images, image_encoder), (prompts, prompt_encoder)):
         if entry is None:
             continue
-        report = entry.build(encoder(pipe, family, config.resolution), processes.index, processes.count,
+        report = entry.build(encoder(pipe, family, config.resolution), processes.index, processes.world,
                              processes.wait_for_everyone)  # fmt: skip
         if processes.index == 0:
             log(report.line())
@@ -203,7 +191,7 @@ def build_caches(pipe, family: str, data, use_gan: bool, config, processes: Proc
 
 
 def encode_teacher(pipe, family: str, data, use_gan: bool, config, device: torch.device,
-                   processes: Processes | None = None) -> EncodedTeacher:  # fmt: skip
+                   processes: ProcessGroup | None = None) -> EncodedTeacher:  # fmt: skip
     """Encode (or find cached) the prompts and, with the GAN, the real images and their captions; keep the UNet
     and the decoder."""
     from ..teacher import loading as teachers
@@ -212,7 +200,7 @@ def encode_teacher(pipe, family: str, data, use_gan: bool, config, device: torch
     pipe.to(device)
     schedule = teachers.teacher_schedule(pipe).to(device)
     uncond = teachers.unconditional(pipe, family, resolution)
-    prompts, images, reports = build_caches(pipe, family, data, use_gan, config, processes or Processes())
+    prompts, images, reports = build_caches(pipe, family, data, use_gan, config, processes or ProcessGroup())
     real_cond = CachedConditioning(images.open(), family, resolution) if images is not None else None
     prompt_cond = CachedConditioning(prompts.open(), family, resolution) if prompts is not None else real_cond
     on_the_fly = config.text_encoding == "on-the-fly"

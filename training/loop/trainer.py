@@ -31,7 +31,7 @@ from .checkpoints import TrainingState
 from .config import build_config, check_config, load_yaml, save_yaml
 from .distributed import ProcessGroup, check_replicas_agree, make_accelerator
 from .ema import AdapterEMA, ema_weights
-from .encodings import EncodedTeacher, Processes, encode_teacher
+from .encodings import EncodedTeacher, encode_teacher
 from .errors import TrainingError
 from .iterations import Progress, Throughput, stop_on_signal, train_iteration
 from .networks import GENERATOR, TextConditioning
@@ -236,7 +236,7 @@ class TrainingContext:
     prompt_cond: TextConditioning
     uncond: TextConditioning
     latent_shape: tuple[int, ...]
-    real_latents: Any  # LatentPosteriors of --images, or None
+    real_latents: Any  # the real images' posteriors (encodings.CachedLatents), or None
     real_cond: TextConditioning | None
     data_rng: torch.Generator  # the same on every process: draws are made for the global batch (.distributed)
     is_main_process: bool
@@ -353,7 +353,7 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     start_run_dir(run_dir, method, config, overwrite, is_main)
 
     # 2. Encodings from the on-disk cache (each process encodes its share of what is missing) ---------
-    processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
+    processes = ProcessGroup(accelerator.num_processes, device, accelerator.process_index)
     encoded = encode_teacher(pipe, family, data, use_gan, config, device, processes)
     if is_main:
         data_summary(data, encoded).write(run_dir)
@@ -363,7 +363,7 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     # 3. The method: adapters, optimizers, loop ---------------------------------------------------
     torch.manual_seed(config.seed)
     data_rng = torch.Generator().manual_seed(config.seed * 1000 + 17)  # alike on all: each takes its slice
-    ctx = method_context(config, family, run_dir, encoded, prompts_identity, data_rng, accelerator)
+    ctx = method_context(config, family, run_dir, encoded, prompts_identity, data_rng, accelerator, processes)
     with autocast(device, config.mixed_precision):
         run = method.build(ctx)
     loop = run.loop
@@ -544,9 +544,8 @@ def start_run_dir(run_dir: Path, method: Method, config, overwrite: bool, is_mai
 
 
 def method_context(config, family: str, run_dir: Path, encoded: EncodedTeacher, prompts_identity: str,
-                   data_rng: torch.Generator, accelerator) -> TrainingContext:  # fmt: skip
+                   data_rng: torch.Generator, accelerator, group: ProcessGroup) -> TrainingContext:  # fmt: skip
     """What ``method.build`` gets: the encoded teacher, this process's place in the run, and the trainer's services."""
-    group = ProcessGroup(accelerator.num_processes, accelerator.device, accelerator.process_index)
     return TrainingContext(
         config=config, family=family, run_dir=run_dir, device=accelerator.device, unet=encoded.unet, vae=encoded.vae,
         schedule=encoded.schedule, prompt_cond=encoded.prompt_cond, uncond=encoded.uncond,

@@ -193,18 +193,25 @@ class LatentPosteriors:
 
 
 @torch.no_grad()
+def vae_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior N(mean, std²) of ``pixels`` (B, 3, H, W in [-1, 1]), times the scaling factor: the real
+    latents a Stable Diffusion teacher was trained on. fp32, on the CPU."""
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    scale = vae.config.scaling_factor
+    return (posterior.mean * scale).float().cpu(), (posterior.std * scale).float().cpu()
+
+
 def encode_images(pipe, images: list, resolution: int, batch_size: int = 8) -> LatentPosteriors:
-    """The VAE posteriors of the real images (scaled by the VAE's scaling factor), computed once."""
+    """The VAE posteriors of captioned image files, in memory (training reads them from the encoding cache, which
+    :func:`vae_posterior` fills batch by batch)."""
     from ..data.prompts import load_image_tensor
 
-    vae = pipe.vae
-    scale = vae.config.scaling_factor
     means, stds = [], []
     for start in range(0, len(images), batch_size):
         pixels = torch.stack([load_image_tensor(item.path, resolution) for item in images[start : start + batch_size]])
-        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        means.append((posterior.mean * scale).float().cpu())
-        stds.append((posterior.std * scale).float().cpu())
+        mean, std = vae_posterior(pipe.vae, pixels)
+        means.append(mean)
+        stds.append(std)
     return LatentPosteriors(torch.cat(means), torch.cat(stds))
 
 
