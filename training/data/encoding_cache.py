@@ -91,8 +91,14 @@ def _sizes(nbytes: int) -> str:
     return ""
 
 
+def _temporary(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: ``.NAME.PID-RANDOM.tmp`` beside it (the pid lets
+    :func:`remove_dead_writers_files` clear what a killed writer left)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _temporary(path)
     tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
@@ -100,7 +106,7 @@ def _write_json(path: Path, value) -> None:
 def _write_part(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _temporary(path)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     canonical_header(tmp)  # the same part is the same bytes, whichever process wrote it
     os.replace(tmp, path)
@@ -227,20 +233,18 @@ class EncodingCache:
         parts, consumed, skipped = self._written_parts(unit)
         bar.update(consumed)
         items = islice(self.source.unit_items(unit, self.part_rows), consumed, None)
-        rows: list[dict[str, torch.Tensor]] = []
+        rows: list[dict[str, torch.Tensor]] = []  # the current part's encoded batches
         pending: list[tuple[Item, object]] = []
-        part_items, part_skipped, encoded = 0, [], 0
+        part_items, part_skipped, encoded, part_rows = 0, [], 0, 0
 
         def flush():
-            nonlocal encoded
+            nonlocal encoded, part_rows
             if pending:
                 images = [image for _, image in pending] if self.source.kind == "images" else None
                 rows.append(encode_batch([item for item, _ in pending], images))
                 encoded += len(pending)
+                part_rows += len(pending)
                 pending.clear()
-
-        def row_count() -> int:
-            return sum(next(iter(r.values())).shape[0] for r in rows)
 
         for item in items:
             part_items += 1
@@ -251,12 +255,12 @@ class EncodingCache:
                 part_skipped.append([item.key, reason])
                 continue
             pending.append((item, image))
-            if len(pending) == self.batch_size or row_count() + len(pending) == self.part_rows:
+            if len(pending) == self.batch_size or part_rows + len(pending) == self.part_rows:
                 flush()
-            if row_count() == self.part_rows:
+            if part_rows == self.part_rows:
                 parts.append(self._write(unit, len(parts), rows, part_items, part_skipped))
                 skipped += part_skipped
-                rows, part_items, part_skipped = [], 0, []
+                rows, part_items, part_skipped, part_rows = [], 0, [], 0
         flush()
         if rows:
             parts.append(self._write(unit, len(parts), rows, part_items, part_skipped))
@@ -348,7 +352,7 @@ def remove_dead_writers_files(directory: Path) -> None:
 
 
 def write_skipped_log(directory: Path, skipped: list) -> None:
-    tmp = directory / f".{SKIPPED_LOG}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    tmp = _temporary(directory / SKIPPED_LOG)
     tmp.write_text("".join(f"{key}\t{reason}\n" for key, reason in skipped))
     os.replace(tmp, directory / SKIPPED_LOG)
 
