@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.distillpp import DIGITS_TUNED, check_guide_source, check_teacher_guidance, sample_distillpp
+from ..core.metrics import frechet_distance
 from ..core.sampling import Denoiser, cfg, ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from ..training.data.cache import cached_build
@@ -201,23 +202,6 @@ def mean_sd(values) -> tuple[float, float]:
 
     values = list(values)
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """FD between Gaussians fitted to two (N, D) feature sets (float64).
-
-    tr((Σ₁Σ₂)^½) is computed as Σ√λ of the symmetric PSD matrix Σ₁^½ Σ₂ Σ₁^½ (same eigenvalues), which
-    stays real and exact where a general matrix square root would not; FD(a, a) is 0 up to round-off.
-    """
-    a, b = features_a.double(), features_b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    sigma_a, sigma_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
-    values, vectors = torch.linalg.eigh(sigma_a)
-    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
-    middle = root_a @ sigma_b @ root_a
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    distance = (mu_a - mu_b).square().sum() + sigma_a.trace() + sigma_b.trace() - 2 * trace_sqrt
-    return max(0.0, distance.item())
 
 
 # ----------------------------------------------------------------------------------------------- models
