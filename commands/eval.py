@@ -18,7 +18,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     balanced_labels(args.n)  # validate before loading anything
     distillpp = DistillppSettings(
         lam=args.distillpp_lambda, guided_steps=args.distillpp_steps, rule=args.distillpp_rule,
-        teacher_guidance_scale=args.distillpp_teacher_cfg,
+        teacher_guidance_scale=args.distillpp_teacher_cfg, guide=args.distillpp_guide,
+        teacher_steps=args.distillpp_teacher_steps,
     )  # fmt: skip
     json_path = Path(args.json) if args.json else None
     if json_path is not None and json_path.is_dir():
@@ -42,7 +43,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     from ..core.distillpp import RULES
-    from ..digits.yardstick import DistillppSettings
+    from ..digits.yardstick import GUIDES, DistillppSettings
 
     parser = sub.add_parser(
         "eval",
@@ -51,7 +52,7 @@ def register(sub) -> None:
             "Generate N digits per row (N/10 per digit) and score them with a digit classifier trained on real "
             "digits: FD (Fréchet distance of classifier features to the held-out real digits; lower is better) "
             "and accuracy (fraction read as the prompted digit). Rows: real (the floor), teacher 50/4/1-step DDIM "
-            "and, with --lora, student 1/4-step and student + Distillation++."
+            "and, with --lora, student 1/4-step and student + Distillation++ beside its noise-only control."
         ),
     )
     parser.add_argument("--teacher", help="digits teacher folder (default: the cached one, built if missing)")
@@ -77,6 +78,17 @@ def register(sub) -> None:
     parser.add_argument(
         "--distillpp-teacher-cfg", type=float, default=distillpp.teacher_guidance_scale,
         help="student_distillpp row: the guiding teacher's CFG scale (default: the distillation's, --guidance-scale)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distillpp-guide", choices=list(GUIDES), default=distillpp.guide,
+        help="student_distillpp row: what guides the student: the teacher at the re-noised x̂0 (Distillation++), "
+        "the student itself, noise (the control: the rule's injected noise, no teacher call) or the teacher at the "
+        "student's own input (default: %(default)s). The student_distillpp_control row always uses noise",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distillpp-teacher-steps", type=int, default=distillpp.teacher_steps,
+        help="student_distillpp row: DDIM steps the teacher takes from its input to its x̂0 (1: the paper's single "
+        "call) (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")

@@ -22,7 +22,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,7 +45,9 @@ DEFAULT_GUIDANCE_SCALE = 2.0  # the scale DMD2 distils the digits teacher at
 TEACHER_ROWS = {"teacher_50": 50, "teacher_4": 4, "teacher_1": 1}
 STUDENT_ROWS = {"student_1": 1, "student_4": 4}
 # "student": the LoRA at its own recipe (fewstep_recipe.json), asked for by name (demo --method, bench methods).
-ROWS = ("real", *TEACHER_ROWS, *STUDENT_ROWS, "student_distillpp", "student")
+# student_distillpp_control: the same Distillation++ settings with the noise-only guide (core.distillpp's control),
+# measured beside every Distillation++ row so a gain from the rule's injected noise is not read as the teacher's.
+ROWS = ("real", *TEACHER_ROWS, *STUDENT_ROWS, "student_distillpp", "student_distillpp_control", "student")
 
 
 # The yardstick's Distillation++ guides → where core.distillpp takes the guiding x̂0 from.
@@ -253,7 +255,7 @@ def default_rows(student: StudentInfo | None) -> list[str]:
     if student.num_steps == 1:
         return rows + ["student_1"]
     own = f"student_{student.num_steps}"
-    return rows + [own if own in STUDENT_ROWS else "student", "student_distillpp"]
+    return rows + [own if own in STUDENT_ROWS else "student", "student_distillpp", "student_distillpp_control"]
 
 
 def _resolve_lora(lora: str | Path) -> tuple[Path, Path | None]:
@@ -389,7 +391,7 @@ def sample_digits(
             raise ValueError("row student needs a student LoRA with a fewstep_recipe.json (written by fewstep train)")
         student = unet_denoiser(unet, schedule, embeds, lora=True)
         latents = model.student.sample(student, noise, model.student.recipe_timesteps, schedule, generator)
-    elif row in STUDENT_ROWS or row == "student_distillpp":
+    elif row in STUDENT_ROWS or row.startswith("student_distillpp"):
         if model.student is None:
             raise ValueError(f"row {row} needs a student LoRA")
         student = unet_denoiser(unet, schedule, embeds, lora=True)
@@ -399,6 +401,8 @@ def sample_digits(
         else:
             # The paper's setting: the student's own multi-step grid (4 steps for a 1-step student).
             timesteps = model.student.timesteps_for(model.student.num_steps if model.student.num_steps > 1 else 4)
+            if row == "student_distillpp_control":
+                distillpp = replace(distillpp, guide="noise")
             teacher_scale = distillpp.teacher_guidance_scale
             guide = teacher if teacher_scale is None else unet_denoiser(
                 unet, schedule, embeds, model.uncond_embeds, teacher_scale
@@ -510,6 +514,7 @@ ROW_TITLES = {
     "student_1": "student 1-step",
     "student_4": "student 4-step",
     "student_distillpp": "student + Distillation++",
+    "student_distillpp_control": "  its noise-only control",
     "student": "student at its own recipe",
 }
 
@@ -524,7 +529,7 @@ def format_table(result: dict) -> str:
     for name, row in result["rows"].items():
         title = ROW_TITLES.get(name, "")
         lines.append(f"{name:<20}{title:<32}{row['fd']:>9.2f}{row['acc']:>8.3f}{row['seconds']:>9.1f}")
-    if "student_distillpp" in result["rows"] and "distillpp" in result:
+    if any(name.startswith("student_distillpp") for name in result["rows"]) and "distillpp" in result:
         distillpp = DistillppSettings(**result["distillpp"])
         lines.append(f"(Distillation++: {distillpp.describe(result['guidance_scale'])})")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ def test_quick_four_step_demo_measures_its_own_steps_and_distillpp(cache_dir, tm
     out = tmp_path / "four"
     assert main(["demo", "--quick", "--num-steps", "4", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["rows"]) == TEACHER_ROWS | {"student_4", "student_distillpp"}
+    assert set(metrics["rows"]) == TEACHER_ROWS | {"student_4", "student_distillpp", "student_distillpp_control"}
     assert metrics["distillpp"]["guided_steps"] >= 1 and (out / "samples.png").stat().st_size > 0
     assert "(Distillation++: " in capsys.readouterr().out  # the table says which setting the row used
 

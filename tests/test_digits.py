@@ -184,7 +184,11 @@ def test_eval_json_schema(tiny_teacher, tiny_classifier, tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize(
     "num_steps, student_rows",
-    [(1, ["student_1"]), (4, ["student_4", "student_distillpp"]), (2, ["student", "student_distillpp"])],
+    [
+        (1, ["student_1"]),
+        (4, ["student_4", "student_distillpp", "student_distillpp_control"]),
+        (2, ["student", "student_distillpp", "student_distillpp_control"]),
+    ],
 )
 def test_default_rows_measure_a_student_at_the_steps_it_trained_for(tmp_path, num_steps, student_rows):
     student = yardstick.StudentInfo(lora=tmp_path / "lora.safetensors", num_steps=num_steps)
@@ -222,6 +226,22 @@ def test_distillpp_row_follows_its_settings(tiny_teacher, tmp_path):
     assert not torch.allclose(two_steps, guided, atol=1e-4)
     self_guided = sample("student_distillpp", lam=0.5, guide="student")  # the ablation: no teacher at all
     assert not torch.allclose(self_guided, guided, atol=1e-4)
+
+
+def test_distillpp_control_row_is_the_same_setting_with_noise_only(tiny_teacher, tmp_path):
+    """The control beside every Distillation++ row: the same rule, λ and steps, the rule's noise and no teacher."""
+    model = yardstick.load_digits_model(tiny_teacher, _student_run(tiny_teacher, tmp_path / "run"))
+    labels, noise = torch.arange(10), torch.randn(10, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    settings = yardstick.DistillppSettings(lam=0.3, guided_steps=2)
+
+    def sample(row, distillpp):
+        return yardstick.sample_digits(model, row, labels, noise, torch.Generator().manual_seed(1), 1.5, distillpp)
+
+    control = sample("student_distillpp_control", settings)
+    noise_only = yardstick.DistillppSettings(lam=0.3, guided_steps=2, guide="noise")
+    assert torch.equal(control, sample("student_distillpp", noise_only))
+    assert not torch.allclose(control, sample("student_distillpp", settings), atol=1e-4)
+    assert not torch.allclose(control, sample("student_4", settings), atol=1e-4)  # eps_mix's noise term acts
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):
