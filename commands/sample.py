@@ -71,7 +71,7 @@ def load_pipeline(
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from ..core.distillpp import check_teacher_guidance
+    from ..core.distillpp import check_guide_source, check_teacher_guidance
     from ..core.sampling import resolve_sampling
     from ..pipelines.common import looks_like_path, lora_file_of
 
@@ -89,6 +89,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     teacher_config = config.get("teacher_config") if teacher == config.get("teacher") else None
     timesteps = timesteps_flag(args)
     check_teacher_guidance(args.distillpp, args.distillpp_steps, args.distillpp_rule, args.teacher_guidance_scale)
+    check_guide_source(args.distillpp_guide, args.distillpp_teacher_steps)
     if args.num_images < 1:
         raise UserError(f"--num-images must be ≥ 1, got {args.num_images}")
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
@@ -117,6 +118,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         teacher_guided_steps=args.distillpp_steps,
         teacher_guidance_scale=args.teacher_guidance_scale,
         teacher_guidance_rule=args.distillpp_rule,
+        teacher_guidance_source=args.distillpp_guide,
+        teacher_refinement_steps=args.distillpp_teacher_steps,
         sampler=settings.sampler,
     )
     described = f"timesteps {settings.timesteps}, sampler {settings.sampler}"
@@ -125,6 +128,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
             f", Distillation++ ({args.distillpp_rule}) λ={args.distillpp} on {args.distillpp_steps} step(s), "
             f"teacher CFG {args.teacher_guidance_scale}"
         )
+        if args.distillpp_guide != "renoised" or args.distillpp_teacher_steps != 1:
+            described += f", guide {args.distillpp_guide}, {args.distillpp_teacher_steps} teacher step(s)"
     print(f"fewstep sample: {len(result.images)} image(s), {described}, seed {args.seed}")
     for index, image in enumerate(result.images):
         prompt_index, image_index = divmod(index, args.num_images)
@@ -135,7 +140,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
-    from ..core.distillpp import (RECOMMENDED_GUIDED_STEPS, RECOMMENDED_LAMBDA, RECOMMENDED_RULE,
+    from ..core.distillpp import (GUIDE_SOURCES, RECOMMENDED_GUIDED_STEPS, RECOMMENDED_LAMBDA, RECOMMENDED_RULE,
                                   RECOMMENDED_TEACHER_CFG, RULES)  # fmt: skip
 
     parser = sub.add_parser(
@@ -174,6 +179,13 @@ def register(sub) -> None:
     )  # fmt: skip
     parser.add_argument("--teacher-guidance-scale", type=float, default=RECOMMENDED_TEACHER_CFG,
                         help="teacher CFG w (default %(default)s, the authors')")
+    parser.add_argument(
+        "--distillpp-guide", choices=GUIDE_SOURCES, default="renoised",
+        help="where the teacher's x0 comes from: renoised (Distillation++), at_student_input (the teacher at the "
+        "student's own latent), noise_only (the control: eps_mix's noise, no teacher) (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--distillpp-teacher-steps", type=int, default=1,
+                        help="DDIM steps the teacher takes to its x0 (default %(default)s, the paper's one call)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     parser.add_argument("--resolution", type=int, help="image size (default: the run's, else the model's)")

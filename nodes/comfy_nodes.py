@@ -16,8 +16,8 @@ from .comfy_sampling import (
     student_guider,
 )
 from .sigma_space import scheduler_timesteps
-from ..core.distillpp import (RECOMMENDED_GUIDED_STEPS, RECOMMENDED_LAMBDA, RECOMMENDED_RULE, RECOMMENDED_TEACHER_CFG,
-                              RULES)  # fmt: skip
+from ..core.distillpp import (GUIDE_SOURCES, RECOMMENDED_GUIDED_STEPS, RECOMMENDED_LAMBDA, RECOMMENDED_RULE,
+                              RECOMMENDED_TEACHER_CFG, RULES)  # fmt: skip
 
 CATEGORY = "sampling/fewstep"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -186,9 +186,31 @@ def _rule_input() -> io.Input:
     )  # fmt: skip
 
 
-def _distillpp_guider(student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule):
-    rule = rule or RECOMMENDED_RULE
-    guider = Guider_DistillationPP(student, teacher, teacher_guidance, guided_steps, teacher_cfg, rule)
+def _guide_inputs() -> list[io.Input]:
+    """The ablations (optional, so older workflows load unchanged): where the teacher's x0 comes from, and how many
+    DDIM steps the teacher takes to it."""
+    return [
+        io.Combo.Input(
+            "guide", options=list(GUIDE_SOURCES), default="renoised", optional=True,
+            tooltip="renoised (default, Distillation++): the teacher denoises the student's x0 re-noised to the next "
+            "step. at_student_input: the teacher at the student's own latent and step (no fresh noise). noise_only: "
+            "the control, no teacher call, only eps_mix's injected noise: compare with it to see what the teacher "
+            "adds.",
+        ),
+        io.Int.Input(
+            "teacher_steps", default=1, min=1, max=50, optional=True,
+            tooltip="DDIM steps the teacher takes from its input to its x0 (1: the paper's single call, a blurry "
+            "estimate). More steps give a sharper x0 to pull toward, at that many teacher passes per guided step.",
+        ),
+    ]  # fmt: skip
+
+
+def _distillpp_guider(student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule,
+                      guide, teacher_steps):  # fmt: skip
+    rule, guide, teacher_steps = rule or RECOMMENDED_RULE, guide or "renoised", teacher_steps or 1
+    guider = Guider_DistillationPP(
+        student, teacher, teacher_guidance, guided_steps, teacher_cfg, rule, guide, teacher_steps
+    )
     guider.set_conds(positive, negative)
     return guider
 
@@ -203,17 +225,19 @@ class DistillationPPGuider(io.ComfyNode):
             description="Distillation++ (Park et al. 2024): on the first steps the teacher, with CFG, refines the "
             "student's x0. Runs the teacher's own weights even when the student is the teacher + a LoRA. "
             "Use with FewStep Sampler and FewStep Scheduler in SamplerCustomAdvanced.",
-            inputs=[*_distillpp_inputs(), _rule_input()],
+            inputs=[*_distillpp_inputs(), _rule_input(), *_guide_inputs()],
             outputs=[io.Guider.Output()],
         )
 
     @classmethod
     def execute(
-        cls, student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule=None
-    ) -> io.NodeOutput:
+        cls, student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule=None, guide=None,
+        teacher_steps=None,
+    ) -> io.NodeOutput:  # fmt: skip
         guider = _distillpp_guider(
-            student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule
-        )
+            student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule, guide,
+            teacher_steps,
+        )  # fmt: skip
         return io.NodeOutput(guider)
 
 
@@ -233,6 +257,7 @@ class DistillationPPKSampler(io.ComfyNode):
                 _steps_input(),
                 _first_timestep_input(),
                 _rule_input(),
+                *_guide_inputs(),
             ],  # fmt: skip
             outputs=[io.Latent.Output()],
         )
@@ -244,11 +269,12 @@ class DistillationPPKSampler(io.ComfyNode):
     @classmethod
     def execute(
         cls, student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, latent_image, seed,
-        steps, first_timestep, rule=None,
+        steps, first_timestep, rule=None, guide=None, teacher_steps=None,
     ) -> io.NodeOutput:  # fmt: skip
         guider = _distillpp_guider(
-            student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule
-        )
+            student, teacher, positive, negative, teacher_guidance, guided_steps, teacher_cfg, rule, guide,
+            teacher_steps,
+        )  # fmt: skip
         sigmas = _sigmas(student, steps, first_timestep)
         return io.NodeOutput(sample_latent(guider, FewStepKSAMPLER(), sigmas, latent_image, seed))
 

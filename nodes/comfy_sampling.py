@@ -16,7 +16,7 @@ import comfy.utils
 import latent_preview
 import torch
 
-from ..core.distillpp import RECOMMENDED_RULE, check_teacher_guidance, distillpp_refiner
+from ..core.distillpp import RECOMMENDED_RULE, check_guide_source, check_teacher_guidance, distillpp_refiner
 from ..core.schedule import NoiseSchedule
 from .sigma_space import sample_sigma_space, schedule_from_sigmas, step_timesteps, vp_denoiser
 
@@ -154,7 +154,9 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
     The student runs at CFG 1 on ``positive``; on each of the first ``guided_steps`` steps its x0 is re-noised to
     the next step's timestep and denoised by the teacher with CFG ``teacher_cfg`` (``fewstep.core.distillpp``),
     and the noise predictions are mixed (rule ``eps_mix``, the default) or ``x0 ← lerp(x0_student, x0_teacher, λ)``
-    (``x0_lerp``). The teacher's own weights run even when the student is the teacher plus a LoRA (see
+    (``x0_lerp``). ``source`` and ``teacher_steps`` choose where the teacher's x̂0 comes from (the re-noised x̂0,
+    the student's own input, or no teacher: the noise-only control) and how many DDIM steps it takes to get there
+    (``fewstep.core.distillpp.guide_x0``). The teacher's own weights run even when the student is the teacher plus a LoRA (see
     :func:`student_patches_hook`); a student with separate weights loads next to the teacher.
     """
 
@@ -166,9 +168,12 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
         guided_steps: int,
         teacher_cfg: float,
         rule: str = RECOMMENDED_RULE,
+        source: str = "renoised",
+        teacher_steps: int = 1,
     ):
         check_teacher_guidance(teacher_guidance, guided_steps, rule, teacher_cfg)
-        self.rule = rule
+        check_guide_source(source, teacher_steps)
+        self.rule, self.source, self.teacher_steps = rule, source, teacher_steps
         if model_family(student) != model_family(teacher):
             raise ValueError(
                 f"the student is {model_family(student)} but the teacher is {model_family(teacher)}: "
@@ -217,7 +222,7 @@ class Guider_DistillationPP(comfy.samplers.CFGGuider):
         generator = model_options.get(GENERATOR_OPTION, self.run_generator)
         refine = distillpp_refiner(
             self.teacher_denoiser(model_options, seed), self.timesteps, self.teacher_guidance, self.guided_steps,
-            self.schedule, generator, self.rule,
+            self.schedule, generator, self.rule, self.source, self.teacher_steps,
         )  # fmt: skip
         if refine is None:
             return x0

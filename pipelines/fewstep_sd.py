@@ -28,7 +28,7 @@ from diffusers.utils import logging
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from fewstep.core.distillpp import (RECOMMENDED_GUIDED_STEPS, RECOMMENDED_RULE, RECOMMENDED_TEACHER_CFG,
-                                    check_teacher_guidance, distillpp_refiner)  # fmt: skip
+                                    check_guide_source, check_teacher_guidance, distillpp_refiner)  # fmt: skip
 from fewstep.core.sampling import resolve_sampling
 from fewstep.core.schedule import NoiseSchedule
 from fewstep.pipelines.common import (
@@ -100,6 +100,8 @@ class FewStepSDPipeline(FewStepLoraMixin, StableDiffusionPipeline):
         teacher_guided_steps: int = RECOMMENDED_GUIDED_STEPS,
         teacher_guidance_scale: float = RECOMMENDED_TEACHER_CFG,
         teacher_guidance_rule: str = RECOMMENDED_RULE,
+        teacher_guidance_source: str = "renoised",
+        teacher_refinement_steps: int = 1,
         sampler: str | None = None,
     ):
         """Generate images with the few-step student.
@@ -123,6 +125,14 @@ class FewStepSDPipeline(FewStepLoraMixin, StableDiffusionPipeline):
                 λ)). eps_mix also injects noise of std ≈ 20.7·λ into the first x̂0 (core/distillpp.py): on the
                 digits yardstick λ = 0.15 on one step lowered a 4-step student's FD by 30% at 0.02 less accuracy,
                 mostly through that noise; x0_lerp made FD worse at every setting (docs/sweeps.md).
+            teacher_guidance_source: where the teacher's x̂0 comes from: "renoised" (default, Distillation++: the
+                teacher denoises the student's x̂0 re-noised to the next timestep), "at_student_input" (the teacher at
+                the student's own x_t and t, no fresh noise: then eps_mix is exactly a lerp) or "noise_only" (the
+                control: the rule's fresh noise and no teacher call, to tell what the teacher adds from what eps_mix's
+                injected noise does).
+            teacher_refinement_steps: m ≥ 1 deterministic DDIM teacher steps from its input to its x̂0 (default 1, the
+                paper's single call, which gives the teacher's blurry one-step estimate; m > 1 costs m teacher
+                passes per guided step and gives a sharper x̂0 to pull toward).
             sampler: "few_step" (DMD2's rule: x0, then fresh noise to the next timestep; DMD and DMD2 students) or
                 "ddim" (deterministic DDIM; Progressive Distillation students). Default: the loaded fewstep LoRA's
                 recorded sampler, else "few_step".
@@ -147,6 +157,7 @@ class FewStepSDPipeline(FewStepLoraMixin, StableDiffusionPipeline):
             num_inference_steps, timesteps, sampler, getattr(self, "fewstep_recipe", None), schedule.num_train_timesteps
         )
         check_teacher_guidance(teacher_guidance, teacher_guided_steps, teacher_guidance_rule, teacher_guidance_scale)
+        check_guide_source(teacher_guidance_source, teacher_refinement_steps)
         teacher = uses_teacher(teacher_guidance, teacher_guided_steps)
         teacher_unet, teacher_context = teacher_unet_and_context(self) if teacher else (None, None)
         # [/in-step: settings]
@@ -193,7 +204,7 @@ class FewStepSDPipeline(FewStepLoraMixin, StableDiffusionPipeline):
             teacher_denoise = unet_denoiser(teacher_unet, schedule, cond, uncond, teacher_guidance_scale, teacher_context)
             refine = distillpp_refiner(
                 teacher_denoise, settings.timesteps, float(teacher_guidance), teacher_guided_steps, schedule,
-                generator, teacher_guidance_rule,
+                generator, teacher_guidance_rule, teacher_guidance_source, teacher_refinement_steps,
             )
         # [/in-step: denoisers]
 

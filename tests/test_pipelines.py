@@ -267,6 +267,37 @@ def test_distillpp_eps_mix_rule_differs_from_x0_lerp_and_unknown_rules_are_refus
         run("lerp")
 
 
+def _teacher_and_student_calls(pipe, **settings):
+    hook = UNetCalls(pipe.unet)
+    try:
+        images = pipe(PROMPT, num_inference_steps=4, generator=seeded(), teacher_guidance=0.3, output_type="latent",
+                      **settings).images  # fmt: skip
+    finally:
+        hook.remove()
+    teacher = [call for call in hook.calls if call[4]]
+    return images, [int(call[1]) for call in teacher], len(hook.calls) - len(teacher)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distillpp_guide_sources_and_teacher_steps_reach_the_teacher_calls(students, family):
+    """The control calls no teacher, the teacher at the student's input runs at the student's own timesteps, and m
+    teacher steps are m teacher calls per guided step on a grid from the next student timestep."""
+    pipe = students[family]
+    plain, _, _ = _teacher_and_student_calls(pipe, teacher_guidance_rule="eps_mix")
+    control, control_calls, student_calls = _teacher_and_student_calls(pipe, teacher_guidance_source="noise_only")
+    assert control_calls == [] and student_calls == 4
+    assert (control - plain).abs().max().item() > 1e-4  # the same injected noise, without the teacher's pull
+    _, at_input_calls, _ = _teacher_and_student_calls(pipe, teacher_guidance_source="at_student_input")
+    assert at_input_calls == [999, 749]  # the first 2 guided steps, at x_t and t
+    stronger, stronger_calls, _ = _teacher_and_student_calls(pipe, teacher_refinement_steps=2)
+    assert stronger_calls == [749, 374, 499, 250]  # from s = t_{i+1}: DDIM on round(s·(1 − k/2)), half to even
+    assert (stronger - plain).abs().max().item() > 1e-4
+    with pytest.raises(ValueError, match="guide source must be one of"):
+        pipe(PROMPT, num_inference_steps=4, teacher_guidance=0.3, teacher_guidance_source="teacher")
+    with pytest.raises(ValueError, match="teacher steps must be an integer ≥ 1"):
+        pipe(PROMPT, num_inference_steps=4, teacher_guidance=0.3, teacher_refinement_steps=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_distillpp_teacher_is_the_base_unet_with_the_lora_disabled(bases, students, family):
     """Every teacher call runs with the adapters off and returns exactly the base UNet's x0; the student calls

@@ -21,11 +21,11 @@ SEED = 11
 ATOL = 1e-4
 
 
-def _distillpp(node, family, lam, guided_steps=1, teacher_cfg=3.0, steps=4, student=None, rule=None):
+def _distillpp(node, family, lam, guided_steps=1, teacher_cfg=3.0, steps=4, student=None, rule=None, **guide):
     student = family.student if student is None else student
     return node("DistillationPPKSampler").execute(
         student, family.model, family.positive, family.negative, lam, guided_steps, teacher_cfg, empty_latent(), SEED,
-        steps, 999, rule=rule,
+        steps, 999, rule=rule, **guide,
     ).result[0]  # fmt: skip
 
 
@@ -64,6 +64,21 @@ def test_eps_mix_rule_equals_the_diffusers_pipeline_and_differs_from_x0_lerp(nod
     ).images  # fmt: skip
     torch.testing.assert_close(model_space(latent, student.model), reference, rtol=0, atol=ATOL)
     assert (latent["samples"] - _distillpp(node, student, 0.1, 2, rule="x0_lerp")["samples"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "guide, teacher_steps", [("noise_only", 1), ("at_student_input", 1), ("renoised", 2), ("at_student_input", 3)]
+)
+def test_guide_sources_and_teacher_steps_equal_the_diffusers_pipeline(node, student, guide, teacher_steps):
+    latent = _distillpp(node, student, 0.2, 2, rule="eps_mix", guide=guide, teacher_steps=teacher_steps)
+    reference = fewstep_pipeline(student)(
+        latents=comfy_noise(SEED), num_inference_steps=4, generator=torch.Generator().manual_seed(SEED),
+        teacher_guidance=0.2, teacher_guided_steps=2, teacher_guidance_scale=3.0, teacher_guidance_rule="eps_mix",
+        teacher_guidance_source=guide, teacher_refinement_steps=teacher_steps, output_type="latent",
+        **student.pipe_kwargs, **student.negative_pipe_kwargs,
+    ).images  # fmt: skip
+    torch.testing.assert_close(model_space(latent, student.model), reference, rtol=0, atol=ATOL)
+    assert (latent["samples"] - _distillpp(node, student, 0.2, 2, rule="eps_mix")["samples"]).abs().max() > 1e-3
 
 
 class _FixedNoise:
