@@ -180,41 +180,12 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-COLORS = [(40, 40, 40), (31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-
-
 def plot_fd_vs_steps(rows: list[dict], path: Path, size: tuple[int, int] = (640, 420)) -> None:
-    """FD against sampling steps (log2 axis), one line per method, drawn with Pillow (no plotting dependency)."""
-    import math
-
-    from PIL import Image, ImageDraw
+    """FD against sampling steps (log2 axis), one line per method."""
+    from .plots import line_plot
 
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         key = "DMD2" if r["method"].startswith("DMD2") else r["method"]
         lines.setdefault(key, []).append((r["steps"], r["fd"]))
-    width, height = size
-    left, right, top, bottom = 60, 150, 20, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    max_steps = max(s for points in lines.values() for s, _ in points)
-    max_fd = max(fd for points in lines.values() for _, fd in points) * 1.05 or 1.0
-    x_of = lambda s: left + (width - left - right) * math.log2(s) / max(1.0, math.log2(max_steps))
-    y_of = lambda fd: top + (height - top - bottom) * (1 - fd / max_fd)
-    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black")
-    for s in sorted({s for points in lines.values() for s, _ in points}):
-        draw.text((x_of(s) - 4, height - bottom + 6), str(s), fill="black")
-    for k in range(5):
-        fd = max_fd * k / 4
-        draw.text((8, y_of(fd) - 6), f"{fd:.0f}", fill="black")
-    draw.text((width // 2 - 60, height - 16), "sampling steps (log scale)", fill="black")
-    draw.text((8, 2), "FD (lower is better)", fill="black")
-    for i, (name, points) in enumerate(lines.items()):
-        color = COLORS[i % len(COLORS)]
-        xy = [(x_of(s), y_of(fd)) for s, fd in sorted(points)]
-        if len(xy) > 1:
-            draw.line(xy, fill=color, width=2)
-        for x, y in xy:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        draw.text((width - right + 10, top + 16 * i), name, fill=color)
-    image.save(path)
+    line_plot(lines, path, "sampling steps (log scale)", "FD (lower is better)", size)

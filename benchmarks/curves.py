@@ -1,0 +1,170 @@
+"""``fewstep bench curves``: learning curves of the digits demo's students on the yardstick, against iterations.
+
+Each (variant, seed) distils the digits teacher with the demo's settings (``digits/demo_settings.py``) to the largest
+of ``--iterations``, keeping a checkpoint at every point; each point's student (its exported LoRA, EMA weights as
+the demo ships) is then measured at its own steps (FD, accuracy and, where the yardstick reports them, precision,
+recall, density and coverage). The first and last points use ``--n`` images, the middle ones ``--n-middle``. The
+lr schedule is the demo's (constant after warm-up), so a point's student is the one a run of that length makes.
+Runs go in parallel processes (``--jobs``, one torch thread each). Writes ``OUT/curves.json`` and
+``OUT/curves.png`` (FD against iterations, ± sd over seeds).
+
+    fewstep bench curves --out curves --iterations 600 1200 2400 6000 --seeds 0 1 2 --n 2000 --jobs 2
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import reduce
+from pathlib import Path
+
+HELP = "learning curves: the demo's DMD2 1-/4-step and DMD students' FD, accuracy and recall against iterations"
+# variant → (method, student steps)
+VARIANTS = {"DMD2 1-step": ("dmd2", 1), "DMD2 4-step": ("dmd2", 4), "DMD 1-step": ("dmd", 1)}
+METRICS = ("fd", "acc", "precision", "recall", "density", "coverage")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="fewstep-bench-curves", help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+        help=f"which students ({', '.join(VARIANTS)}; default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--iterations", type=int, nargs="+", default=[600, 1200, 2400, 6000],
+        help="the points of the curve, in iterations (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="distillation/eval seeds (default: 0)")
+    parser.add_argument("--n", type=int, default=2000, help="images at the first and last points (default: 2000)")
+    parser.add_argument("--n-middle", type=int, default=500, help="images at the middle points (default: 500)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: %(default)s)")
+    parser.add_argument("--device", help="yardstick device (default: cuda when available, else cpu)")
+    parser.add_argument("--teacher", help="a built digits teacher folder (default: the cached one)")
+    parser.add_argument("--quick", action="store_true", help="tiny teacher and runs: checks the path, no quality")
+
+
+def check_iterations(iterations: list[int]) -> list[int]:
+    points = sorted(set(iterations))
+    if not points or points[0] < 1:
+        raise ValueError(f"--iterations must be positive, got {iterations}")
+    return points
+
+
+def checkpoint_spacing(points: list[int]) -> int:
+    """The checkpoint interval that lands on every point: their greatest common divisor."""
+    return reduce(math.gcd, points)
+
+
+def run_curve(job: dict) -> list[dict]:
+    """One (variant, seed): train to the last point, then measure each point's checkpoint. → one row per point."""
+    import dataclasses
+
+    import torch
+
+    from ..digits.demo_settings import QUICK, DigitsDemoSettings
+    from ..digits.yardstick import evaluate
+    from ..training.methods import get_method
+    from ..training.loop.trainer import train
+    from ..training.publish.export import export_run
+
+    torch.set_num_threads(1)  # parallel jobs with torch's default threads oversubscribe the cores
+    points, run_dir = job["points"], Path(job["run_dir"])
+    method, num_steps = VARIANTS[job["variant"]]
+    spacing = checkpoint_spacing(points)
+    settings = dataclasses.replace(DigitsDemoSettings(**(QUICK if job["quick"] else {})), max_steps=points[-1])
+    config = settings.train_config(job["teacher"], run_dir, job["prompts"], job["real_dir"], num_steps, job["seed"],
+                                   method)  # fmt: skip
+    config = dataclasses.replace(config, checkpoint_every=spacing, checkpoints_total_limit=points[-1] // spacing)
+    started = time.perf_counter()
+    train(get_method(method), config, overwrite=True)
+    train_seconds = round(time.perf_counter() - started, 1)
+    rows = []
+    for point in points:
+        lora = run_dir / f"lora-step-{point}"
+        export_run(run_dir, "diffusers", str(point), str(lora))
+        n = job["n"] if point in (points[0], points[-1]) else job["n_middle"]
+        result = evaluate(job["teacher"], lora=lora, n=n, seed=job["seed"], rows=["student"], progress=False,
+                          device=job["device"], guidance_scale=settings.guidance_scale)  # fmt: skip
+        scores = {k: v for k, v in result["rows"]["student"].items() if k in METRICS}
+        rows.append(dict(variant=job["variant"], seed=job["seed"], iterations=point, n=n, **scores,
+                         train_seconds=round(train_seconds * point / points[-1], 1)))  # fmt: skip
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± sd over seeds per (variant, iterations)."""
+    from ..digits.yardstick import mean_sd
+
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["variant"], row["iterations"]), []).append(row)
+    table = []
+    for (variant, iterations), group in groups.items():
+        entry = {"variant": variant, "iterations": iterations, "n": group[0]["n"], "seeds": len(group)}
+        for metric in METRICS:
+            if all(metric in r for r in group):
+                entry[metric], entry[f"{metric}_sd"] = (round(v, 4) for v in mean_sd(r[metric] for r in group))
+        entry["train_seconds"] = round(mean_sd(r["train_seconds"] for r in group)[0], 1)
+        table.append(entry)
+    return sorted(table, key=lambda e: (list(VARIANTS).index(e["variant"]), e["iterations"]))
+
+
+def run(args) -> dict:
+    import multiprocessing
+
+    from ..cli import resolve_device
+    from ..digits.teacher import DigitsTeacherConfig, cached_train_images, digits_teacher, write_digit_prompts
+    from ..digits.yardstick import balanced_labels, digit_classifier
+
+    points = check_iterations([2, 4] if args.quick else args.iterations)
+    n, n_middle = (20, 20) if args.quick else (args.n, args.n_middle)
+    balanced_labels(n), balanced_labels(n_middle)  # bad sizes fail before any training
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_config = (
+        DigitsTeacherConfig(vae_iterations=2, unet_iterations=2, batch_size=8) if args.quick else DigitsTeacherConfig()
+    )
+    teacher = str(Path(args.teacher) if args.teacher else digits_teacher(teacher_config, device=device))
+    digit_classifier()  # built once, before the workers need it
+    common = dict(teacher=teacher, prompts=str(write_digit_prompts(out / "prompts.txt")),
+                  real_dir=str(cached_train_images()), points=points, n=n, n_middle=n_middle, device=device,
+                  quick=args.quick)  # fmt: skip
+    jobs = [
+        {**common, "variant": variant, "seed": seed, "run_dir": str(out / "runs" / f"{variant.replace(' ', '_')}-seed{seed}")}
+        for variant in args.variants for seed in args.seeds
+    ]  # fmt: skip
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per job: no torch state shared across forks
+    with ProcessPoolExecutor(max(1, args.jobs), mp_context=context) as pool:
+        rows = [row for result in pool.map(run_curve, jobs) for row in result]
+    result = {"rows": summarise(rows), "per_seed": rows, "seeds": list(args.seeds), "teacher": teacher}
+    (out / "curves.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_curves(result["rows"], out / "curves.png")
+    print(f"wrote {out / 'curves.json'} and {out / 'curves.png'}")
+    return result
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    from .plots import line_plot
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    errors: dict[str, list[float]] = {}
+    for row in rows:
+        lines.setdefault(row["variant"], []).append((row["iterations"], row["fd"]))
+        errors.setdefault(row["variant"], []).append(row.get("fd_sd", 0.0))
+    line_plot(lines, path, "iterations (log scale)", "FD (lower is better)", errors=errors)
+
+
+def format_table(result: dict) -> str:
+    shown = [m for m in METRICS if all(m in r for r in result["rows"])]
+    header = f"{'variant':14}{'iterations':>11}{'n':>6}" + "".join(f"{m:>17}" for m in shown) + f"{'train s':>9}"
+    lines = [header, "-" * len(header)]
+    for r in result["rows"]:
+        cells = "".join(
+            f"{r[m]:>8.2f} ± {r[m + '_sd']:<6.2f}" if m == "fd" else f"{r[m]:>8.3f} ± {r[m + '_sd']:<6.3f}" for m in shown
+        )
+        lines.append(f"{r['variant']:14}{r['iterations']:>11}{r['n']:>6}{cells}{r['train_seconds']:>9.0f}")
+    lines.append(f"(seeds {', '.join(map(str, result['seeds']))}: mean ± sd; train s = the run's time to that point)")
+    return "\n".join(lines)
