@@ -78,10 +78,14 @@ def test_card_without_metrics_or_samples(bases, tmp_path, capsys):
     assert not (folder / "metrics.json").exists() and not (folder / "images").exists()
 
 
-def test_dry_run_defaults_to_a_new_temporary_folder(runs, capsys):
+def test_dry_run_defaults_to_a_new_temporary_folder(runs, capsys, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the folder is left for the user: not in the real /tmp
     code = main(["push", str(runs["sd15"]), "--repo-id", REPO_ID, "--dry-run", "--base-model", BASE_MODELS["sd15"]])
     folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and (folder / "README.md").is_file() and folder.name.startswith("fewstep-push-")
+    assert folder.parent == tmp_path
 
 
 @pytest.mark.parametrize("family", FAMILIES)
