@@ -101,7 +101,8 @@ def _check_prompt_options(args: argparse.Namespace):
 
     prompts = read_prompts(args.prompts)
     steps = _teacher_steps(args.teacher_steps)
-    specs = [parse_distillpp(spec, f"distillpp{index + 1 if index else ''}") for index, spec in enumerate(args.distillpp or [])]
+    specs = [parse_distillpp(spec, f"distillpp{index + 1 if index else ''}")
+             for index, spec in enumerate(args.distillpp or [])]  # fmt: skip
     for name, value in (("--images-per-prompt", args.images_per_prompt), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be ≥ 1, got {value}")
@@ -216,7 +217,8 @@ def register(sub) -> None:
 
     group = parser.add_argument_group("any SD1.5/SDXL teacher (with --prompts)")
     group.add_argument("--prompts", help="prompts file: .txt (one per line), .jsonl, .json, .csv or .tsv")
-    group.add_argument("--images-per-prompt", type=int, help="images per prompt and row, each its own seed (default 1)")
+    group.add_argument("--images-per-prompt", type=int, help="images per prompt and row, each from its own noise, "
+                       "the same in every row (default 1)")  # fmt: skip
     group.add_argument("--images", help="folder of real images: adds FD and precision/recall against them")
     group.add_argument("--teacher-steps", help=f"teacher DDIM steps, a comma list for several rows; the first is the "
                        f"reference (default {DEFAULT_TEACHER_STEPS})")  # fmt: skip

@@ -234,7 +234,8 @@ def test_train_logs_the_eval_metrics_and_the_model_card_shows_the_final_table(te
     for key in ("fd", "fd_clip", "clip_score", "precision", "recall", "density", "coverage", "seconds_per_image"):
         assert f"eval/student/{key}" in scalars, key
     assert "eval/teacher_2/clip_score" in scalars and "eval/teacher_2/fd" not in scalars
-    steps = [event.step for event in EventAccumulator(str(run / "logs" / "fewstep")).Reload().Scalars("eval/student/fd")]
+    logged = EventAccumulator(str(run / "logs" / "fewstep")).Reload().Scalars("eval/student/fd")
+    steps = [event.step for event in logged]
     assert steps == [2, 3]  # every --eval-every, and the final LoRA
     result = json.loads((run / "eval" / "metrics.json").read_text())
     assert result["settings"]["step"] == 3 and result["settings"]["prompts"] == 3

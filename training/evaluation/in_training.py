@@ -19,6 +19,7 @@ import torch
 
 from ...core.sampling import ddim_timesteps, sample_ddim
 from ..loop.networks import TextConditioning
+from .rows import TeacherRow
 from .scoring import RowEmbeddings, Scorer, result_of
 
 EVAL_BATCH = 8  # images per sampling call
@@ -29,8 +30,8 @@ class TrainingEvaluation:
     """The teacher-vs-student metrics of a run on fixed prompts and noise (:meth:`prepare`, :meth:`start`,
     :meth:`run`)."""
 
-    def __init__(self, config, prompts: list[str], scorer: Scorer, cond: TextConditioning):
-        self.config, self.prompts, self.scorer, self.cond = config, prompts, scorer, cond
+    def __init__(self, config, family: str, prompts: list[str], scorer: Scorer, cond: TextConditioning):
+        self.config, self.family, self.prompts, self.scorer, self.cond = config, family, prompts, scorer, cond
         self.text_embeds = scorer.embed_texts(prompts)
         per_prompt = config.eval_images_per_prompt
         self.prompt_indices = [i // per_prompt for i in range(len(prompts) * per_prompt)]
@@ -51,7 +52,7 @@ class TrainingEvaluation:
         scorer = load_scorer(config.eval_metric_model, config.eval_clip_model, device,
                              options=("--eval-metric-model", "--eval-clip-model"))  # fmt: skip
         repeated = [prompt for prompt in prompts for _ in range(config.eval_images_per_prompt)]
-        return cls(config, prompts, scorer, encode_prompts(pipe, family, repeated, config.resolution))
+        return cls(config, family, prompts, scorer, encode_prompts(pipe, family, repeated, config.resolution))
 
     def start(self, run_dir: Path, run, encoded, ema) -> "TrainingEvaluation":
         """Bind the run: its student sampler and teacher (``MethodRun``), the VAE and schedule, the EMA."""
@@ -86,16 +87,16 @@ class TrainingEvaluation:
         from ..loop.ema import ema_weights
         from .report import write_report
 
-        teacher_row = f"teacher_{self.config.eval_teacher_steps}"
+        teacher_row = TeacherRow(self.config.eval_teacher_steps, self.config.guidance_scale)
         if not self.teacher.features:
             self.teacher = self._embed(self._teacher_latents)
         with ema_weights(self.ema):
             student = self._embed(self.method_run.sample_student)
-        titles = {teacher_row: f"teacher, {self.config.eval_teacher_steps} DDIM steps, CFG "
-                               f"{self.config.guidance_scale:g}", "student": "student at step " + str(step)}  # fmt: skip
-        settings = {"step": step, "teacher": self.config.teacher, "resolution": self.config.resolution,
-                    "seed": self.config.seed, "images_per_prompt": self.config.eval_images_per_prompt}  # fmt: skip
-        embedded = {teacher_row: self.teacher, "student": student}
+        titles = {teacher_row.name: teacher_row.describe(), "student": f"student at step {step}"}
+        settings = {"step": step, "teacher": self.config.teacher, "family": self.family,
+                    "resolution": self.config.resolution, "seed": self.config.seed,
+                    "images_per_prompt": self.config.eval_images_per_prompt}  # fmt: skip
+        embedded = {teacher_row.name: self.teacher, "student": student}
         result = result_of(embedded, titles, self.prompts, settings, self.scorer)
         write_report(self.dir, result, {name: row.thumbnails for name, row in embedded.items()})
         if writer is not None:

@@ -80,7 +80,8 @@ def format_table(result: dict) -> str:
     """The table as fixed-width text."""
     columns = _columns(result)
     width = max(len(name) for name in result["rows"]) + 2
-    lines = [f"fewstep eval: {summary(result)}", f"{'row':<{width}}" + "".join(f"{t:>{len(t) + 2}}" for _, t in columns)]
+    header = f"{'row':<{width}}" + "".join(f"{title:>{len(title) + 2}}" for _, title in columns)
+    lines = [f"fewstep eval: {summary(result)}", header]
     for name, row in result["rows"].items():
         cells = "".join(f"{format_value(key, row.get(key)):>{len(title) + 2}}" for key, title in columns)
         lines.append(f"{name:<{width}}{cells}")
@@ -117,8 +118,11 @@ def _samples_html(result: dict, thumbnails: dict) -> str:
         cells = []
         for name in names:
             image = thumbnails[name].get(index)
-            data = base64.b64encode(_png(image)).decode() if image is not None else ""
-            cells.append(f'<td><img src="data:image/png;base64,{data}" alt="{html.escape(name)}"></td>' if data else "<td></td>")
+            if image is None:
+                cells.append("<td></td>")
+                continue
+            data = base64.b64encode(_png(image)).decode()
+            cells.append(f'<td><img src="data:image/png;base64,{data}" alt="{html.escape(name)}"></td>')
         lines.append(f"<tr><td class=prompt>{html.escape(result['prompts'][index])}</td>{''.join(cells)}</tr>")
     return f"<table>{head}{''.join(lines)}</table>"
 
@@ -162,7 +166,8 @@ def report_png(result: dict, thumbnails: dict, path: Path) -> None:
     first = next(image for images in thumbnails.values() for image in images.values())
     h = first.shape[-2]
     w = max(first.shape[-1], 7 * max(len(name) for name in names))  # a column fits its name (~6 px a character)
-    grid = Image.new("RGB", (label_width + len(names) * (w + pad) + pad, header + len(indices) * (h + pad) + pad), "white")
+    size = (label_width + len(names) * (w + pad) + pad, header + len(indices) * (h + pad) + pad)
+    grid = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(grid)
     for column, name in enumerate(names):
         draw.text((label_width + pad + column * (w + pad), 4), name, fill="black")

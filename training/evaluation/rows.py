@@ -127,7 +127,8 @@ class DistillppSpec:
     teacher_steps: int = 1  # DDIM steps of the teacher from x_s to its x̂0 (1: the paper's single call)
 
     def describe(self) -> str:
-        text = f"{self.rule} λ={self.lam:g} on {self.guided_steps} step(s), teacher CFG {self.teacher_guidance_scale:g}"
+        text = f"{self.rule} λ={self.lam:g} on {self.guided_steps} step(s)"
+        text += f", teacher CFG {self.teacher_guidance_scale:g}"
         return text + (f", teacher {self.teacher_steps} DDIM steps" if self.teacher_steps > 1 else "")
 
 

@@ -149,7 +149,9 @@ def real_image_paths(folder: str | Path) -> list[Path]:
         raise ValueError(f"--images {str(folder)!r} is not a folder; give a folder of real images")
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if len(paths) < 2:
-        raise ValueError(f"--images {str(folder)!r} holds {len(paths)} image(s); the Fréchet distance needs at least 2")
+        raise ValueError(
+            f"--images {str(folder)!r} holds {len(paths)} image(s); the Fréchet distance needs at least 2"
+        )
     return paths
 
 
@@ -255,5 +257,6 @@ def load_scorer(metric_model: str, clip_model: str, device: str | torch.device =
     from .metric_models import load_clip, load_feature_network
 
     features = load_feature_network(metric_model, options[0], device)
-    clip = features if clip_model == metric_model and features.kind == "clip" else load_clip(clip_model, options[1], device)
+    same = clip_model == metric_model and features.kind == "clip"
+    clip = features if same else load_clip(clip_model, options[1], device)
     return Scorer(features, clip)

@@ -100,7 +100,8 @@ def read_run(run_dir: str | Path, lora_dir: str | Path | None = None) -> Run:
     if family not in FAMILIES:
         raise PublishError(f"cannot tell whether the LoRA in {str(run_dir)!r} is for SD1.5 or SDXL")
     # The run's own metrics.json, else what `fewstep train --eval-every` (or `fewstep eval --out RUN_DIR/eval`) wrote.
-    metrics_file = next((f for f in (directory / "metrics.json", directory / "eval" / "metrics.json") if f.is_file()), None)
+    candidates = (directory / "metrics.json", directory / "eval" / "metrics.json")
+    metrics_file = next((path for path in candidates if path.is_file()), None)
     try:
         metrics = json.loads(metrics_file.read_text()) if metrics_file is not None else None
     except ValueError as error:
