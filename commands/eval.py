@@ -106,6 +106,8 @@ def _check_prompt_options(args: argparse.Namespace):
     for name, value in (("--images-per-prompt", args.images_per_prompt), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be ≥ 1, got {value}")
+    if args.guidance_scale is not None and not args.guidance_scale >= 0:
+        raise UserError(f"--teacher-cfg must be ≥ 0, got {args.guidance_scale}")
     if len(prompts) * (args.images_per_prompt or 1) < 2:
         raise UserError(f"{args.prompts} holds 1 prompt: the metrics need at least 2 images; add --images-per-prompt 2")
     if specs and not args.lora:

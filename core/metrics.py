@@ -71,8 +71,8 @@ def manifold_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = MANIFOLD_K
 def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
     """CLIP score of each (image, prompt) pair, (N,) from two (N, D) embeddings: 100·max(cos(e_image, e_text), 0).
 
-    Hessel et al. 2021 define CLIP-S = w·max(cos, 0) with w = 2.5; torchmetrics (and the distillation papers that
-    report "CLIP score", DMD2 among them) use w = 100, as here. Embeddings need not be normalized.
+    Hessel et al. 2021 define CLIP-S = w·max(cos, 0) with w = 2.5; torchmetrics' ``CLIPScore`` uses w = 100, as here
+    (papers that report the cosine itself, 0.32, mean 32 on this scale). Embeddings need not be normalized.
     """
     cosine = torch.nn.functional.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
     return 100 * cosine.clamp(min=0)

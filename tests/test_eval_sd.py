@@ -252,3 +252,14 @@ def test_eval_every_without_prompts_is_refused_up_front(teacher, prompts, tmp_pa
             "--eval-every", "2"]  # fmt: skip
     assert main(argv) == 2
     assert "--eval-every needs --eval-prompts FILE" in capsys.readouterr().err
+
+
+def test_bench_eval_times_every_row_on_the_tiny_architecture(tmp_path, capsys):
+    argv = ["bench", "eval", "--architecture", "tiny", "--metric-models", "tiny", "--prompts", "2",
+            "--images-per-prompt", "1", "--teacher-steps", "2", "--json", str(tmp_path / "bench.json")]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert list(result["seconds_per_image"]) == ["teacher_2", "student", "distillpp", "distillpp_control"]
+    assert all(seconds > 0 for seconds in result["seconds_per_image"].values())
+    assert result["metric_models_seconds_per_image"] > 0 and "distillpp_control" in capsys.readouterr().out
+    assert main(["bench", "eval", "--prompts", "1", "--images-per-prompt", "1"]) == 2

@@ -121,23 +121,37 @@ def embed_row(models, row, prompts: list[str], images_per_prompt: int, seed: int
 
 
 def embed_real_images(folder: str | Path, scorer: Scorer, progress: bool = True) -> RowEmbeddings:
-    """The features of every image in ``folder`` (and its sub-folders), each centre-cropped by the metric models'
-    own preprocessing."""
-    import numpy
+    """The features of every image in ``folder`` (and its sub-folders): each centre-cropped to a square at the
+    metric models' input size, as generated images are by the models' own preprocessing, then embedded in batches."""
     from tqdm import tqdm
+
+    paths = real_image_paths(folder)
+    size = max(scorer.features.size, scorer.clip.size)
+    embeddings = RowEmbeddings()
+    bar = tqdm(total=len(paths), desc="eval real images", unit="img", disable=not progress)
+    for start in range(0, len(paths), EMBED_BATCH):
+        batch = torch.stack([square_image(path, size) for path in paths[start : start + EMBED_BATCH]])
+        embeddings.add(scorer, batch)
+        bar.update(len(batch))
+    bar.close()
+    return embeddings
+
+
+def square_image(path: Path, size: int) -> torch.Tensor:
+    """The image at ``path``, its centre square resized to ``size`` (bicubic), (3, size, size) in [0, 1]."""
+    import numpy
+    from PIL import Image
 
     from ..data.images_io import load_rgb
 
-    paths = real_image_paths(folder)
-    embeddings = RowEmbeddings()
-    for path in tqdm(paths, desc="eval real images", unit="img", disable=not progress):
-        try:
-            image = load_rgb(path)
-        except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"--images: {path} cannot be read ({' '.join(str(error).split())}); remove it") from None
-        pixels = torch.from_numpy(numpy.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
-        embeddings.add(scorer, pixels[None].float() / 255)
-    return embeddings
+    try:
+        image = load_rgb(path)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"--images: {path} cannot be read ({' '.join(str(error).split())}); remove it") from None
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(numpy.asarray(image).copy()).permute(2, 0, 1).float() / 255
 
 
 def real_image_paths(folder: str | Path) -> list[Path]:
