@@ -40,7 +40,10 @@ def student_lora(unet, enabled: bool):
             raise ValueError("the student row needs a student LoRA; pass --lora")
         yield
         return
-    unet.enable_adapters() if enabled else unet.disable_adapters()
+    if enabled:
+        unet.enable_adapters()
+    else:
+        unet.disable_adapters()
     try:
         yield
     finally:

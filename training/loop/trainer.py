@@ -22,9 +22,9 @@ import torch
 
 from ...core.schedule import validate_timesteps
 from ..data.run_data import TrainingData, read_training_data
+from ..data.summary import read_summary
 from ..evaluation.in_training import TrainingEvaluation
 from ..evaluation.metric_models import DEFAULT_CLIP_MODEL, DEFAULT_METRIC_MODEL
-from ..data.summary import read_summary
 from ..teacher.style_lora import parse_style_spec
 from ..publish.lora_files import RECIPE_FILE
 from ..teacher import loading as teachers
