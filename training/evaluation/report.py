@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .scoring import REPORT_PROMPTS
+
 REPORT_FILES = ("report.html", "report.png", "metrics.json")
 
 # (metric key, column title; "{space}" is the metric model's feature space, e.g. DINOv2)
@@ -149,8 +151,8 @@ def report_html(result: dict, thumbnails: dict) -> str:
         f'<!doctype html>\n<html><head><meta charset="utf-8"><title>fewstep eval</title><style>{style}</style></head>'
         f"<body><h1>fewstep eval</h1><p>{html.escape(summary(result))}</p>"
         f"<h2>Metrics</h2><table>{metric_head}{metric_rows}</table><ul>{meanings}</ul>"
-        f"<h2>Samples</h2><p>The first image of each prompt (up to 16), the same initial noise in every column; all "
-        f'of them in <a href="report.png">report.png</a>.</p>{_samples_html(result, thumbnails)}'
+        f"<h2>Samples</h2><p>The first image of each prompt (up to {REPORT_PROMPTS}), the same initial noise in every column; the "
+        f'same images as one grid: <a href="report.png">report.png</a>.</p>{_samples_html(result, thumbnails)}'
         f"<h2>Settings</h2><table>{settings}</table></body></html>\n"
     )
 
