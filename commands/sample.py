@@ -25,6 +25,21 @@ def run_config(lora: str) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def run_teacher(teacher: str | None, teacher_lora: list[str] | None, config: dict, lora: str | None,
+                teacher_config: str | None = None) -> tuple[str, list[str], str | None]:  # fmt: skip
+    """(teacher, style LoRAs, single-file teacher's config) to sample a student on: the flags, else its run's."""
+    teacher = teacher or config.get("teacher")
+    if not teacher:
+        raise UserError(f"--teacher is needed: {lora} is not a fewstep run whose config names its teacher")
+    # The student was trained on the teacher with its style LoRAs fused: sample on that same base (the model card's
+    # snippet does the same), unless --teacher-lora says otherwise ("none": the plain base).
+    style_loras = teacher_lora if teacher_lora is not None else config.get("teacher_lora") or []
+    style_loras = [spec for spec in style_loras if spec.lower() != "none"]
+    if teacher_config is None and teacher == config.get("teacher"):
+        teacher_config = config.get("teacher_config")
+    return teacher, style_loras, teacher_config
+
+
 def timesteps_flag(args: argparse.Namespace) -> list[int] | None:
     """``--timesteps`` parsed, or ``--steps`` checked (None): bad flags fail before the teacher is loaded."""
     from ..core.schedule import parse_timesteps
@@ -79,14 +94,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if looks_like_path(args.lora):
         lora_file_of(args.lora)  # a missing or empty LoRA source fails before the teacher is loaded
     config = run_config(args.lora)
-    teacher = args.teacher or config.get("teacher")
-    if not teacher:
-        raise UserError(f"--teacher is needed: {args.lora} is not a fewstep run whose config names its teacher")
-    # The student was trained on the teacher with its style LoRAs fused: sample on that same base (the model card's
-    # snippet does the same), unless --teacher-lora says otherwise ("none": the plain base).
-    style_loras = args.teacher_lora if args.teacher_lora is not None else config.get("teacher_lora") or []
-    style_loras = [spec for spec in style_loras if spec.lower() != "none"]
-    teacher_config = config.get("teacher_config") if teacher == config.get("teacher") else None
+    teacher, style_loras, teacher_config = run_teacher(args.teacher, args.teacher_lora, config, args.lora)
     timesteps = timesteps_flag(args)
     check_teacher_guidance(args.distillpp, args.distillpp_steps, args.distillpp_rule, args.teacher_guidance_scale)
     check_guide_source(args.distillpp_guide, args.distillpp_teacher_steps)

@@ -11,6 +11,8 @@ tensors, and none of them depends on the order of the rows.
   modes has a small manifold and low recall). Density counts how many real balls hold each generated point (÷ k;
   ≈ 1 for matching distributions, unbounded above); coverage is the share of real balls holding at least one
   generated point, which outliers among the generated points cannot inflate.
+- :func:`clip_score`: prompt adherence, 100·max(cos(image embedding, text embedding), 0) per image (Hessel et al.
+  2021, scaled as torchmetrics' ``CLIPScore``).
 """
 
 from __future__ import annotations
@@ -64,3 +66,13 @@ def manifold_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = MANIFOLD_K
         "density": (inside_real_balls.sum(dim=0).double() / k).mean().item(),
         "coverage": inside_real_balls.any(dim=1).double().mean().item(),
     }
+
+
+def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """CLIP score of each (image, prompt) pair, (N,) from two (N, D) embeddings: 100·max(cos(e_image, e_text), 0).
+
+    Hessel et al. 2021 define CLIP-S = w·max(cos, 0) with w = 2.5; torchmetrics' ``CLIPScore`` uses w = 100, as here
+    (papers that report the cosine itself, 0.32, mean 32 on this scale). Embeddings need not be normalized.
+    """
+    cosine = torch.nn.functional.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
+    return 100 * cosine.clamp(min=0)

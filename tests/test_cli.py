@@ -102,7 +102,18 @@ def _bad_inputs(tmp: Path, base: Path, run: Path) -> dict[str, list[list[str]]]:
             ["teacher"], ["teacher", "digits", "--config", str(bad_yaml)], ["teacher", "digits", "--out", str(a_file)],
             ["teacher", "digits", "--config", str(typed_yaml)], ["teacher", "digits", "--seed", "x"],
         ],
-        "eval": [["eval", "--n", "7"], ["eval", "--json", str(a_dir)], ["eval", "--n", "ten"]],
+        "eval": [
+            ["eval", "--n", "7"], ["eval", "--json", str(a_dir)], ["eval", "--n", "ten"],
+            ["eval", "--prompts", str(tmp / "missing.txt")], ["eval", "--prompts", str(prompts)],  # 1 image only
+            ["eval", "--prompts", str(prompts), "--images-per-prompt", "2", "--teacher-steps", "0"],
+            ["eval", "--prompts", str(prompts), "--images-per-prompt", "2", "--distillpp", "a:lam=9", "--lora", str(run)],
+            ["eval", "--prompts", str(prompts), "--images-per-prompt", "2", "--distillpp", "a:lam=0.1"],  # no --lora
+            ["eval", "--prompts", str(prompts), "--images-per-prompt", "2", "--images", str(empty_dir)],
+            ["eval", "--prompts", str(prompts), "--images-per-prompt", "2", "--lora", str(run), "--out", str(a_file)],
+            ["eval", "--prompts", str(prompts), "--images-per-prompt", "2", "--lora", str(run),
+             "--metric-model", str(tmp / "no-model")],
+            ["eval", "--images-per-prompt", "2"], ["eval", "--prompts", str(prompts), "--n", "10"],
+        ],
         "bench": [["bench"], ["bench", "nope"], ["bench", "inference", "--resolution", "7"]],
     }  # fmt: skip
 

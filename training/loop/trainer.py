@@ -23,6 +23,8 @@ import torch
 from ...core.schedule import validate_timesteps
 from ..data.run_data import TrainingData, read_training_data
 from ..data.summary import read_summary
+from ..evaluation.in_training import TrainingEvaluation
+from ..evaluation.metric_models import DEFAULT_CLIP_MODEL, DEFAULT_METRIC_MODEL
 from ..teacher.style_lora import parse_style_spec
 from ..publish.lora_files import RECIPE_FILE
 from ..teacher import loading as teachers
@@ -133,6 +135,32 @@ class TrainConfig:
         default=500, metadata={"help": "iterations between validation grids (0 = off)", "on_resume": "may change"}
     )
     num_validation_prompts: int = field(default=4, metadata={"help": "prompts in each validation grid", "min": 1})
+    # The metrics of `fewstep eval` during training (training/evaluation/in_training.py, docs/eval.md).
+    eval_every: int = field(
+        default=0, metadata={"help": "iterations between evaluations of the student on --eval-prompts (FD_DINOv2, "
+                                     "FD_CLIP, CLIP score, precision/recall vs the teacher), logged as "
+                                     "eval/<row>/<metric> and written to RUN_DIR/eval/ (0 = off)",
+                             "on_resume": "may change"},
+    )  # fmt: skip
+    eval_prompts: str | None = field(
+        default=None, metadata={"help": "prompts file of --eval-every (keep it to a few prompts: every evaluation "
+                                        "samples them all)", "on_resume": "may change"},
+    )  # fmt: skip
+    eval_images_per_prompt: int = field(
+        default=2, metadata={"help": "images per --eval-prompts prompt", "min": 1, "on_resume": "may change"}
+    )
+    eval_teacher_steps: int = field(
+        default=25, metadata={"help": "DDIM steps of the evaluation's teacher images (the reference)", "min": 1,
+                              "on_resume": "may change"},
+    )  # fmt: skip
+    eval_metric_model: str = field(
+        default=DEFAULT_METRIC_MODEL, metadata={"help": "DINOv2 (or CLIP) Hub id or folder of the evaluation's FD "
+                                                        "features", "on_resume": "may change"},
+    )  # fmt: skip
+    eval_clip_model: str = field(
+        default=DEFAULT_CLIP_MODEL, metadata={"help": "CLIP Hub id or folder of the evaluation's CLIP score",
+                                              "on_resume": "may change"},
+    )  # fmt: skip
     max_nan_steps: int = field(
         default=10, metadata={"help": "skipped non-finite steps before the run stops", "on_resume": "may change"}
     )
@@ -350,6 +378,7 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     use_gan = uses_gan(method, config, data)
     method.check(config, family, use_gan, accelerator.num_processes)
     device, is_main = accelerator.device, accelerator.is_main_process
+    evaluation = TrainingEvaluation.prepare(config, pipe, family, device) if is_main else None  # before encoding
     start_run_dir(run_dir, method, config, overwrite, is_main)
 
     # 2. Encodings from the on-disk cache (each process encodes its share of what is missing) ---------
@@ -379,6 +408,7 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
     # 5. Validation: teacher images once, student images every validate_every --------------------
     validator = Validator(run_dir, run.sample_student, run.teacher, encoded.vae, encoded.schedule,
                           encoded.validation_cond, encoded.latent_shape, config.seed, device, ema)  # fmt: skip
+    evaluation = evaluation.start(run_dir, run, encoded, ema) if evaluation is not None else None
 
     # 6. The loop --------------------------------------------------------------------------------
     progress = Progress(method.name, config, run_dir, loop, is_main)
@@ -394,6 +424,8 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
             state.save()
         if config.validate_every and step % config.validate_every == 0 and is_main:
             validator.run(step, progress.writer)
+        if evaluation is not None and step % config.eval_every == 0:
+            evaluation.run(step, progress.writer)
         stopped = on_step is not None and bool(on_step(step, metrics))
         if interrupts.stop_requested(accelerator.num_processes, device) and step < config.max_steps:
             stop_on_signal(state, progress, step, is_main)  # a checkpoint, then RunInterrupted; a last step ends anyway
@@ -411,6 +443,8 @@ def train(method: Method, config, resume: bool = False, on_step=None, overwrite:
             ctx.export_lora(GENERATOR, lora_dir, {**run.recipe(), "step": loop.step})
             if run.on_finish is not None:
                 run.on_finish()
+        if evaluation is not None and evaluation.last_step != loop.step:
+            evaluation.run(loop.step, progress.writer)  # the final LoRA's numbers, for the model card
         accelerator.print(f"fewstep: wrote {lora_dir}/pytorch_lora_weights.safetensors and fewstep_comfyui.safetensors")
     progress.close()
     return run_dir
@@ -434,7 +468,23 @@ def check_start(method: Method, config, resume: bool, overwrite: bool):
         raise TrainingError("--teacher is required (a Hub id, a local diffusers folder or a .safetensors file)")
     if getattr(config, "timesteps", None):
         validate_timesteps(config.timesteps)  # before minutes of loading
+    check_evaluation(config)
     return run_dir, checkpoint, config
+
+
+def check_evaluation(config) -> None:
+    """``--eval-every N`` needs a readable ``--eval-prompts`` file of enough images for the metrics."""
+    from ..data.prompts import read_prompts
+
+    if not config.eval_every:
+        return
+    if not config.eval_prompts:
+        raise TrainingError("--eval-every needs --eval-prompts FILE (a few prompts; docs/eval.md)")
+    if len(read_prompts(config.eval_prompts)) * config.eval_images_per_prompt < 2:
+        raise TrainingError(
+            f"--eval-prompts {config.eval_prompts} holds 1 prompt: the metrics need at least 2 images; add "
+            "--eval-images-per-prompt 2"
+        )
 
 
 def with_absolute_paths(config):
@@ -449,8 +499,9 @@ def with_absolute_paths(config):
         style = parse_style_spec(spec)
         return f"{absolute(str(style.path))}:{style.scale:g}" if style.path.exists() else spec
 
-    fields = {name: absolute(getattr(config, name)) for name in ("teacher", "teacher_config", "prompts", "images",
-                                                                 "dataset") if hasattr(config, name)}  # fmt: skip
+    names = ("teacher", "teacher_config", "prompts", "images", "dataset", "eval_prompts", "eval_metric_model",
+             "eval_clip_model")  # fmt: skip
+    fields = {name: absolute(getattr(config, name)) for name in names if hasattr(config, name)}
     styles = config.teacher_lora
     if styles:
         fields["teacher_lora"] = [absolute_style(spec) for spec in ([styles] if isinstance(styles, str) else styles)]

@@ -26,7 +26,7 @@ import yaml
 
 from ..loop.config import load_yaml
 from .lora_files import DIFFUSERS_LORA_WEIGHT_NAME, FAMILIES, RECIPE_FILE, lora_family_of_state_dict
-from .model_card import KOHYA_WEIGHT_NAME, SAMPLE_GRID, looks_like_hub_id, model_card, public_config
+from .model_card import KOHYA_WEIGHT_NAME, SAMPLE_GRID, looks_like_hub_id, model_card, public_config, public_metrics
 from .pushed_code import write_pushed_code
 from .sampling_recipes import recipe_from_config
 
@@ -48,6 +48,7 @@ class Run:
     metrics: dict | None
     sample_grid: Path | None
     lora_dir: Path | None = None  # the LoRA folder published: RUN_DIR/lora, or an export (RUN_DIR/lora-step-N)
+    metrics_file: Path | None = None  # RUN_DIR/metrics.json, else the last evaluation's RUN_DIR/eval/metrics.json
 
     @property
     def lora(self) -> Path:
@@ -98,12 +99,14 @@ def read_run(run_dir: str | Path, lora_dir: str | Path | None = None) -> Run:
     family = lora_family_of_state_dict(lora / DIFFUSERS_LORA_WEIGHT_NAME) or config.get("model_type")
     if family not in FAMILIES:
         raise PublishError(f"cannot tell whether the LoRA in {str(run_dir)!r} is for SD1.5 or SDXL")
-    metrics_file = directory / "metrics.json"
+    # The run's own metrics.json, else what `fewstep train --eval-every` (or `fewstep eval --out RUN_DIR/eval`) wrote.
+    candidates = (directory / "metrics.json", directory / "eval" / "metrics.json")
+    metrics_file = next((path for path in candidates if path.is_file()), None)
     try:
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        metrics = json.loads(metrics_file.read_text()) if metrics_file is not None else None
     except ValueError as error:
         raise PublishError(f"{metrics_file} is not valid JSON ({error}); fix or remove it") from None
-    return Run(directory, family, config, metrics, _grid_of(directory, lora), lora)
+    return Run(directory, family, config, metrics, _grid_of(directory, lora), lora, metrics_file)
 
 
 def _grid_of(directory: Path, lora: Path) -> Path | None:
@@ -160,7 +163,7 @@ def build_upload_folder(
     write_pushed_code(run.family, folder)
     (folder / "config.yaml").write_text(yaml.safe_dump(public_config(run.config, base), sort_keys=False))
     if run.metrics is not None:
-        shutil.copyfile(run.directory / "metrics.json", folder / "metrics.json")
+        (folder / "metrics.json").write_text(json.dumps(public_metrics(run.metrics), indent=2) + "\n")
     if run.sample_grid is not None:
         (folder / SAMPLE_GRID).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run.sample_grid, folder / SAMPLE_GRID)

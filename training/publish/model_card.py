@@ -50,6 +50,35 @@ def public_config(config: dict, base_model: str) -> dict:
     return public
 
 
+def _public_value(value):
+    """A local path named by its last part (a Hub id or any other value as it is)."""
+    if isinstance(value, dict):
+        return {key: _public_value(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_public_value(item) for item in value]
+    if isinstance(value, str) and not looks_like_hub_id(value) and ("/" in value or "\\" in value):
+        return Path(value).name
+    return value
+
+
+def public_metrics(metrics: dict) -> dict:
+    """A run's metrics as published: an evaluation's settings (``fewstep eval``, ``--eval-every``) without local
+    paths (the teacher, LoRA, metric models and real-image folder named by their last part)."""
+    if not isinstance(metrics.get("settings"), dict):
+        return metrics
+    return {**metrics, "settings": _public_value(metrics["settings"])}
+
+
+def _metrics_section(metrics: dict) -> list[str]:
+    """An evaluation's table (rows × FD, CLIP score, ...), or any other metrics.json as metric | value lines."""
+    if isinstance(metrics.get("rows"), dict) and "titles" in metrics and "settings" in metrics:
+        from ..evaluation.report import markdown_table
+
+        return ["## Metrics", markdown_table(public_metrics(metrics))]
+    rows = "\n".join(f"| {key} | {_format_value(value)} |" for key, value in _flatten(metrics))
+    return ["## Metrics", "| metric | value |\n|---|---|\n" + rows]
+
+
 def _flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
     rows = []
     for key, value in metrics.items():
@@ -255,8 +284,7 @@ def model_card(run, repo_id: str, base_model: str, license: str) -> str:
         "```yaml\n" + yaml.safe_dump(public_config(run.config, base_model), sort_keys=False).rstrip() + "\n```",
     ]
     if run.metrics:
-        rows = "\n".join(f"| {key} | {_format_value(value)} |" for key, value in _flatten(run.metrics))
-        sections += ["## Metrics", "| metric | value |\n|---|---|\n" + rows]
+        sections += _metrics_section(run.metrics)
     sections += [
         "## Files",
         f"- `{DIFFUSERS_LORA_WEIGHT_NAME}`: diffusers/PEFT LoRA (the adapter config is in the file's metadata)\n"
