@@ -19,8 +19,10 @@ Defaults (``RECOMMENDED_*``, what the pipelines, ComfyUI nodes, ``fewstep sample
 authors' published setting for DMD2 students, from their SDXL DMD2 script (geonyeong-park/distillation_pp): eps_mix
 with λ = 0.01 on the first 2 steps, teacher CFG 7.5, the negative prompt as the teacher's unconditional branch; the
 paper reports SDXL DMD2 4-step COCO-10k FID 21.24 → 20.94 with it. ``DIGITS_TUNED`` (eps_mix, λ 0.15, 1 step) is the
-digits sweep's pick (docs/sweeps.md): most of its FD gain there came from the injected noise (added variety, at a
-cost in prompt adherence), not from the teacher.
+digits sweep's pick (docs/sweeps.md): all of its FD gain there is the injected noise (added variety, at a cost in
+prompt adherence): the noise-only control (``source="noise_only"``) lowers a 4-step student's FD further without the
+teacher (53.0 against 71.7; the student alone: 103.0), and no teacher variant (at the student's input, m DDIM steps)
+beat both the student and the control at the student's accuracy.
 """
 
 from __future__ import annotations

@@ -58,11 +58,12 @@ GUIDES = {"teacher": "renoised", "student": "renoised", "noise": "noise_only", "
 class DistillppSettings:
     """How the ``student_distillpp`` row applies Distillation++ (``core.distillpp``) on the student's own grid.
 
-    The defaults are ``core.distillpp.DIGITS_TUNED``, the sweep's pick (docs/sweeps.md, 4-step DMD2 students,
-    n = 2,000 × 3 seeds): the authors' ``eps_mix`` at λ = 0.15 on one step, teacher at the distillation CFG: FD
-    70.6 ± 4.3 against the student's own 101.6 ± 2.8, accuracy 0.975 against 0.993; the student guiding itself did
-    about as well, so the gain is mostly the rule's injected noise. ``x0_lerp`` made FD worse at every λ, CFG and step
-    count tried. The user-facing default is the authors' published setting (``RECOMMENDED_*``).
+    The defaults are ``core.distillpp.DIGITS_TUNED``, the first sweep's pick (eps_mix, λ 0.15, one step, teacher at
+    the distillation CFG). Re-measured with its control (docs/sweeps.md, issue 26; 4-step DMD2 students, n = 2,000 ×
+    3 seeds): FD 71.7 ± 5.2 against the student's own 103.0 ± 3.6, accuracy 0.981 against 0.996; the noise-only
+    control (the same injected noise, no teacher) gives 53.0 ± 3.5 at 0.959, so the FD gain is the rule's noise and
+    the teacher's part is prompt adherence. The user-facing default is the authors' published setting
+    (``RECOMMENDED_*``).
     """
 
     lam: float = DIGITS_TUNED["lam"]  # the rule's step size λ
