@@ -11,6 +11,9 @@ tensors, and none of them depends on the order of the rows.
   modes has a small manifold and low recall). Density counts how many real balls hold each generated point (÷ k;
   ≈ 1 for matching distributions, unbounded above); coverage is the share of real balls holding at least one
   generated point, which outliers among the generated points cannot inflate.
+- :func:`matched_manifold_metrics`: the same four between sets of equal size and equal class counts. The k-NN
+  radii shrink as a set grows, so the metrics between sets of different sizes are biased (a generated set 10× the
+  real one covers every real ball: coverage → 1 whatever its variety).
 """
 
 from __future__ import annotations
@@ -64,3 +67,33 @@ def manifold_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = MANIFOLD_K
         "density": (inside_real_balls.sum(dim=0).double() / k).mean().item(),
         "coverage": inside_real_balls.any(dim=1).double().mean().item(),
     }
+
+
+def _class_chunks(labels: torch.Tensor, sizes: dict[int, int]) -> list[torch.Tensor]:
+    """Disjoint index sets holding ``sizes[c]`` indices of each class c (in the order given), as many as all allow."""
+    members = {c: (labels == c).nonzero().flatten() for c in sizes}
+    count = min(len(members[c]) // size for c, size in sizes.items())
+    return [torch.cat([members[c][i * size : (i + 1) * size] for c, size in sizes.items()]) for i in range(count)]
+
+
+def matched_manifold_metrics(
+    real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor, k: int = MANIFOLD_K
+) -> dict[str, float]:
+    """:func:`manifold_metrics` between chunks of equal size and equal class counts, averaged over the chunks.
+
+    Class c puts s_c = min(#real of c, #fake of c) points into every chunk; each set is cut into as many disjoint
+    chunks as its rarest class (relative to s_c) allows, and chunk i of the set with more chunks is scored against
+    chunk i mod m of the other (m chunks), so every chunk counts once and all pairs compare equal sizes. Within a
+    class, points are taken in the order given.
+    """
+    real_classes, fake_classes = sorted(set(real_labels.tolist())), sorted(set(fake_labels.tolist()))
+    if real_classes != fake_classes:
+        raise ValueError(f"real and generated sets must hold the same classes, got {real_classes} and {fake_classes}")
+    sizes = {c: min(int((real_labels == c).sum()), int((fake_labels == c).sum())) for c in real_classes}
+    real_chunks, fake_chunks = _class_chunks(real_labels, sizes), _class_chunks(fake_labels, sizes)
+    pairs = max(len(real_chunks), len(fake_chunks))
+    scores = [
+        manifold_metrics(real[real_chunks[i % len(real_chunks)]], fake[fake_chunks[i % len(fake_chunks)]], k)
+        for i in range(pairs)
+    ]
+    return {key: sum(s[key] for s in scores) / pairs for key in scores[0]}
