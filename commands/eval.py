@@ -1,4 +1,4 @@
-"""``fewstep eval``: the quality yardstick (FD and prompt accuracy) on the digits teacher and a student LoRA."""
+"""``fewstep eval``: the quality yardstick (FD, prompt accuracy, variety) on the digits teacher and a student LoRA."""
 
 from __future__ import annotations
 
@@ -47,11 +47,13 @@ def register(sub) -> None:
 
     parser = sub.add_parser(
         "eval",
-        help="the quality yardstick: FD and accuracy of teacher and student on the digits teacher",
+        help="the quality yardstick: FD, accuracy and variety of teacher and student on the digits teacher",
         description=(
             "Generate N digits per row (N/10 per digit) and score them with a digit classifier trained on real "
-            "digits: FD (Fréchet distance of classifier features to the held-out real digits; lower is better) "
-            "and accuracy (fraction read as the prompted digit). Rows: real (the floor), teacher 50/4/1-step DDIM "
+            "digits: FD (Fréchet distance of classifier features to the held-out real digits; lower is better), "
+            "accuracy (fraction read as the prompted digit), and precision/recall and density/coverage (k-NN manifolds "
+            "of the same features, equal-size sets per digit; low recall at high precision = mode-seeking). Rows: "
+            "real (train vs held-out: the best a generator can expect), teacher 50/4/1-step DDIM "
             "and, with --lora, student 1/4-step and student + Distillation++ beside its noise-only control."
         ),
     )
