@@ -1,7 +1,8 @@
 """``fewstep demo``: the main job on the embedded default.
 
 Default: the digits teacher (a tiny Stable Diffusion built from scikit-learn's digits, cached) → DMD2 on one shared
-base UNet with the GAN loss on the real training digits → the yardstick (FD, accuracy) → a sample grid, the
+base UNet with the GAN loss on the real training digits → the yardstick (FD, accuracy, precision/recall,
+density/coverage) → a sample grid, the
 metrics and the LoRA files. ``--exact``: DMD2 on an exact 2-D Gaussian-mixture teacher (a few minutes on one core).
 """
 
@@ -78,7 +79,7 @@ def _demo_digits(args: argparse.Namespace) -> None:
     train(method, config)
     stages.end()
 
-    stages.begin("eval", f"the yardstick: FD and accuracy of {settings.eval_n} images per row")
+    stages.begin("eval", f"the yardstick: FD, accuracy and variety of {settings.eval_n} images per row")
     metrics = evaluate(
         teacher_dir, lora=run_dir, n=settings.eval_n, guidance_scale=settings.guidance_scale, seed=args.seed,
         classifier=classifier, device=args.device, rows=method.demo_rows,
