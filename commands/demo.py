@@ -108,7 +108,7 @@ def _demo_exact(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from ..toy.exact_teacher import ExactTeacherConfig, train_exact_teacher
+    from ..toy.exact_teacher import ExactTeacherConfig, format_table, train_exact_teacher
     from ..toy.plot import scatter_png
 
     out = out_dir(args.out)
@@ -139,11 +139,7 @@ def _demo_exact(args: argparse.Namespace) -> None:
         ],
     )
     print()
-    print(f"{'':28}{'sliced W1 to data':>18}")
-    print(f"{'data vs data (floor)':28}{result.swd_data_floor:>18.4f}")
-    print(f"{'teacher 50-step DDIM':28}{result.swd_teacher_50:>18.4f}")
-    print(f"{'student ' + str(config.num_steps) + '-step':28}{result.swd_student:>18.4f}")
-    print(f"modes covered (≥5% of samples each): {result.modes_covered}/{config.num_modes}")
+    print(format_table(result))
     print(f"wrote {out / 'samples.png'} and {out / 'metrics.json'}")
 
 

@@ -5,8 +5,11 @@ reproduced; the same runs are available as ``fewstep demo --exact``.
 """
 
 import pytest
+import torch
 
+from fewstep.core.metrics import manifold_metrics
 from fewstep.toy.exact_teacher import ExactTeacherConfig, biased_student_distillpp, train_exact_teacher
+from fewstep.toy.gmm import GaussianMixture
 
 
 
@@ -41,6 +44,20 @@ def test_one_step_student_puts_its_samples_on_the_modes_not_on_a_ring(one_step):
 def test_one_step_students_cross_entropy_is_within_10_percent_of_the_teachers(one_step):
     student, teacher = one_step.cross_entropy["student"], one_step.cross_entropy["teacher_50"]
     assert abs(student - teacher) <= 0.10 * teacher
+
+
+def test_a_streaky_sampler_passes_the_fidelity_count_but_not_coverage():
+    # Every mode's samples squashed onto a line (std 0.025 across it): more of them lie within 2σ of a mode than the
+    # data's own, yet most of the data's k-NN balls away from the lines hold no sample.
+    mixture = GaussianMixture.ring(std=ExactTeacherConfig.mode_std)
+    data, other = (mixture.sample(4000, torch.Generator().manual_seed(seed)) for seed in (0, 1))
+    generator = torch.Generator().manual_seed(2)
+    modes = torch.randint(len(mixture.means), (4000,), generator=generator)
+    across = torch.tensor([1.0, 0.1], dtype=torch.float64)
+    noise = torch.randn(4000, 2, generator=generator, dtype=torch.float64)
+    streaks = (mixture.means[modes] + mixture.std * noise * across).float()
+    assert mixture.fraction_within(streaks) > mixture.fraction_within(other)
+    assert manifold_metrics(data, streaks)["coverage"] < 0.5 < 0.9 < manifold_metrics(data, other)["coverage"]
 
 
 def test_without_the_fake_score_the_student_collapses(one_step):
