@@ -117,8 +117,8 @@ def _demo_exact(args: argparse.Namespace) -> None:
     config = ExactTeacherConfig(num_steps=args.num_steps, iterations=iterations, seed=args.seed)
     print(
         f"fewstep demo --exact: DMD2 distils a {config.num_steps}-step MLP student from an exact 8-mode "
-        f"Gaussian-mixture teacher ({config.iterations} iterations, fake:generator updates "
-        f"{config.dfake_gen_update_ratio}:1)."
+        f"Gaussian-mixture teacher ({config.iterations} iterations at batch {config.batch_size}, fake:generator "
+        f"updates {config.dfake_gen_update_ratio}:1)."
     )
     with tqdm(total=config.iterations, desc="DMD2", unit="it") as bar:
 
