@@ -11,11 +11,12 @@ generated images (N/10 per digit, prompt "a handwritten digit <word>") are score
   feature space against the same held-out images (``core.metrics``, k = 5): precision and density say how much of
   the generated set looks real, recall and coverage how much of the real digits' variety it reaches, so a
   mode-seeking student shows as high precision with low recall. The k-NN radii depend on the set sizes, so both
-  sides are compared at equal size and equal counts per digit (``core.metrics.matched_manifold_metrics``): the
-  held-out split has 35–37 images per digit (360 in all); at N ≥ 370 the generated set is cut into ⌊(N/10) / 37⌋
-  disjoint chunks with the held-out split's per-digit counts and the four numbers are averaged over the chunks
-  (N = 2,000: 5 chunks; the rest of the images count only in FD and accuracy); at smaller N the held-out split is
-  cut into chunks of the generated set's size instead.
+  sides are compared at equal size and equal counts per digit (``core.metrics.matched_manifold_metrics``): each
+  digit puts min(N/10, its held-out count) images into a chunk, the held-out split (35–37 per digit, 360 in all)
+  and the generated set are cut into disjoint chunks, and the four numbers are averaged over the chunks. N = 2,000:
+  5 generated chunks of 360 against the whole held-out split (the last 200 images count only in FD and accuracy);
+  N < 350: chunks of N held-out images against the generated set. Measured rows: docs/sweeps.md, "Variety on the
+  yardstick".
 
 Rows: ``real`` (N real train images vs the held-out ones: the best any generator can expect, i.e. FD's floor and
 the ceiling of the other numbers; its accuracy is the classifier's held-out accuracy),
