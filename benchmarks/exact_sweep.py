@@ -2,8 +2,9 @@
 
 Each (variant, seed) runs ``toy.exact_teacher.train_exact_teacher`` with ``ExactTeacherConfig`` plus the variant's
 overrides (what ``fewstep demo --exact --seed S`` runs for the defaults) and records the student's and the teacher's
-numbers against the data: coverage and recall (variety), the share within 2σ of a mode and E[−log p_data]
-(fidelity), sliced W1, and the student's coverage as a share of the teacher's. Runs go in parallel processes
+numbers against the data: coverage, recall and the data's log-likelihood under a KDE on the samples (variety), the
+share within 2σ of a mode and E[−log p_data] (fidelity), sliced W1, and the student's coverage as a share of the
+teacher's. Runs go in parallel processes
 (``--jobs``, one torch thread each); CPU seconds are each run's own (training and measuring), which stay comparable
 when other jobs share the cores and wall time does not.
 
@@ -23,8 +24,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-KEYS = ("coverage_ratio", "coverage", "teacher_coverage", "recall", "teacher_recall", "within_2std",
-        "cross_entropy", "swd", "cpu_seconds")  # fmt: skip
+KEYS = ("coverage_ratio", "coverage", "teacher_coverage", "recall", "teacher_recall", "data_log_likelihood",
+        "teacher_data_log_likelihood", "within_2std", "cross_entropy", "swd", "cpu_seconds")  # fmt: skip
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -56,7 +57,8 @@ def run_one(name: str, overrides: dict, seed: int) -> dict:
     return {
         "variant": name, "seed": seed, "overrides": overrides, "coverage_ratio": result.coverage_ratio(),
         "coverage": student["coverage"], "teacher_coverage": teacher["coverage"], "recall": student["recall"],
-        "teacher_recall": teacher["recall"], "within_2std": result.within_2std["student"],
+        "teacher_recall": teacher["recall"], "data_log_likelihood": student["data_log_likelihood"],
+        "teacher_data_log_likelihood": teacher["data_log_likelihood"], "within_2std": result.within_2std["student"],
         "cross_entropy": result.cross_entropy["student"], "swd": result.swd_student,
         "cpu_seconds": round(time.process_time() - started, 1),
     }  # fmt: skip
@@ -79,7 +81,8 @@ def summarise(results: list[dict]) -> dict:
 
 def format_summary(summary: dict) -> str:
     columns = (("cov/teacher", "coverage_ratio", 3), ("coverage", "coverage", 3), ("recall", "recall", 3),
-               ("within 2σ", "within_2std", 3), ("−log p", "cross_entropy", 3), ("CPU s", "cpu_seconds", 0))  # fmt: skip
+               ("log p̂(data)", "data_log_likelihood", 3), ("within 2σ", "within_2std", 3),
+               ("−log p", "cross_entropy", 3), ("CPU s", "cpu_seconds", 0))  # fmt: skip
     lines = [f"{'variant':30}" + "".join(f"{title:>16}" for title, _, _ in columns)]
     for name, s in summary.items():
         cells = "".join(f"{s[key]:.{d}f} ± {s[key + '_sd']:.{d}f}".rjust(16) for _, key, d in columns)

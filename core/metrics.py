@@ -11,12 +11,17 @@ tensors, and none of them depends on the order of the rows.
   modes has a small manifold and low recall). Density counts how many real balls hold each generated point (÷ k;
   ≈ 1 for matching distributions, unbounded above); coverage is the share of real balls holding at least one
   generated point, which outliers among the generated points cannot inflate.
+- :func:`kde_log_likelihood`: the mean log-density of points under a Gaussian kernel density estimate on samples:
+  the data's likelihood under a generator's samples, low where the generator leaves gaps (for low-dimensional
+  features, where a kernel density estimate is meaningful).
 - :func:`matched_manifold_metrics`: the same four between sets of equal size and equal class counts. The k-NN
   radii shrink as a set grows, so the metrics between sets of different sizes are biased (a generated set 10× the
   real one covers every real ball: coverage → 1 whatever its variety).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -67,6 +72,17 @@ def manifold_metrics(real: torch.Tensor, fake: torch.Tensor, k: int = MANIFOLD_K
         "density": (inside_real_balls.sum(dim=0).double() / k).mean().item(),
         "coverage": inside_real_balls.any(dim=1).double().mean().item(),
     }
+
+
+def kde_log_likelihood(samples: torch.Tensor, points: torch.Tensor, bandwidth: float) -> float:
+    """Mean over ``points`` of log (1/M) Σ_j N(x; s_j, h²I), the Gaussian KDE on M ``samples``; both (N, D)."""
+    if bandwidth <= 0:
+        raise ValueError(f"the kernel bandwidth must be > 0, got {bandwidth}")
+    samples, points = samples.double(), points.double()
+    dim = points.shape[1]
+    squared = _distances(points, samples).square()  # (N_points, M)
+    log_kernel = -0.5 * squared / bandwidth**2 - 0.5 * dim * math.log(2 * math.pi * bandwidth**2)
+    return (torch.logsumexp(log_kernel, dim=1) - math.log(len(samples))).mean().item()
 
 
 def _class_chunks(labels: torch.Tensor, sizes: dict[int, int]) -> list[torch.Tensor]:

@@ -61,7 +61,8 @@ def test_quick_exact_demo_writes_scatter_and_metrics(tmp_path):
     assert metrics["modes_covered"] == sum(f >= 0.05 for f in fractions)
     assert isinstance(metrics["modes_covered"], int) and 1 <= metrics["modes_covered"] <= num_modes
     assert set(metrics["variety"]) == {"student", "teacher_50", "data"}
-    assert all(set(v) == {"precision", "recall", "density", "coverage"} for v in metrics["variety"].values())
+    keys = {"precision", "recall", "density", "coverage", "data_log_likelihood"}
+    assert all(set(v) == keys for v in metrics["variety"].values())
     student, teacher = metrics["variety"]["student"]["coverage"], metrics["variety"]["teacher_50"]["coverage"]
     assert metrics["coverage_ratio_student_vs_teacher"] == pytest.approx(student / teacher)
     assert (out / "samples.png").stat().st_size > 0

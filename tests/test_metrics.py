@@ -1,10 +1,12 @@
 """The feature-space metrics (core/metrics.py) against closed forms and known cases."""
 
+import math
+
 import pytest
 import torch
 
 from fewstep.core.metrics import (
-    frechet_distance, manifold_metrics, matched_manifold_metrics, nearest_neighbour_radii,
+    frechet_distance, kde_log_likelihood, manifold_metrics, matched_manifold_metrics, nearest_neighbour_radii,
 )  # fmt: skip
 
 
@@ -127,3 +129,18 @@ def test_classes_missing_from_one_set_are_refused_naming_both():
     real, fake = _gaussian(40), _gaussian(40, seed=1)
     with pytest.raises(ValueError, match=r"same classes, got \[0, 1, 2, 3\] and \[0, 1\]"):
         matched_manifold_metrics(real, torch.arange(40) % 4, fake, torch.arange(40) % 2)
+
+
+def test_kde_on_one_sample_is_the_gaussian_log_density():
+    points = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    h = 0.5  # log N(x; 0, h²I) in 2-D: −|x|²/(2h²) − log(2πh²)
+    expected = (-points.square().sum(1) / (2 * h**2) - math.log(2 * math.pi * h**2)).mean().item()
+    assert kde_log_likelihood(torch.zeros(1, 2), points, h) == pytest.approx(expected)
+
+
+def test_kde_of_a_collapsed_generator_gives_the_data_a_lower_likelihood():
+    data, matching = _mixture(1000, MODES, seed=1), _mixture(1000, MODES, seed=2)
+    collapsed = _mixture(1000, MODES, seed=3, spread=0.03)  # the right modes, a tenth of their spread
+    assert kde_log_likelihood(collapsed, data, 0.1) < kde_log_likelihood(matching, data, 0.1) - 10
+    with pytest.raises(ValueError, match="bandwidth must be > 0, got 0"):
+        kde_log_likelihood(matching, data, 0.0)
