@@ -2,8 +2,8 @@
 
 Default: the digits teacher (a tiny Stable Diffusion built from scikit-learn's digits, cached) → DMD2 on one shared
 base UNet with the GAN loss on the real training digits → the yardstick (FD, accuracy, precision/recall,
-density/coverage) → a sample grid, the
-metrics and the LoRA files. ``--exact``: DMD2 on an exact 2-D Gaussian-mixture teacher (a few minutes on one core).
+density/coverage) → a sample grid, the metrics and the LoRA files. ``--exact``: DMD2 on an exact 2-D
+Gaussian-mixture teacher (a few minutes on one core; fidelity and variety against the data).
 """
 
 from __future__ import annotations

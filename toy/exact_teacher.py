@@ -5,8 +5,8 @@ mode coverage (DMD Fig. 3), the sign and scale of the DM gradient, backward simu
 It drives the same :class:`~fewstep.training.loop.dmd2_loop.DMD2Loop` as the Stable Diffusion trainer.
 
 Each sampler (the student, the teacher's 50-step DDIM, a second draw of the data as the best case) is measured
-against one draw of the data: sliced W1, the share of samples within 2σ of a mode and E[−log p_data] (fidelity), and
-precision/recall and density/coverage (``core.metrics.manifold_metrics``, k = 5, 4,000 points on each side) and
+against one draw of the data: sliced W1, the share of samples within 2σ of a mode and E[−log p_data] (fidelity);
+precision/recall and density/coverage (``core.metrics.manifold_metrics``, k = 5, 4,000 points on each side), and
 the data's mean log-likelihood under a kernel density estimate on the sampler's points (bandwidth
 ``KDE_BANDWIDTH``): a student whose samples lie on streaks inside the modes passes the fidelity numbers but leaves
 real points' k-NN balls empty, which coverage counts, and the data between its streaks unlikely.
