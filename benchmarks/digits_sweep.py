@@ -2,9 +2,10 @@
 
 Each (variant, seed) distils the digits teacher with the demo's settings plus the variant's overrides into a
 ``--num-steps`` student (1: one step; more: DMD2's backward simulation), then measures it at its own timesteps (FD,
-accuracy) at n images; the teacher's rows are measured once per seed. ``--distillpp NAME:SETTINGS`` also measures
-every trained student with Distillation++ (see below). Runs go in parallel processes (``--jobs``, one torch thread
-each), so a GPU with many CPU cores runs a sweep in minutes.
+accuracy, precision/recall, density/coverage) at n images; the teacher's rows are measured once per seed. The summary
+gives FD, accuracy, recall and coverage as mean ± sd over seeds (all six scores in ``results.json``).
+``--distillpp NAME:SETTINGS`` also measures every trained student with Distillation++ (see below). Runs go in
+parallel processes (``--jobs``, one torch thread each), so a GPU with many CPU cores runs a sweep in minutes.
 
     python -m fewstep.benchmarks.digits_sweep --out sweep/ --seeds 0 1 2 --n 2000 --jobs 12 \
         --variant "demo:" --variant "fake scale 1/8:fake_alpha=4" --variant "fake lr 2x:fake_lr=1e-3"
@@ -145,8 +146,12 @@ def _subprocess(args, job: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+SCORES = ("fd", "acc", "precision", "recall", "density", "coverage")
+
+
 def summarise(results: list[dict]) -> dict:
-    """Per variant (and the teacher rows): FD and accuracy mean ± sd over seeds."""
+    """Per variant (and the teacher rows): each score's mean ± sd over seeds (``fd_mean``, ``fd_sd``, …); a score
+    missing from any of a variant's results (measured before the yardstick had it) is left out."""
     groups: dict[str, list[dict]] = {}
     for r in results:
         if "error" not in r:
@@ -155,24 +160,31 @@ def summarise(results: list[dict]) -> dict:
 
     summary = {}
     for name, rows in groups.items():
-        (fd_mean, fd_sd), (acc_mean, acc_sd) = mean_sd(r["fd"] for r in rows), mean_sd(r["acc"] for r in rows)
-        summary[name] = {
-            "seeds": len(rows), "fd_mean": fd_mean, "fd_sd": fd_sd, "acc_mean": acc_mean, "acc_sd": acc_sd,
-            "train_seconds_mean": statistics.mean(r.get("train_seconds", 0.0) for r in rows),
-        }  # fmt: skip
+        summary[name] = {"seeds": len(rows)}
+        for key in SCORES:
+            if all(key in r for r in rows):
+                summary[name][f"{key}_mean"], summary[name][f"{key}_sd"] = mean_sd(r[key] for r in rows)
+        summary[name]["train_seconds_mean"] = statistics.mean(r.get("train_seconds", 0.0) for r in rows)
     return summary
 
 
+def _mean_sd_cell(summary_row: dict, key: str, decimals: int) -> str:
+    if f"{key}_mean" not in summary_row:
+        return "—"
+    return f"{summary_row[f'{key}_mean']:.{decimals}f} ± {summary_row[f'{key}_sd']:.{decimals}f}"
+
+
 def format_summary(summary: dict, n: int, num_steps: int = 1) -> str:
+    columns = (("FD ↓", "fd", 2, 16), ("acc ↑", "acc", 3, 15), ("recall ↑", "recall", 2, 13),
+               ("coverage ↑", "coverage", 2, 13))  # fmt: skip
     lines = [
         f"digits yardstick, n={n} per seed; {num_steps}-step students unless a variant sets num_steps",
-        f"{'row':52}{'FD ↓':>16}{'acc ↑':>16}{'train s':>9}",
+        f"{'row':52}" + "".join(f"{title:>{width}}" for title, _, _, width in columns) + f"{'train s':>9}",
     ]
     for name, s in summary.items():
-        fd = f"{s['fd_mean']:.2f} ± {s['fd_sd']:.2f}"
-        acc = f"{s['acc_mean']:.3f} ± {s['acc_sd']:.3f}"
         label = f"{name} ({s['seeds']} seeds)"
-        lines.append(f"{label:52}{fd:>16}{acc:>16}{s['train_seconds_mean']:>9.0f}")
+        cells = "".join(f"{_mean_sd_cell(s, key, decimals):>{width}}" for _, key, decimals, width in columns)
+        lines.append(f"{label:52}{cells}{s['train_seconds_mean']:>9.0f}")
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 Each method distils the cached digits teacher at the same wall-clock training budget (``--budget`` seconds per
 run, teacher-pair generation included; PD gets as many iterations as DMD2 1-step made in its budget, split over
 its rounds). Every student is then sampled at the steps, timesteps and sampler it was trained for (its LoRA's
-``fewstep_recipe.json``) and measured with the yardstick (FD, accuracy) at ``--n`` images. Writes
+``fewstep_recipe.json``) and measured with the yardstick (FD, accuracy, precision/recall, density/coverage) at
+``--n`` images. Writes
 ``OUT/methods.json`` and ``OUT/fd_vs_steps.png`` (FD against sampling steps, one line per method).
 """
 
@@ -13,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-HELP = "DMD2, DMD and progressive distillation of the digits teacher at a matched budget (FD, accuracy, seconds)"
+HELP = "DMD2, DMD and progressive distillation of the digits teacher at a matched budget (FD, accuracy, recall, time)"
 TEACHER_ROWS = {"teacher_50": 50, "teacher_4": 4, "teacher_1": 1}
 
 
@@ -144,34 +145,45 @@ def _run_seed(
     return rows
 
 
+SCORES = {"fd": 2, "acc": 3, "precision": 3, "recall": 3, "density": 3, "coverage": 3}  # key → decimals kept
+
+
 def aggregate(rows_per_seed: list[list[dict]]) -> list[dict]:
-    """One row per (method, steps): FD and accuracy as mean ± sd over seeds, seconds as means, the seeds' rows kept."""
+    """One row per (method, steps): each score as mean ± sd over seeds (``fd``, ``fd_sd``, …), seconds as means, the
+    seeds' rows kept. Scores a row does not have (results from before the yardstick measured variety) are left out."""
     from ..digits.yardstick import mean_sd
 
     table = []
     for rows in zip(*rows_per_seed):
-        (fd, fd_sd), (acc, acc_sd) = mean_sd(r["fd"] for r in rows), mean_sd(r["acc"] for r in rows)
         mean = lambda key: round(mean_sd(r[key] for r in rows)[0], 2)
-        table.append({
-            **rows[0], "fd": round(fd, 2), "fd_sd": round(fd_sd, 3), "acc": round(acc, 4), "acc_sd": round(acc_sd, 3),
-            "train_seconds": mean("train_seconds"), "sample_seconds": mean("sample_seconds"), "per_seed": list(rows),
-        })  # fmt: skip
+        row = {**rows[0], "train_seconds": mean("train_seconds"), "sample_seconds": mean("sample_seconds")}
+        for key, decimals in SCORES.items():
+            if all(key in r for r in rows):
+                value, sd = mean_sd(r[key] for r in rows)
+                row[key], row[f"{key}_sd"] = round(value, decimals + 1), round(sd, decimals + 1)
+        table.append({**row, "per_seed": list(rows)})
     return table
 
 
 def _scores(row: dict) -> dict:
-    return {"fd": round(row["fd"], 2), "acc": round(row["acc"], 3), "sample_seconds": row["seconds"]}
+    return {**{key: round(row[key], decimals) for key, decimals in SCORES.items()}, "sample_seconds": row["seconds"]}
+
+
+def _mean_sd_cell(row: dict, key: str, decimals: int) -> str:
+    """"12.34 ± 0.56", the mean alone for one seed's row, "—" where the row has no such score (older results)."""
+    if key not in row:
+        return "—"
+    return f"{row[key]:.{decimals}f}" + (f" ± {row[key + '_sd']:.{decimals}f}" if f"{key}_sd" in row else "")
 
 
 def format_table(result: dict) -> str:
-    header = f"{'method':28}{'steps':>6}{'FD':>16}{'acc':>16}{'train s':>9}{'sample s':>10}"
+    columns = (("FD", "fd", 2, 15), ("acc", "acc", 3, 15), ("recall", "recall", 2, 13), ("coverage", "coverage", 2, 13))
+    header = f"{'method':28}{'steps':>6}" + "".join(f"{title:>{width}}" for title, _, _, width in columns)
+    header += f"{'train s':>9}{'sample s':>10}"
     lines = [header, "-" * len(header)]
     for r in result["rows"]:
-        fd = f"{r['fd']:.2f} ± {r['fd_sd']:.2f}" if "fd_sd" in r else f"{r['fd']:.2f}"
-        acc = f"{r['acc']:.3f} ± {r['acc_sd']:.3f}" if "acc_sd" in r else f"{r['acc']:.3f}"
-        lines.append(
-            f"{r['method']:28}{r['steps']:>6}{fd:>16}{acc:>16}{r['train_seconds']:>9.0f}{r['sample_seconds']:>10.1f}"
-        )
+        cells = "".join(f"{_mean_sd_cell(r, key, decimals):>{width}}" for _, key, decimals, width in columns)
+        lines.append(f"{r['method']:28}{r['steps']:>6}{cells}{r['train_seconds']:>9.0f}{r['sample_seconds']:>10.1f}")
     seeds = result.get("seeds") or [result.get("seed", 0)]
     lines.append(
         f"({result['n']} images per row and seed; seeds {', '.join(map(str, seeds))} (mean ± sd); training budget "

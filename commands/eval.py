@@ -4,7 +4,7 @@
   steps, the student at its recorded recipe and with Distillation++ (each beside its noise-only control), scored by
   FD_DINOv2, FD_CLIP, CLIP score, precision/recall/density/coverage and seconds per image; ``report.html``,
   ``report.png`` and ``metrics.json`` in ``--out``.
-- Without: the digits yardstick (FD of a digit classifier's features, prompt accuracy) on the digits teacher.
+- Without: the digits yardstick (FD of a digit classifier's features, prompt accuracy, variety) on the digits teacher.
 """
 
 from __future__ import annotations
@@ -203,8 +203,9 @@ def register(sub) -> None:
             "DINOv2 and CLIP features, the CLIP score, precision/recall/density/coverage and seconds per image, as "
             "report.html, report.png and metrics.json in --out (docs/eval.md). "
             "Without --prompts: the digits yardstick — N digits per row scored with a digit classifier (FD to the "
-            "held-out real digits, accuracy); rows: real, teacher 50/4/1-step DDIM and, with --lora, the student "
-            "and student + Distillation++ beside its noise-only control."
+            "held-out real digits, accuracy, precision/recall and density/coverage: low recall at high precision = "
+            "mode-seeking); rows: real (the best a generator can expect), teacher 50/4/1-step DDIM and, with --lora, "
+            "the student and student + Distillation++ beside its noise-only control."
         ),
     )
     parser.add_argument("--teacher", help="teacher Hub id, diffusers folder or single-file .safetensors (default: the "

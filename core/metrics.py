@@ -13,9 +13,17 @@ tensors, and none of them depends on the order of the rows.
   generated point, which outliers among the generated points cannot inflate.
 - :func:`clip_score`: prompt adherence, 100·max(cos(image embedding, text embedding), 0) per image (Hessel et al.
   2021, scaled as torchmetrics' ``CLIPScore``).
+- :func:`kde_log_likelihood`: the mean log-density of points under a Gaussian kernel density estimate on samples:
+  the data's likelihood under a generator's samples, low where the generator leaves gaps (for low-dimensional
+  features, where a kernel density estimate is meaningful).
+- :func:`matched_manifold_metrics`: the same four between sets of equal size and equal class counts. The k-NN
+  radii shrink as a set grows, so the metrics between sets of different sizes are biased (a generated set 10× the
+  real one covers every real ball: coverage → 1 whatever its variety).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -76,3 +84,42 @@ def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.T
     """
     cosine = torch.nn.functional.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
     return 100 * cosine.clamp(min=0)
+def kde_log_likelihood(samples: torch.Tensor, points: torch.Tensor, bandwidth: float) -> float:
+    """Mean over ``points`` of log (1/M) Σ_j N(x; s_j, h²I), the Gaussian KDE on M ``samples``; both (N, D)."""
+    if bandwidth <= 0:
+        raise ValueError(f"the kernel bandwidth must be > 0, got {bandwidth}")
+    samples, points = samples.double(), points.double()
+    dim = points.shape[1]
+    squared = _distances(points, samples).square()  # (N_points, M)
+    log_kernel = -0.5 * squared / bandwidth**2 - 0.5 * dim * math.log(2 * math.pi * bandwidth**2)
+    return (torch.logsumexp(log_kernel, dim=1) - math.log(len(samples))).mean().item()
+
+
+def _class_chunks(labels: torch.Tensor, sizes: dict[int, int]) -> list[torch.Tensor]:
+    """Disjoint index sets holding ``sizes[c]`` indices of each class c (in the order given), as many as all allow."""
+    members = {c: (labels == c).nonzero().flatten() for c in sizes}
+    count = min(len(members[c]) // size for c, size in sizes.items())
+    return [torch.cat([members[c][i * size : (i + 1) * size] for c, size in sizes.items()]) for i in range(count)]
+
+
+def matched_manifold_metrics(
+    real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor, k: int = MANIFOLD_K
+) -> dict[str, float]:
+    """:func:`manifold_metrics` between chunks of equal size and equal class counts, averaged over the chunks.
+
+    Class c puts s_c = min(#real of c, #fake of c) points into every chunk; each set is cut into as many disjoint
+    chunks as its rarest class (relative to s_c) allows, and chunk i of the set with more chunks is scored against
+    chunk i mod m of the other (m chunks), so every chunk counts once and all pairs compare equal sizes. Within a
+    class, points are taken in the order given.
+    """
+    real_classes, fake_classes = sorted(set(real_labels.tolist())), sorted(set(fake_labels.tolist()))
+    if real_classes != fake_classes:
+        raise ValueError(f"real and generated sets must hold the same classes, got {real_classes} and {fake_classes}")
+    sizes = {c: min(int((real_labels == c).sum()), int((fake_labels == c).sum())) for c in real_classes}
+    real_chunks, fake_chunks = _class_chunks(real_labels, sizes), _class_chunks(fake_labels, sizes)
+    pairs = max(len(real_chunks), len(fake_chunks))
+    scores = [
+        manifold_metrics(real[real_chunks[i % len(real_chunks)]], fake[fake_chunks[i % len(fake_chunks)]], k)
+        for i in range(pairs)
+    ]
+    return {key: sum(s[key] for s in scores) / pairs for key in scores[0]}

@@ -23,7 +23,7 @@ def measure_teacher(
     import torch
 
     from .demo_settings import DigitsDemoSettings
-    from .yardstick import evaluate, mean_sd
+    from .yardstick import MANIFOLD_KEYS, evaluate, mean_sd
 
     guidance_scale = DigitsDemoSettings.guidance_scale
     per_seed: dict[str, list[dict]] = {row: [] for row in rows}
@@ -37,8 +37,10 @@ def measure_teacher(
                 print(f"{row} seed {seed}: FD {result['rows'][row]['fd']:.2f}, acc {result['rows'][row]['acc']:.4f}")
     summary = {}
     for row, values in per_seed.items():
-        (fd_mean, fd_sd), (acc_mean, acc_sd) = mean_sd(v["fd"] for v in values), mean_sd(v["acc"] for v in values)
-        summary[row] = {"fd_mean": fd_mean, "fd_sd": fd_sd, "acc_mean": acc_mean, "acc_sd": acc_sd, "per_seed": values}
+        summary[row] = {}
+        for key in ("fd", "acc", *MANIFOLD_KEYS):
+            summary[row][f"{key}_mean"], summary[row][f"{key}_sd"] = mean_sd(v[key] for v in values)
+        summary[row]["per_seed"] = values
     return {
         "n": n, "seeds": list(seeds), "guidance_scale": guidance_scale, "rows": summary,
         "command": f"python -m fewstep.digits.refresh_shipped measure --n {n} --seeds {' '.join(map(str, seeds))}",
@@ -64,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         record = measure_teacher(args.n, tuple(args.seeds))
         (SHIPPED_DIR / YARDSTICK_FILE).write_text(json.dumps(record, indent=2) + "\n")
         for row, s in record["rows"].items():
-            print(f"{row:12} FD {s['fd_mean']:.2f} ± {s['fd_sd']:.2f}   acc {s['acc_mean']:.4f} ± {s['acc_sd']:.4f}")
+            print(
+                f"{row:12} FD {s['fd_mean']:.2f} ± {s['fd_sd']:.2f}   acc {s['acc_mean']:.4f} ± {s['acc_sd']:.4f}   "
+                f"recall {s['recall_mean']:.3f} ± {s['recall_sd']:.3f}   coverage {s['coverage_mean']:.3f} ± "
+                f"{s['coverage_sd']:.3f}"
+            )
         print(f"wrote {SHIPPED_DIR / YARDSTICK_FILE}")
     return 0
 

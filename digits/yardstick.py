@@ -1,14 +1,26 @@
-"""The quality yardstick on the digits teacher: FD (an FID analogue) and prompt accuracy (a CLIP-score analogue).
+"""The quality yardstick on the digits teacher: FD (an FID analogue), prompt accuracy (a CLIP-score analogue) and
+variety (precision, recall, density and coverage).
 
 A small CNN digit classifier is trained on the real train split (cached like the teacher). For each row, N
 generated images (N/10 per digit, prompt "a handwritten digit <word>") are scored by:
 
 * **FD**: the Fréchet distance between the Gaussian statistics of the classifier's penultimate features of the
   generated images and of the held-out real images, ``|μ₁−μ₂|² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½)``;
-* **accuracy**: the fraction of generated images the classifier reads as the prompted digit.
+* **accuracy**: the fraction of generated images the classifier reads as the prompted digit;
+* **precision / recall** (Kynkäänniemi et al. 2019) and **density / coverage** (Naeem et al. 2020) in the same
+  feature space against the same held-out images (``core.metrics``, k = 5): precision and density say how much of
+  the generated set looks real, recall and coverage how much of the real digits' variety it reaches, so a
+  mode-seeking student shows as high precision with low recall. The k-NN radii depend on the set sizes, so both
+  sides are compared at equal size and equal counts per digit (``core.metrics.matched_manifold_metrics``): each
+  digit puts min(N/10, its held-out count) images into a chunk, the held-out split (35–37 per digit, 360 in all)
+  and the generated set are cut into disjoint chunks, and the four numbers are averaged over the chunks. N = 2,000:
+  5 generated chunks of 360 against the whole held-out split (the last 200 images count only in FD and accuracy);
+  N < 350: chunks of N held-out images against the generated set. Measured rows: docs/sweeps.md, "Variety on the
+  yardstick".
 
-Rows: ``real`` (N real train images vs the held-out ones: the floor; its accuracy is the classifier's held-out
-accuracy, the ceiling), ``teacher_50``/``teacher_4``/``teacher_1`` (DDIM, "trailing" timesteps, with CFG), and with
+Rows: ``real`` (N real train images vs the held-out ones: the best any generator can expect, i.e. FD's floor and
+the ceiling of the other numbers; its accuracy is the classifier's held-out accuracy),
+``teacher_50``/``teacher_4``/``teacher_1`` (DDIM, "trailing" timesteps, with CFG), and with
 a student LoRA ``student_1``/``student_4`` (DMD2's few-step rule, no CFG) and ``student_distillpp``
 (Distillation++: the LoRA-disabled base refines the student's first steps, :class:`DistillppSettings`), and
 ``student``: the student at the timesteps and with the sampler its LoRA's ``fewstep_recipe.json`` records
@@ -31,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.distillpp import DIGITS_TUNED, check_guide_source, check_teacher_guidance, sample_distillpp
-from ..core.metrics import frechet_distance
+from ..core.metrics import frechet_distance, matched_manifold_metrics
 from ..core.sampling import Denoiser, cfg, ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from ..training.data.cache import cached_build
@@ -198,7 +210,20 @@ def digit_classifier(
     return model.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------- Fréchet distance
+# ----------------------------------------------------------------------------------------------- scores
+MANIFOLD_KEYS = ("precision", "recall", "density", "coverage")
+
+
+def feature_scores(
+    features: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, reference_labels: torch.Tensor
+) -> dict[str, float]:
+    """FD and the manifold metrics (equal size, equal counts per digit) of features against the reference's."""
+    return {
+        "fd": frechet_distance(features, reference),
+        **matched_manifold_metrics(reference, reference_labels, features, labels),
+    }
+
+
 def mean_sd(values) -> tuple[float, float]:
     """Mean and sample standard deviation over seeds (sd 0 for a single seed)."""
     import statistics
@@ -432,16 +457,24 @@ def _latent_shape(model: DigitsModel, n: int) -> tuple[int, int, int, int]:
 
 
 def _real_row(classifier: DigitClassifier, n: int, seed: int, reference: torch.Tensor) -> dict:
-    """n/10 real train images per digit vs the held-out split; accuracy = the classifier's held-out accuracy."""
+    """n/10 real train images per digit (all of a digit's ~143 if fewer) vs the held-out split.
+
+    Accuracy is the classifier's held-out accuracy. The train images are as real as the held-out ones, so every
+    number here is what a generator that draws from the data itself would score.
+    """
     data = load_digits_split()
     generator = torch.Generator().manual_seed(seed)
     picks = []
     for digit in range(10):
         pool = (data.train_labels == digit).nonzero().flatten()
         picks.append(pool[torch.randperm(len(pool), generator=generator)[: n // 10]])
-    features, _ = classifier.embed(data.train_images[torch.cat(picks)] / 2 + 0.5)
+    picks = torch.cat(picks)
+    features, _ = classifier.embed(data.train_images[picks] / 2 + 0.5)
     _, predicted = classifier.embed(data.test_images / 2 + 0.5)
-    return {"fd": frechet_distance(features, reference), "acc": (predicted == data.test_labels).float().mean().item()}
+    return {
+        **feature_scores(features, data.train_labels[picks], reference, data.test_labels),
+        "acc": (predicted == data.test_labels).float().mean().item(),
+    }
 
 
 def evaluate(
@@ -457,7 +490,8 @@ def evaluate(
     progress: bool = True,
     device: str = "cpu",
 ) -> dict:
-    """The yardstick table as a dict: ``{"rows": {name: {"fd", "acc", "seconds"}}, "n", "seed", ...}``.
+    """The yardstick table as a dict: ``{"rows": {name: {"fd", "acc", "precision", "recall", "density", "coverage",
+    "seconds"}}, "n", "seed", ...}``.
 
     ``guidance_scale`` defaults to the student run's (its ``config.yaml``), else 2.0. ``rows`` defaults to
     :func:`default_rows` (the student's only with ``lora``).
@@ -473,7 +507,8 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; use any of {', '.join(ROWS)}")
     classifier = classifier or digit_classifier(progress=progress)
-    reference, _ = classifier.embed(load_digits_split().test_images / 2 + 0.5)
+    held_out = load_digits_split()
+    reference, _ = classifier.embed(held_out.test_images / 2 + 0.5)
 
     noise = torch.randn(_latent_shape(model, n), generator=torch.Generator().manual_seed(seed))
     results: dict[str, dict] = {}
@@ -492,7 +527,7 @@ def evaluate(
                 )
             features, predicted = classifier.embed(torch.cat(images))
             results[row] = {
-                "fd": frechet_distance(features, reference),
+                **feature_scores(features, labels, reference, held_out.test_labels),
                 "acc": (predicted == labels).float().mean().item(),
             }
         results[row]["seconds"] = round(time.perf_counter() - started, 2)
@@ -508,7 +543,7 @@ def evaluate(
 
 
 ROW_TITLES = {
-    "real": "real train vs held-out (floor)",
+    "real": "real train vs held-out (best)",
     "teacher_50": "teacher 50-step DDIM",
     "teacher_4": "teacher 4-step DDIM",
     "teacher_1": "teacher 1-step DDIM",
@@ -525,11 +560,15 @@ def format_table(result: dict) -> str:
     lines = [
         f"yardstick: n={result['n']} ({result['n'] // 10} per digit), CFG {result['guidance_scale']:g}, "
         f"seed {result['seed']}",
-        f"{'row':<20}{'':<32}{'FD ↓':>9}{'acc ↑':>8}{'seconds':>9}",
+        f"{'row':<26}{'':<30}{'FD ↓':>8}{'acc ↑':>7}{'prec ↑':>8}{'recall ↑':>9}{'cover ↑':>8}{'s':>6}",
     ]
     for name, row in result["rows"].items():
+        variety = "".join(  # "—" for results written before the yardstick measured variety
+            f"{row[key]:>{width}.3f}" if key in row else f"{'—':>{width}}"
+            for key, width in (("precision", 8), ("recall", 9), ("coverage", 8))
+        )
         title = ROW_TITLES.get(name, "")
-        lines.append(f"{name:<20}{title:<32}{row['fd']:>9.2f}{row['acc']:>8.3f}{row['seconds']:>9.1f}")
+        lines.append(f"{name:<26}{title:<30}{row['fd']:>8.2f}{row['acc']:>7.3f}{variety}{row['seconds']:>6.1f}")
     if any(name.startswith("student_distillpp") for name in result["rows"]) and "distillpp" in result:
         distillpp = DistillppSettings(**result["distillpp"])
         lines.append(f"(Distillation++: {distillpp.describe(result['guidance_scale'])})")

@@ -60,6 +60,11 @@ def test_quick_exact_demo_writes_scatter_and_metrics(tmp_path):
     assert len(fractions) == num_modes and all(f >= 0 for f in fractions) and sum(fractions) <= 1 + 1e-9
     assert metrics["modes_covered"] == sum(f >= 0.05 for f in fractions)
     assert isinstance(metrics["modes_covered"], int) and 1 <= metrics["modes_covered"] <= num_modes
+    assert set(metrics["variety"]) == {"student", "teacher_50", "data"}
+    keys = {"precision", "recall", "density", "coverage", "data_log_likelihood"}
+    assert all(set(v) == keys for v in metrics["variety"].values())
+    student, teacher = metrics["variety"]["student"]["coverage"], metrics["variety"]["teacher_50"]["coverage"]
+    assert metrics["coverage_ratio_student_vs_teacher"] == pytest.approx(student / teacher)
     assert (out / "samples.png").stat().st_size > 0
 
 

@@ -177,9 +177,58 @@ def test_eval_json_schema(tiny_teacher, tiny_classifier, tmp_path, monkeypatch, 
     assert set(result["rows"]) == {"real", "teacher_50", "teacher_4", "teacher_1", "student_1"}  # a 1-step student
     assert result["n"] == 10 and result["seed"] == 0 and result["guidance_scale"] == 1.5  # from the run config
     for row in result["rows"].values():
-        assert set(row) == {"fd", "acc", "seconds"} and all(math.isfinite(v) for v in row.values())
-        assert 0.0 <= row["acc"] <= 1.0
+        assert set(row) == {"fd", "acc", "precision", "recall", "density", "coverage", "seconds"}
+        assert all(math.isfinite(v) for v in row.values())
+        assert all(0.0 <= row[key] <= 1.0 for key in ("acc", "precision", "recall", "coverage"))
     assert "teacher_50" in capsys.readouterr().out
+
+
+def _train_images_as_generator(monkeypatch, images_per_digit: int):
+    """Make every generated row draw real train images of the prompted digit, cycling through the first few."""
+    data = digits.load_digits_split()
+    pools = [(data.train_labels == d).nonzero().flatten()[:images_per_digit] for d in range(10)]
+    drawn = [0] * 10
+
+    def sample_digits(model, row, labels, noise, generator, guidance_scale, distillpp):
+        picks = []
+        for digit in labels.tolist():
+            picks.append(pools[digit][drawn[digit] % len(pools[digit])])
+            drawn[digit] += 1
+        return data.train_images[torch.stack(picks)] / 2 + 0.5
+
+    monkeypatch.setattr(yardstick, "sample_digits", sample_digits)
+
+
+def test_real_row_scores_high_precision_recall_and_coverage(tiny_teacher, tiny_classifier):
+    row = yardstick.evaluate(tiny_teacher, n=500, rows=["real"], classifier=tiny_classifier, progress=False)["rows"]
+    assert row["real"]["precision"] > 0.9 and row["real"]["recall"] > 0.9 and row["real"]["coverage"] > 0.9
+
+
+def test_a_collapsed_generator_scores_low_recall_and_coverage_at_high_precision(
+    tiny_teacher, tiny_classifier, monkeypatch
+):
+    # A real digit, so every image looks real; but one per digit, repeated over the row's 50 per digit.
+    _train_images_as_generator(monkeypatch, images_per_digit=1)
+    result = yardstick.evaluate(tiny_teacher, n=500, rows=["teacher_1"], classifier=tiny_classifier, progress=False)
+    row = result["rows"]["teacher_1"]
+    assert row["precision"] > 0.9 and row["recall"] < 0.05 and row["coverage"] < 0.2
+
+
+def test_a_generator_drawing_distinct_real_images_scores_like_the_real_row(tiny_teacher, tiny_classifier, monkeypatch):
+    _train_images_as_generator(monkeypatch, images_per_digit=50)
+    rows = yardstick.evaluate(
+        tiny_teacher, n=500, rows=["real", "teacher_1"], classifier=tiny_classifier, progress=False
+    )["rows"]  # fmt: skip
+    for key in ("precision", "recall", "coverage"):
+        assert rows["teacher_1"][key] == pytest.approx(rows["real"][key], abs=0.05), key
+
+
+def test_table_prints_variety_and_a_dash_for_results_from_before_it():
+    rows = {"real": {"fd": 20.0, "acc": 0.99, "precision": 0.98, "recall": 0.957, "density": 1.0, "coverage": 0.96,
+                     "seconds": 1.0}, "teacher_1": {"fd": 280.0, "acc": 0.99, "seconds": 9.0}}  # fmt: skip
+    lines = yardstick.format_table({"rows": rows, "n": 500, "guidance_scale": 2.0, "seed": 0}).splitlines()
+    assert "recall" in lines[1] and "cover" in lines[1]
+    assert "0.957" in lines[2] and lines[3].count("—") == 3
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,13 @@
 """The feature-space metrics (core/metrics.py) against closed forms and known cases."""
 
+import math
+
 import pytest
 import torch
 
-from fewstep.core.metrics import frechet_distance, manifold_metrics, nearest_neighbour_radii
+from fewstep.core.metrics import (
+    frechet_distance, kde_log_likelihood, manifold_metrics, matched_manifold_metrics, nearest_neighbour_radii,
+)  # fmt: skip
 
 
 def _gaussian(n, d=8, seed=0, mean=0.0, std=1.0):
@@ -85,3 +89,58 @@ def test_manifold_metrics_do_not_depend_on_the_order_of_images():
     real, fake = _mixture(600, MODES, seed=1), _mixture(600, MODES[:5], seed=2, spread=0.5)
     order = torch.randperm(600, generator=torch.Generator().manual_seed(0))
     assert manifold_metrics(real[order], fake.flip(0)) == pytest.approx(manifold_metrics(real, fake))
+
+
+def test_matched_metrics_of_sets_with_equal_class_counts_are_the_plain_metrics():
+    real, fake = _mixture(600, MODES, seed=1), _mixture(600, MODES[:5], seed=2, spread=0.5)
+    labels = torch.arange(600) % 3  # any labels with equal counts in both sets: one chunk each
+    assert matched_manifold_metrics(real, labels, fake, labels) == pytest.approx(manifold_metrics(real, fake))
+
+
+def test_a_larger_generated_set_is_scored_in_chunks_of_the_real_sets_size():
+    # The plain metrics of a set 20× the real one, from the same distribution: every real ball holds a generated
+    # point (coverage 1) whatever the generator's variety. The matched ones are those of its 20 equal slices.
+    real, fake = _gaussian(100, d=64, seed=1), _gaussian(2000, d=64, seed=2)
+    real_labels, fake_labels = torch.arange(100) % 2, torch.arange(2000) % 2
+    matched = matched_manifold_metrics(real, real_labels, fake, fake_labels)
+    slices = [manifold_metrics(real, fake[i : i + 100]) for i in range(0, 2000, 100)]
+    for key in ("precision", "recall", "density", "coverage"):
+        assert matched[key] == pytest.approx(sum(s[key] for s in slices) / len(slices)), key
+    assert manifold_metrics(real, fake)["coverage"] == 1.0 and matched["coverage"] < 0.99
+
+
+def test_every_chunk_of_the_larger_real_set_is_scored():
+    # The generated set matches the real set's first half and is far from its second half: precision is their mean.
+    first = _mixture(500, MODES, seed=1)
+    real, labels = torch.cat([first, first + 100.0]), torch.arange(1000) % 10
+    scores = matched_manifold_metrics(real, labels, first, labels[:500])
+    assert scores["precision"] == pytest.approx(0.5) and scores["recall"] == pytest.approx(0.5)
+
+
+def test_a_collapsed_generator_scores_low_recall_and_coverage_at_full_precision_class_by_class():
+    labels = torch.arange(1000) % 10
+    real = MODES[labels] + 0.3 * _gaussian(1000, d=10, seed=2)  # class c around mode c
+    collapsed = real[:10].repeat(100, 1)  # one real point per class, repeated: no variety at all
+    scores = matched_manifold_metrics(real, labels, collapsed, labels)
+    assert scores["precision"] == 1.0 and scores["recall"] < 0.05 and scores["coverage"] < 0.15
+
+
+def test_classes_missing_from_one_set_are_refused_naming_both():
+    real, fake = _gaussian(40), _gaussian(40, seed=1)
+    with pytest.raises(ValueError, match=r"same classes, got \[0, 1, 2, 3\] and \[0, 1\]"):
+        matched_manifold_metrics(real, torch.arange(40) % 4, fake, torch.arange(40) % 2)
+
+
+def test_kde_on_one_sample_is_the_gaussian_log_density():
+    points = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    h = 0.5  # log N(x; 0, h²I) in 2-D: −|x|²/(2h²) − log(2πh²)
+    expected = (-points.square().sum(1) / (2 * h**2) - math.log(2 * math.pi * h**2)).mean().item()
+    assert kde_log_likelihood(torch.zeros(1, 2), points, h) == pytest.approx(expected)
+
+
+def test_kde_of_a_collapsed_generator_gives_the_data_a_lower_likelihood():
+    data, matching = _mixture(1000, MODES, seed=1), _mixture(1000, MODES, seed=2)
+    collapsed = _mixture(1000, MODES, seed=3, spread=0.03)  # the right modes, a tenth of their spread
+    assert kde_log_likelihood(collapsed, data, 0.1) < kde_log_likelihood(matching, data, 0.1) - 10
+    with pytest.raises(ValueError, match="bandwidth must be > 0, got 0"):
+        kde_log_likelihood(matching, data, 0.0)

@@ -158,7 +158,9 @@ class ProgressiveLoop(AdapterUpdateLoop):
             self.networks.generator_parameters(),
             self.optimizer,
         )
-        metrics.update(grad_norm_gen=grad_norm, round_steps=torch.tensor(num_steps))
+        metrics.update(
+            grad_norm_gen=grad_norm, round_steps=torch.tensor(num_steps), student_step=torch.tensor(step_index)
+        )
         return self._end_iteration(metrics)
 
     def state_dict(self) -> dict:
