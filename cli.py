@@ -188,6 +188,14 @@ def quiet_torchvision_hint() -> None:
         logger.addFilter(_NoTorchvisionHint())
 
 
+def _leave_process_group() -> None:
+    """Destroy torch.distributed's default group once a command has succeeded: left to the interpreter's exit, a gloo
+    group's teardown can abort a process ("terminate called without an active exception") after a finished run."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_torchvision_hint()
     parser = build_parser()
@@ -198,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             args.func(args)
+            _leave_process_group()
         finally:
             _close_progress_bars()
     except (UserError, ValueError) as error:
