@@ -30,7 +30,6 @@ All sampling goes through ``fewstep.core``; every row starts from the same initi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -47,6 +46,7 @@ from ..core.metrics import frechet_distance, matched_manifold_metrics
 from ..core.sampling import Denoiser, cfg, ddim_timesteps, sample_ddim, sample_few_step
 from ..core.schedule import NoiseSchedule, student_timesteps, validate_timesteps
 from ..training.data.cache import cached_build
+from ..training.evaluation.rows import student_lora
 from ..training.publish.lora_files import RECIPE_FILE
 from .teacher import IMAGE_SIZE, caption, load_digits_split
 
@@ -352,24 +352,6 @@ def load_digits_model(teacher_dir: str | Path, lora: str | Path | None = None, d
     return DigitsModel(pipe, teacher_schedule(pipe), embeds[:10], embeds[10:], student)
 
 
-@contextlib.contextmanager
-def _adapters(unet, enabled: bool):
-    """Run the UNet with the student LoRA on (student) or off (the base = the teacher)."""
-    if not getattr(unet, "peft_config", None):
-        if enabled:
-            raise ValueError("no student LoRA is loaded; pass lora=... to load_digits_model")
-        yield
-        return
-    if enabled:
-        unet.enable_adapters()
-    else:
-        unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
-
-
 def unet_denoiser(
     unet,
     schedule: NoiseSchedule,
@@ -385,7 +367,7 @@ def unet_denoiser(
         batch = x_t.shape[0]
         context = torch.cat([uncond_embeds.expand(batch, -1, -1), embeds]) if guided else embeds
         x_in = torch.cat([x_t, x_t]) if guided else x_t
-        with _adapters(unet, lora):
+        with student_lora(unet, lora, "no student LoRA is loaded; pass lora=... to load_digits_model"):
             out = unet(x_in, torch.full((x_in.shape[0],), t, device=x_in.device), encoder_hidden_states=context).sample
         x0 = schedule.to_x0(out, x_in, t)
         return cfg(*x0.chunk(2), guidance_scale) if guided else x0

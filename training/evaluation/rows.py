@@ -33,11 +33,12 @@ STUDENT_ADAPTER = "student"
 
 # ------------------------------------------------------------------------------------------ the UNet as denoisers
 @contextlib.contextmanager
-def student_lora(unet, enabled: bool):
-    """Run the UNet with the student LoRA on (the student) or off (its base: the teacher)."""
+def student_lora(unet, enabled: bool, missing: str = "the student row needs a student LoRA; pass --lora"):
+    """Run the UNet with the student LoRA on (the student) or off (its base: the teacher); ``missing`` is the error
+    when the student is asked for and no LoRA is loaded."""
     if not getattr(unet, "peft_config", None):
         if enabled:
-            raise ValueError("the student row needs a student LoRA; pass --lora")
+            raise ValueError(missing)
         yield
         return
     if enabled:
