@@ -39,7 +39,7 @@ from pathlib import Path
 TEACHER_ROWS = ["real", "teacher_50", "teacher_4", "teacher_1"]
 
 
-def _named_settings(text: str, what: str, known: list[str]) -> tuple[str, dict[str, str]]:
+def named_settings(text: str, what: str, known: list[str]) -> tuple[str, dict[str, str]]:
     """``"name:key=value,key=value"`` → (name, {key: value}); an unknown key is refused naming the known ones."""
     name, _, body = text.partition(":")
     values = {}
@@ -57,7 +57,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
     defaults = DigitsDemoSettings()
     known = [f.name for f in dataclasses.fields(DigitsDemoSettings)] + ["num_steps"]  # num_steps: default --num-steps
-    name, values = _named_settings(text, "variant", known)
+    name, values = named_settings(text, "variant", known)
     typed = {}
     for key, value in values.items():
         current = getattr(defaults, key, None)
@@ -73,7 +73,7 @@ def parse_distillpp(text: str) -> tuple[str, dict]:
     kinds = {"lam": float, "guided_steps": int, "rule": str, "teacher_guidance_scale": float, "guide": str,
              "teacher_steps": int}
     known = [f.name for f in dataclasses.fields(DistillppSettings)]
-    name, values = _named_settings(text, "Distillation++ setting", known)
+    name, values = named_settings(text, "Distillation++ setting", known)
     settings = {key: kinds[key](value) for key, value in values.items()}
     try:
         DistillppSettings(**settings)

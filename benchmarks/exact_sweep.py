@@ -31,17 +31,15 @@ KEYS = ("coverage_ratio", "coverage", "teacher_coverage", "recall", "teacher_rec
 def parse_variant(text: str) -> tuple[str, dict]:
     """``"name:key=value,..."`` → (name, overrides typed like the ExactTeacherConfig field's default)."""
     from ..toy.exact_teacher import ExactTeacherConfig
+    from .digits_sweep import named_settings
 
-    name, _, body = text.partition(":")
     defaults = {f.name: f.default for f in dataclasses.fields(ExactTeacherConfig)}
+    name, values = named_settings(text, "variant", list(defaults))
     overrides = {}
-    for item in filter(None, (part.strip() for part in body.split(","))):
-        key, _, value = item.partition("=")
-        if key not in defaults:
-            raise SystemExit(f"variant {name.strip()!r}: unknown setting {key!r}; known: {', '.join(defaults)}")
+    for key, value in values.items():
         kind = type(defaults[key])
         overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return name.strip(), overrides
+    return name, overrides
 
 
 def run_one(name: str, overrides: dict, seed: int) -> dict:
