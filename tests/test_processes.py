@@ -1,14 +1,17 @@
 """What processes share, proven with two real gloo processes on the CPU: an fp16 overflow on one process is skipped by
 all (scale lowered, weights finite and identical), gradients are averaged in one collective per bucket, the global
-batch's draws are sliced, and the end-of-run check compares the weights themselves."""
+batch's draws are sliced, the end-of-run check compares the weights themselves, and a destroyed group leaves no
+thread behind to abort the exit."""
 
 import socket
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fewstep.training.loop.distributed import ProcessGroup, check_replicas_agree
+from fewstep.training.loop.distributed import ProcessGroup, check_replicas_agree, import_dynamo_before_the_process_group
 from fewstep.training.loop.errors import TrainingError
 from fewstep.training.loop.update_loop import AdapterUpdateLoop
 
@@ -28,11 +31,13 @@ def run_two(worker, tmp_path) -> list:
 
 def _bootstrap(rank, world, port, worker, out):
     torch.set_num_threads(1)
+    import_dynamo_before_the_process_group()  # what make_accelerator does
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.save(worker(rank, world), f"{out}/{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------ fp16 overflow
@@ -128,3 +133,18 @@ def test_accelerate_launch_cpu_with_several_processes_is_said_to_run_one():
     assert "started ONE process" in single_cpu_launch_warning(one_of_two)
     assert single_cpu_launch_warning({**one_of_two, "WORLD_SIZE": "2", "RANK": "0"}) is None  # --multi_cpu, torchrun
     assert single_cpu_launch_warning({"ACCELERATE_USE_CPU": "True"}) is None  # --num_processes 1
+
+
+def _threads_left_after_destroy(rank, world):
+    p = torch.nn.Parameter(torch.ones(3))
+    check_replicas_agree({"g": torch.optim.SGD([p], lr=0.1)}, ProcessGroup(world, "cpu", rank), log=lambda _: None)
+    dist.destroy_process_group()
+    return sorted(open(task / "comm").read().strip() for task in Path("/proc/self/task").iterdir())
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists the process's threads from /proc (Linux)")
+def test_a_destroyed_process_group_leaves_no_gloo_thread_to_abort_the_exit(tmp_path):
+    # Kept alive past destroy_process_group (torch._dynamo imported after the group existed), the group's threads were
+    # still running at interpreter exit, where they aborted rank 1 of finished runs now and then.
+    for threads in run_two(_threads_left_after_destroy, tmp_path):
+        assert not [name for name in threads if "gloo" in name or "tcpstore" in name], threads

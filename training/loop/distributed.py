@@ -90,10 +90,20 @@ def single_cpu_launch_warning(environ=None) -> str | None:
     return None
 
 
+def import_dynamo_before_the_process_group() -> None:
+    """Import torch._dynamo before any process group exists. Imported after (diffusers and torch.optim import it
+    lazily), it keeps references to the default group that outlive ``destroy_process_group``: the group's gloo
+    threads then still run at interpreter exit, and a finished process can abort there ("terminate called without
+    an active exception", seen on rank 1 after a successful 2-process run). Imported first, it keeps none."""
+    import torch._dynamo  # noqa: F401
+
+
 def make_accelerator(collective_timeout_minutes: float = 30.0):
     """accelerate's Accelerator on this machine's device (the CPU without CUDA), its processes waiting at most
     ``collective_timeout_minutes`` for each other at a collective before the run fails with a timeout."""
     from datetime import timedelta
+
+    import_dynamo_before_the_process_group()
 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
