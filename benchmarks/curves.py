@@ -9,6 +9,8 @@ Runs go in parallel processes (``--jobs``, one torch thread each). Writes ``OUT/
 ``OUT/curves.png`` (FD against iterations, ± sd over seeds).
 
     fewstep bench curves --out curves --iterations 600 1200 2400 6000 --seeds 0 1 2 --n 2000 --jobs 2
+
+``--resume`` continues the runs already in ``--out`` (one more point, another seed) instead of starting over.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 HELP = "learning curves: the demo's DMD2 1-/4-step and DMD students' FD, accuracy and recall against iterations"
 # variant → (method, student steps)
 VARIANTS = {"DMD2 1-step": ("dmd2", 1), "DMD2 4-step": ("dmd2", 4), "DMD 1-step": ("dmd", 1)}
+DEFAULT_POINTS = [600, 1200, 2400, 6000]
 METRICS = ("fd", "acc", "precision", "recall", "density", "coverage")
 
 
@@ -33,8 +36,8 @@ def add_arguments(parser) -> None:
         help=f"which students ({', '.join(VARIANTS)}; default: all)",
     )  # fmt: skip
     parser.add_argument(
-        "--iterations", type=int, nargs="+", default=[600, 1200, 2400, 6000],
-        help="the points of the curve, in iterations (default: %(default)s)",
+        "--iterations", type=int, nargs="+",
+        help=f"the points of the curve, in iterations (default: {' '.join(map(str, DEFAULT_POINTS))}; 2 4 with --quick)",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="distillation/eval seeds (default: 0)")
     parser.add_argument("--n", type=int, default=2000, help="images at the first and last points (default: 2000)")
@@ -42,6 +45,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: %(default)s)")
     parser.add_argument("--device", help="yardstick device (default: cuda when available, else cpu)")
     parser.add_argument("--teacher", help="a built digits teacher folder (default: the cached one)")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the runs already in --out from their newest checkpoints (a longer --iterations extends them) "
+        "and reuse the points they already measured",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny teacher and runs: checks the path, no quality")
 
 
@@ -58,7 +66,12 @@ def checkpoint_spacing(points: list[int]) -> int:
 
 
 def run_curve(job: dict) -> list[dict]:
-    """One (variant, seed): train to the last point, then measure each point's checkpoint. → one row per point."""
+    """One (variant, seed): train to the last point, then measure each point's checkpoint. → one row per point.
+
+    With ``job["resume"]`` a run already in ``run_dir`` is continued from its newest checkpoint (a longer
+    ``--iterations`` extends it: the lr schedule is constant after warm-up, so the continued run is the one a longer
+    run makes) and points already measured with the same ``n`` are read back from ``run_dir/curve_points.json``.
+    """
     import dataclasses
 
     import torch
@@ -77,20 +90,73 @@ def run_curve(job: dict) -> list[dict]:
     config = settings.train_config(job["teacher"], run_dir, job["prompts"], job["real_dir"], num_steps, job["seed"],
                                    method)  # fmt: skip
     config = dataclasses.replace(config, checkpoint_every=spacing, checkpoints_total_limit=points[-1] // spacing)
-    started = time.perf_counter()
-    train(get_method(method), config, overwrite=True)
-    train_seconds = round(time.perf_counter() - started, 1)
+    done = _reached_step(run_dir) if job.get("resume") else 0
+    ledger = _Ledger(run_dir) if done else _Ledger(run_dir, fresh=True)
+    if done < points[-1]:
+        started = time.perf_counter()
+        train(get_method(method), config, resume=done > 0, overwrite=done == 0)
+        ledger.trained(done, points[-1], time.perf_counter() - started)
     rows = []
     for point in points:
-        lora = run_dir / f"lora-step-{point}"
-        export_run(run_dir, "diffusers", str(point), str(lora))
         n = job["n"] if point in (points[0], points[-1]) else job["n_middle"]
-        result = evaluate(job["teacher"], lora=lora, n=n, seed=job["seed"], rows=["student"], progress=False,
-                          device=job["device"], guidance_scale=settings.guidance_scale)  # fmt: skip
-        scores = {k: v for k, v in result["rows"]["student"].items() if k in METRICS}
+        scores = ledger.scores(point, n)
+        if scores is None:
+            lora = run_dir / f"lora-step-{point}"
+            export_run(run_dir, "diffusers", str(point), str(lora))
+            result = evaluate(job["teacher"], lora=lora, n=n, seed=job["seed"], rows=["student"], progress=False,
+                              device=job["device"], guidance_scale=settings.guidance_scale)  # fmt: skip
+            scores = ledger.measured(point, n, {k: v for k, v in result["rows"]["student"].items() if k in METRICS})
         rows.append(dict(variant=job["variant"], seed=job["seed"], iterations=point, n=n, **scores,
-                         train_seconds=round(train_seconds * point / points[-1], 1)))  # fmt: skip
+                         train_seconds=ledger.seconds_at(point)))  # fmt: skip
     return rows
+
+
+def _reached_step(run_dir: Path) -> int:
+    """The step of the run's newest complete checkpoint (0 when there is no run to continue)."""
+    from ..training.loop.run_dir import RunDirError, latest_complete_checkpoint
+
+    try:
+        checkpoint = latest_complete_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    except RunDirError:  # every checkpoint damaged: start over
+        return 0
+    return int(checkpoint.name.split("-")[-1]) if checkpoint is not None else 0
+
+
+class _Ledger:
+    """``run_dir/curve_points.json``: the training seconds of each stretch of the run and the points measured, so a
+    resumed curve neither retrains nor re-measures what it has."""
+
+    def __init__(self, run_dir: Path, fresh: bool = False):
+        self.path = run_dir / "curve_points.json"
+        saved = {} if fresh or not self.path.is_file() else json.loads(self.path.read_text())
+        self.stretches: list[list[float]] = saved.get("stretches", [])  # [from step, to step, seconds]
+        self.points: dict[str, dict] = saved.get("points", {})
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"stretches": self.stretches, "points": self.points}, indent=1) + "\n")
+
+    def trained(self, start: int, end: int, seconds: float) -> None:
+        """Steps ``start`` → ``end`` took ``seconds``; what was recorded past ``start`` (a lost checkpoint's
+        stretch) is cut off there."""
+        kept = [[a, min(b, start), round(t * (min(b, start) - a) / (b - a), 1)] for a, b, t in self.stretches if a < start]
+        self.stretches = kept + [[start, end, round(seconds, 1)]]
+        self.points = {key: v for key, v in self.points.items() if int(key.split(":")[0]) <= start}
+        self._save()
+
+    def seconds_at(self, step: int) -> float:
+        """Training seconds to ``step`` (a stretch's time spread evenly over its iterations)."""
+        total = sum(seconds * (min(step, end) - start) / (end - start) for start, end, seconds in self.stretches
+                    if step > start and end > start)  # fmt: skip
+        return round(total, 1)
+
+    def scores(self, point: int, n: int) -> dict | None:
+        return self.points.get(f"{point}:{n}")
+
+    def measured(self, point: int, n: int, scores: dict) -> dict:
+        self.points[f"{point}:{n}"] = scores
+        self._save()
+        return scores
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -118,7 +184,7 @@ def run(args) -> dict:
     from ..digits.teacher import DigitsTeacherConfig, cached_train_images, digits_teacher, write_digit_prompts
     from ..digits.yardstick import balanced_labels, digit_classifier
 
-    points = check_iterations([2, 4] if args.quick else args.iterations)
+    points = check_iterations(args.iterations or ([2, 4] if args.quick else DEFAULT_POINTS))
     n, n_middle = (20, 20) if args.quick else (args.n, args.n_middle)
     balanced_labels(n), balanced_labels(n_middle)  # bad sizes fail before any training
     device = resolve_device(args.device)
@@ -131,7 +197,7 @@ def run(args) -> dict:
     digit_classifier()  # built once, before the workers need it
     common = dict(teacher=teacher, prompts=str(write_digit_prompts(out / "prompts.txt")),
                   real_dir=str(cached_train_images()), points=points, n=n, n_middle=n_middle, device=device,
-                  quick=args.quick)  # fmt: skip
+                  quick=args.quick, resume=args.resume)  # fmt: skip
     jobs = [
         {**common, "variant": variant, "seed": seed, "run_dir": str(out / "runs" / f"{variant.replace(' ', '_')}-seed{seed}")}
         for variant in args.variants for seed in args.seeds

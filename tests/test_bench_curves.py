@@ -5,7 +5,15 @@ import json
 import pytest
 from PIL import Image
 
-from fewstep.benchmarks.curves import check_iterations, checkpoint_spacing, format_table, plot_curves, summarise
+from fewstep.benchmarks.curves import (
+    _Ledger,
+    _reached_step,
+    check_iterations,
+    checkpoint_spacing,
+    format_table,
+    plot_curves,
+    summarise,
+)
 from fewstep.cli import main
 
 PER_SEED = [
@@ -43,6 +51,33 @@ def test_table_and_plot(tmp_path):
     assert {(40, 40, 40), (31, 119, 180)} <= colours  # one line per variant
 
 
+def test_a_resumed_curve_keeps_the_training_time_and_the_points_it_measured(tmp_path):
+    ledger = _Ledger(tmp_path)
+    ledger.trained(0, 1200, 1200.0)
+    ledger.measured(600, 2000, {"fd": 80.0})
+    ledger.measured(1200, 1000, {"fd": 70.0})
+    again = _Ledger(tmp_path)  # read back, as a later `--resume` does
+    again.trained(1200, 2400, 600.0)  # slower per iteration: another machine, say
+    assert (again.seconds_at(600), again.seconds_at(1200), again.seconds_at(1800)) == (600.0, 1200.0, 1500.0)
+    assert again.scores(600, 2000) == {"fd": 80.0} and again.scores(600, 500) is None  # another n is re-measured
+    assert _Ledger(tmp_path, fresh=True).scores(600, 2000) is None
+
+
+def test_resuming_from_an_earlier_checkpoint_forgets_what_came_after_it(tmp_path):
+    ledger = _Ledger(tmp_path)
+    ledger.trained(0, 1200, 1200.0)
+    ledger.measured(1200, 1000, {"fd": 70.0})
+    ledger.trained(600, 1200, 900.0)  # the step-1200 checkpoint was lost: 600 → 1200 again
+    assert ledger.stretches == [[0, 600, 600.0], [600, 1200, 900.0]] and ledger.scores(1200, 1000) is None
+
+
+def test_a_curve_with_no_run_or_only_damaged_checkpoints_starts_over(tmp_path):
+    assert _reached_step(tmp_path) == 0
+    for step in (600, 1200):
+        (tmp_path / "checkpoints" / f"step-{step:07d}").mkdir(parents=True)  # empty: a write cut short
+    assert _reached_step(tmp_path) == 0
+
+
 @pytest.mark.slow
 def test_quick_bench_curves_trains_and_measures_every_point(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
@@ -53,3 +88,18 @@ def test_quick_bench_curves_trains_and_measures_every_point(tmp_path, monkeypatc
         ("DMD2 1-step", 2), ("DMD2 1-step", 4), ("DMD 1-step", 2), ("DMD 1-step", 4)
     ]  # fmt: skip
     assert (out / "runs" / "DMD2_1-step-seed0" / "lora-step-2").is_dir() and (out / "curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_quick_bench_curves_resume_extends_the_runs_it_finds(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "curves"
+    args = ["bench", "curves", "--quick", "--out", str(out), "--variants", "DMD2 1-step"]
+    assert main([*args, "--iterations", "2"]) == 0
+    run_dir = out / "runs" / "DMD2_1-step-seed0"
+    first = json.loads((run_dir / "curve_points.json").read_text())
+    assert main([*args, "--iterations", "2", "4", "--resume"]) == 0
+    ledger = json.loads((run_dir / "curve_points.json").read_text())
+    assert [s[:2] for s in ledger["stretches"]] == [[0, 2], [2, 4]]  # continued, not started over
+    assert ledger["points"]["2:20"] == first["points"]["2:20"]
+    assert [r["iterations"] for r in json.loads((out / "curves.json").read_text())["rows"]] == [2, 4]
