@@ -11,7 +11,7 @@ import torch
 from fewstep.core.losses import progressive_target
 from fewstep.core.sampling import ddim_step, ddim_timesteps
 from fewstep.core.schedule import SD_TRAINING_SCHEDULE, NoiseSchedule
-from fewstep.training.loop.dmd2_loop import DMD2LoopConfig
+from fewstep.training.loop.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
 from fewstep.training.loop.regression import DMDBatch, DMDLoop
 from fewstep.training.methods.progressive import ProgressiveBatch, ProgressiveLoop, pd_timesteps, round_step_counts
 from fewstep.training.data.pair_cache import PairCacheMismatch, ensure_teacher_pairs, load_teacher_pairs
@@ -53,6 +53,54 @@ class StandInNetworks:
 
     def fake_score_parameters(self):
         return [self.previous]
+
+
+# ----------------------------------------------------------------------------------- DMD2's DM-loss timesteps
+class RecordingNetworks(StandInNetworks):
+    """The stand-ins, recording the timesteps the real score is asked at (the DM loss's t)."""
+
+    def __init__(self, generator):
+        super().__init__(generator)
+        self.real_score_timesteps = []
+
+    def real_score(self, x_t, t, cond):
+        self.real_score_timesteps.append(t.tolist())
+        return analytic_teacher(x_t, t)
+
+
+def dm_timesteps_by_input(dm_timesteps: str, iterations: int = 60) -> dict[int, list[int]]:
+    """{input timestep of the student step: the DM loss's t drawn for its samples} over ``iterations`` draws."""
+    networks = RecordingNetworks(lambda x_t, t: torch.tanh(x_t))
+    sgd = lambda params: torch.optim.SGD(params, lr=0.0)
+    config = DMD2LoopConfig(student_timesteps=[999, 749, 499, 249], dm_timesteps=dm_timesteps)
+    loop = DMD2Loop(networks, sgd(networks.generator_parameters()), sgd(networks.fake_score_parameters()), config)
+    drawn: dict[int, list[int]] = {}
+    for _ in range(iterations):
+        x, cond = loop.generate(DMD2Batch(shape=SHAPE), grad=False)
+        networks.real_score_timesteps.clear()
+        loop.generator_loss(x, cond)
+        drawn.setdefault(loop.input_timestep, []).extend(networks.real_score_timesteps[0])
+    return drawn
+
+
+def test_below_input_keeps_each_student_steps_dm_loss_at_or_below_its_input_timestep():
+    drawn = dm_timesteps_by_input("below_input")
+    assert sorted(drawn) == [249, 499, 749, 999]  # every student step was drawn (999: the step from pure noise)
+    for input_timestep, ts in drawn.items():
+        assert min(ts) >= 20 and max(ts) <= min(input_timestep, 980)
+    assert max(drawn[999]) > 749  # the first step keeps the whole range
+
+
+def test_full_dm_range_is_the_same_for_every_student_step():
+    drawn = dm_timesteps_by_input("full")
+    assert all(max(ts) > 749 and min(ts) < 249 for ts in drawn.values())  # the reference: t ~ U[20, 980] each
+
+
+def test_an_unknown_dm_timestep_range_is_refused():
+    networks = StandInNetworks(lambda x_t, t: x_t)
+    sgd = torch.optim.SGD(networks.generator_parameters(), lr=0.0)
+    with pytest.raises(ValueError, match="dm_timesteps must be one of full, below_input"):
+        DMD2Loop(networks, sgd, sgd, DMD2LoopConfig(dm_timesteps="below"))
 
 
 # ----------------------------------------------------------------------------------- Progressive Distillation

@@ -67,6 +67,9 @@ class DMD2Networks(Protocol):
         ...
 
 
+DM_TIMESTEPS = ("full", "below_input")  # the DM loss's timestep range per student step (DMD2LoopConfig)
+
+
 @dataclass
 class DMD2LoopConfig:
     """Hyper-parameters of the loop itself (the model-specific ones live with each trainer)."""
@@ -75,6 +78,10 @@ class DMD2LoopConfig:
     dfake_gen_update_ratio: int = 10  # fake-score updates per generator update (TTUR)
     dm_min_timestep: int = 20  # DM loss t ~ U[0.02·T, 0.98·T]
     dm_max_timestep: int = 980
+    # "full": every student step's DM loss at t ~ U[dm_min, dm_max] (the reference). "below_input": a step that
+    # takes its input at t_k draws t ≤ t_k, the noise levels whose detail that step still decides (as Phased DMD
+    # restricts each phase's score matching to its own SNR interval); the first step (from noise) keeps the range.
+    dm_timesteps: str = "full"
     gan_generator_weight: float = 0.0  # 0 disables the GAN (DMD2 "stage 1")
     gan_discriminator_weight: float = 0.0
     backward_simulation: bool = True  # multi-step: the generator's input at t_k comes from its own earlier steps
@@ -117,6 +124,8 @@ class DMD2Loop(AdapterUpdateLoop):
     ):
         if config.dfake_gen_update_ratio < 1:
             raise ValueError(f"dfake_gen_update_ratio must be ≥ 1, got {config.dfake_gen_update_ratio}")
+        if config.dm_timesteps not in DM_TIMESTEPS:
+            raise ValueError(f"dm_timesteps must be one of {', '.join(DM_TIMESTEPS)}, got {config.dm_timesteps!r}")
         super().__init__(
             {GENERATOR: generator_optimizer, FAKE_SCORE: fake_score_optimizer},
             {GENERATOR: generator_lr_scheduler, FAKE_SCORE: fake_score_lr_scheduler},
@@ -128,6 +137,7 @@ class DMD2Loop(AdapterUpdateLoop):
             fp16_loss_scaling=fp16_loss_scaling,
         )
         self.networks = networks
+        self.input_timestep = networks.schedule.num_train_timesteps - 1  # set by each generate()
         self.generator_optimizer = generator_optimizer
         self.fake_score_optimizer = fake_score_optimizer
         self.config = config
@@ -165,19 +175,23 @@ class DMD2Loop(AdapterUpdateLoop):
                 raise ValueError("multi-step training without backward simulation needs real data (real_x0)")
             cond = batch.real_cond
             x_in = self.schedule.add_noise(batch.real_x0, self._randn(batch.shape), timesteps[k])
+        # the input timestep of the step that made x (noise counts as T−1): the DM loss's range may depend on it
+        self.input_timestep = timesteps[k] if k > 0 else self.schedule.num_train_timesteps - 1
         with torch.set_grad_enabled(grad):
             x = denoise(x_in, timesteps[k])
         return x, cond
 
     def generator_loss(self, x: torch.Tensor, cond: Any) -> tuple[torch.Tensor, dict]:
-        """DM loss at t ~ U[dm_min, dm_max] (+ GAN generator loss) as a function of ``x`` alone.
+        """DM loss at t ~ U[dm_min, dm_max] (+ GAN generator loss) as a function of ``x`` alone. With
+        ``dm_timesteps="below_input"`` the upper end is the input timestep of the step that made ``x`` (the last
+        :meth:`generate`).
 
         Run it with the fake score's parameters frozen (the caller does): its graph reaches them only through the
         GAN term, and they must get no gradient on the generator's turn.
         """
         cfg = self.config
         batch_size = x.shape[0]
-        t = self._randint(cfg.dm_min_timestep, cfg.dm_max_timestep + 1, batch_size)
+        t = self._randint(cfg.dm_min_timestep, self.dm_max_timestep() + 1, batch_size)
         x_t = self.schedule.add_noise(x.detach(), self._randn(x.shape), t)
         with torch.no_grad():
             x0_real = self.networks.real_score(x_t, t, cond)
@@ -190,6 +204,13 @@ class DMD2Loop(AdapterUpdateLoop):
             loss = loss + cfg.gan_generator_weight * gan_loss
             metrics.update(gan_metrics)
         return loss, metrics
+
+    def dm_max_timestep(self) -> int:
+        """The DM loss's largest timestep for the last generated x (see ``DMD2LoopConfig.dm_timesteps``)."""
+        cfg = self.config
+        if cfg.dm_timesteps == "below_input":
+            return max(cfg.dm_min_timestep, min(cfg.dm_max_timestep, self.input_timestep))
+        return cfg.dm_max_timestep
 
     def fake_score_loss(self, x: torch.Tensor, cond: Any, batch: DMD2Batch) -> tuple[torch.Tensor, dict]:
         """Denoising loss on the generator's detached samples at t ~ U[0, T) (+ GAN discriminator loss)."""

@@ -17,7 +17,7 @@ import torch
 from ...core.sampling import sample_few_step
 from ...core.schedule import student_timesteps, validate_timesteps
 from ..data.pair_cache import TeacherPairOptions
-from ..loop.dmd2_loop import DMD2Batch, DMD2Loop, DMD2LoopConfig
+from ..loop.dmd2_loop import DM_TIMESTEPS, DMD2Batch, DMD2Loop, DMD2LoopConfig
 from ..loop.regression import DMDLoop, with_teacher_pairs
 from ..loop.networks import FAKE_SCORE, GENERATOR, GANHead, SharedUNetNetworks, attach_adapters
 from ..loop.trainer import FAMILY_DEFAULTS, MethodRun, TrainConfig, TrainingContext, TrainingError, train
@@ -65,6 +65,12 @@ class DMD2TrainConfig(TeacherPairOptions, TrainConfig):
                           "reference draw them) or take the posterior 'mean'", "choices": ["sample", "mean"]},
     )  # fmt: skip
     backward_simulation: bool = field(default=True, metadata={"help": "multi-step: train on the student's own inputs"})
+    dm_timesteps: str = field(
+        default="full",
+        metadata={"help": "multi-step: the DM loss's timesteps per student step: 'full' (each step at 20..980, the "
+                          "reference) or 'below_input' (a step whose input is at t_k only at t ≤ t_k)",
+                  "choices": list(DM_TIMESTEPS)},
+    )  # fmt: skip
     init_regression_steps: int = field(
         default=0, metadata={"help": "first N iterations: regression onto teacher ODE pairs only (warm start)"}
     )
@@ -155,6 +161,7 @@ def build_distribution_matching(
         gan_generator_weight=config.gan_weight if use_gan else 0.0,
         gan_discriminator_weight=config.disc_weight if use_gan else 0.0,
         backward_simulation=config.backward_simulation,
+        dm_timesteps=config.dm_timesteps,
         max_grad_norm=config.max_grad_norm,
     )
     loop = loop_class(
@@ -250,7 +257,7 @@ class DMD2(Method):
             init_regression_steps=settings.init_regression_steps,
             dfake_gen_update_ratio=settings.dfake_gen_update_ratio, gan_weight=settings.gan_weight,
             disc_weight=settings.disc_weight, ema_decay=settings.ema_decay, gan_real_latents=settings.gan_real_latents,
-            **settings.fake_score_options(),
+            dm_timesteps=settings.dm_timesteps, **settings.fake_score_options(),
         )  # fmt: skip
 
 
