@@ -277,6 +277,23 @@ def test_distillpp_row_follows_its_settings(tiny_teacher, tmp_path):
     assert not torch.allclose(self_guided, guided, atol=1e-4)
 
 
+def test_a_multi_step_students_last_step_is_its_own_yardstick_row(tiny_teacher, tiny_classifier, tmp_path, monkeypatch):
+    from fewstep.benchmarks import student_steps
+
+    monkeypatch.setattr(yardstick, "digit_classifier", lambda **kwargs: tiny_classifier)
+    run_dir = _student_run(tiny_teacher, tmp_path / "run")
+    recipe = {"method": "dmd2", "timesteps": [999, 749, 499, 249], "sampler": "few_step"}
+    (run_dir / "lora" / "fewstep_recipe.json").write_text(json.dumps(recipe))
+    rows = student_steps.measure(tiny_teacher, run_dir, n=20, seed=3, grids=[[999, 749, 499, 249], [999, 499]])
+    assert list(rows) == ["step 1 (t=999)", "step 2 (t=749)", "step 3 (t=499)", "step 4 (t=249)",
+                          "grid 999,749,499,249", "grid 999,499"]  # fmt: skip
+    own = yardstick.evaluate(tiny_teacher, lora=run_dir, n=20, seed=3, rows=["student"], classifier=tiny_classifier,
+                             progress=False)["rows"]["student"]  # fmt: skip
+    assert rows["step 4 (t=249)"]["fd"] == pytest.approx(own["fd"]) and rows["step 4 (t=249)"]["acc"] == own["acc"]
+    assert rows["grid 999,749,499,249"] == rows["step 4 (t=249)"]  # the same noise and fresh noise
+    assert rows["grid 999,499"]["fd"] != pytest.approx(rows["step 4 (t=249)"]["fd"])
+
+
 def test_distillpp_control_row_is_the_same_setting_with_noise_only(tiny_teacher, tmp_path):
     """The control beside every Distillation++ row: the same rule, λ and steps, the rule's noise and no teacher."""
     model = yardstick.load_digits_model(tiny_teacher, _student_run(tiny_teacher, tmp_path / "run"))
