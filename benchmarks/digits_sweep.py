@@ -11,7 +11,8 @@ parallel processes (``--jobs``, one torch thread each), so a GPU with many CPU c
         --variant "demo:" --variant "fake scale 1/8:fake_alpha=4" --variant "fake lr 2x:fake_lr=1e-3"
 
 A variant is ``NAME:key=value,key=value`` over :class:`~fewstep.digits.demo_settings.DigitsDemoSettings` fields, and
-``num_steps`` (that variant's student steps, instead of ``--num-steps``).
+``num_steps`` (that variant's student steps, instead of ``--num-steps``) and ``method`` (``fewstep train --method``:
+dmd2, the default, dmd or progressive).
 A Distillation++ setting is ``NAME:key=value,...`` over :class:`~fewstep.digits.yardstick.DistillppSettings`
 (``lam``, ``guided_steps``, ``rule``, ``teacher_guidance_scale``; ``guide=student`` is the ablation where the
 student guides itself), e.g. ``--distillpp "eps 0.02 cfg4:rule=eps_mix,
@@ -52,17 +53,26 @@ def named_settings(text: str, what: str, known: list[str]) -> tuple[str, dict[st
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``"name:key=value,..."`` over DigitsDemoSettings' fields (and ``num_steps``) → (name, typed overrides)."""
+    """``"name:key=value,..."`` over DigitsDemoSettings' fields (and ``num_steps``, ``method``) → (name, typed
+    overrides)."""
     from ..digits.demo_settings import DigitsDemoSettings
 
     defaults = DigitsDemoSettings()
-    known = [f.name for f in dataclasses.fields(DigitsDemoSettings)] + ["num_steps"]  # num_steps: default --num-steps
+    # num_steps: default --num-steps; method: fewstep train's --method (default dmd2)
+    known = [f.name for f in dataclasses.fields(DigitsDemoSettings)] + ["num_steps", "method"]
     name, values = named_settings(text, "variant", known)
     typed = {}
     for key, value in values.items():
         current = getattr(defaults, key, None)
         kind = type(current) if current is not None else (int if key in ("fake_rank", "num_steps") else float)
-        typed[key] = kind(value)
+        typed[key] = value if key == "method" else kind(value)
+    if "method" in typed:
+        from ..training.methods import get_method
+
+        try:
+            get_method(typed["method"])
+        except ValueError as error:
+            raise SystemExit(f"variant {name!r}: {error}") from None
     return name, typed
 
 
@@ -93,13 +103,14 @@ def student_row(num_steps: int) -> str:
 
 def run_one(
     teacher: str, out: Path, name: str, overrides: dict, seed: int, n: int, device: str, external: str | None = None,
-    num_steps: int = 1, reuse: bool = False,
+    num_steps: int = 1, reuse: bool = False, method: str = "dmd2",
 ) -> dict:  # fmt: skip
     """Distil with the demo's settings + ``overrides`` (or ``external``) at ``seed``; the student's row at n images."""
     from ..digits.demo_settings import DigitsDemoSettings
     from ..digits.teacher import cached_train_images
-    from ..training.methods.dmd2 import train_dmd2
     from ..digits.yardstick import evaluate
+    from ..training.loop.trainer import train
+    from ..training.methods import get_method
 
     settings = dataclasses.replace(DigitsDemoSettings(), **overrides)
     run_dir = run_directory(out, name, seed)
@@ -114,8 +125,8 @@ def run_one(
             command = external.format(seed=seed, run_dir=run_dir, teacher=teacher, prompts=prompts, images=real_dir)
             subprocess.run(command, shell=True, check=True, stdout=subprocess.DEVNULL)
         else:
-            config = settings.train_config(teacher, run_dir, prompts, real_dir, num_steps, seed)
-            train_dmd2(config, overwrite=True)  # re-run anew
+            config = settings.train_config(teacher, run_dir, prompts, real_dir, num_steps, seed, method)
+            train(get_method(method), config, overwrite=True)  # re-run anew
         train_seconds = round(time.perf_counter() - started, 1)
         record.write_text(json.dumps({"train_seconds": train_seconds}))
     row = student_row(num_steps)
@@ -226,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(json.dumps(run_one(job["teacher"], Path(job["out"]), job["variant"], job["overrides"], job["seed"],
                                      job["n"], job["device"], job.get("external"), job["num_steps"],
-                                     job["reuse"])))  # fmt: skip
+                                     job["reuse"], job.get("method", "dmd2"))))  # fmt: skip
         return 0
     if args.num_steps < 1:
         parser.error(f"--num-steps must be ≥ 1, got {args.num_steps}")
@@ -255,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     for job in jobs:  # a variant's own num_steps overrides --num-steps
         job["overrides"] = dict(job["overrides"])
         job["num_steps"] = job["overrides"].pop("num_steps", args.num_steps)
+        job["method"] = job["overrides"].pop("method", "dmd2")
     for text in args.external:
         name, _, command = text.partition(":")
         jobs += [

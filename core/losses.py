@@ -104,11 +104,24 @@ def progressive_target(
     return (z_t2 - ratio * z_t) / (a_t2 - ratio * a_t)
 
 
+# Progressive Distillation's loss weights over t, as x-space weights (an ε-student's ε-space weight is this / SNR):
+# "truncated_snr" max(SNR, 1), the paper's (ε-space max(1, 1/SNR): 214 at t = 999, 1 at t = 249 on SD's schedule);
+# "eps" SNR, an ε-space MSE (every step's ε error weighs alike).
+PD_WEIGHTINGS = ("truncated_snr", "eps")
+
+
 def progressive_loss(
-    x0_pred: torch.Tensor, x0_target: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule
+    x0_pred: torch.Tensor, x0_target: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
+    weighting: str = "truncated_snr",
 ) -> tuple[torch.Tensor, dict]:
-    """Progressive Distillation's x-space MSE with the truncated-SNR weight ``max(SNR_t, 1)``."""
+    """Progressive Distillation's x-space MSE weighted over t by ``weighting`` (:data:`PD_WEIGHTINGS`)."""
     a, s = schedule.coefficients(t, x0_pred)
-    weight = torch.clamp((a / s) ** 2, min=1.0)
+    snr = (a / s) ** 2
+    if weighting == "truncated_snr":
+        weight = torch.clamp(snr, min=1.0)
+    elif weighting == "eps":
+        weight = snr
+    else:
+        raise ValueError(f"weighting must be one of {', '.join(PD_WEIGHTINGS)}, got {weighting!r}")
     loss = (weight * (x0_pred.float() - x0_target.detach().float()) ** 2).mean()
     return loss, {"loss_pd": loss.detach()}

@@ -43,6 +43,7 @@ class DigitsDemoSettings:
     # teacher's ODE pairs (``--timesteps 399 --init-regression-steps N``); 999 and 0 are fewstep's defaults.
     conditioning_timestep: int = 999
     init_regression_steps: int = 0
+    pd_weighting: str = "truncated_snr"  # Progressive Distillation's loss weight over t (core.losses.PD_WEIGHTINGS)
     dm_timesteps: str = "full"  # multi-step DMD2: the DM loss's timesteps per student step (DMD2LoopConfig)
     gan_real_latents: str = "sample"  # the GAN's real latents: VAE posterior samples (the reference) or means
 

@@ -10,6 +10,14 @@ def test_variant_parses_to_typed_demo_settings():
     assert parse_variant("long 4-step:num_steps=4,max_steps=1200") == ("long 4-step", {"num_steps": 4, "max_steps": 1200})
 
 
+def test_a_variant_may_name_another_method_and_its_options():
+    assert parse_variant("PD eps:method=progressive,pd_weighting=eps") == (
+        "PD eps", {"method": "progressive", "pd_weighting": "eps"}
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="variant 'x': unknown method 'pd'"):
+        parse_variant("x:method=pd")
+
+
 def test_unknown_variant_setting_is_refused_naming_the_known_ones():
     with pytest.raises(SystemExit, match="unknown setting 'steps'.*num_steps"):
         parse_variant("x:steps=4")

@@ -127,3 +127,14 @@ def test_progressive_loss_uses_truncated_snr_weight():
     snr_low_t = float(schedule.alphas_cumprod[10] / (1 - schedule.alphas_cumprod[10]))
     loss, _ = progressive_loss(x0_pred, x0, t, schedule)
     torch.testing.assert_close(loss, torch.tensor((1.0 + snr_low_t) / 2), rtol=1e-4, atol=0)
+
+
+def test_eps_weighting_is_the_eps_space_mse_of_an_eps_student():
+    schedule = NoiseSchedule.from_config(SD)
+    z_t, eps_pred, eps_target = torch.randn(3, 2, 4, 3)
+    t = torch.tensor([999, 249])
+    x0_of = lambda eps: schedule.to_x0(eps, z_t, t)  # the student read as x0, as the PD loop reads it
+    loss, _ = progressive_loss(x0_of(eps_pred), x0_of(eps_target), t, schedule, weighting="eps")
+    torch.testing.assert_close(loss, ((eps_pred - eps_target) ** 2).mean(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="weighting must be one of truncated_snr, eps"):
+        progressive_loss(z_t, z_t, t, schedule, weighting="v")

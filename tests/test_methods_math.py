@@ -142,11 +142,11 @@ def two_teacher_steps_in_one(num_steps):
     return exact
 
 
-def pd_loss_of(student, num_steps=4, step_index=1, perturbation=0.0):
+def pd_loss_of(student, num_steps=4, step_index=1, perturbation=0.0, weighting="truncated_snr"):
     networks = StandInNetworks(student)
     with torch.no_grad():
         networks.offset.fill_(perturbation)
-    loop = ProgressiveLoop(networks, torch.optim.SGD([networks.offset], lr=0.0), [num_steps], 10)
+    loop = ProgressiveLoop(networks, torch.optim.SGD([networks.offset], lr=0.0), [num_steps], 10, weighting=weighting)
     batch = ProgressiveBatch(x0=torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)), cond=None)
     loss, _ = loop.progressive_loss(batch, step_index)
     return float(loss.detach())
@@ -160,6 +160,14 @@ def test_pd_student_that_reproduces_the_teachers_two_steps_has_zero_loss(step_in
 @pytest.mark.parametrize("step_index", [0, 1, 3])
 def test_perturbed_pd_student_has_positive_loss(step_index):
     assert pd_loss_of(two_teacher_steps_in_one(4), step_index=step_index, perturbation=0.05) > 1e-4
+
+
+def test_the_pd_loop_weighs_its_loss_as_configured():
+    # At t = 999 (step 0 of 4) SNR < 1: the paper's weight is 1, the ε weighting's is SNR_999.
+    alpha_bar = float(SCHEDULE.alphas_cumprod[999])
+    paper = pd_loss_of(two_teacher_steps_in_one(4), step_index=0, perturbation=0.05)
+    eps = pd_loss_of(two_teacher_steps_in_one(4), step_index=0, perturbation=0.05, weighting="eps")
+    assert eps == pytest.approx(paper * alpha_bar / (1 - alpha_bar), rel=1e-4)
 
 
 def test_pd_backward_runs_with_the_generator_active_and_trains_only_it():

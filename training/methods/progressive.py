@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ...core.losses import progressive_loss, progressive_target
+from ...core.losses import PD_WEIGHTINGS, progressive_loss, progressive_target
 from ...core.sampling import ddim_step, ddim_timesteps, sample_ddim
 from ..data.pair_cache import TeacherPairOptions
 from ..loop.networks import GENERATOR, SharedUNetNetworks, attach_adapters
@@ -51,6 +51,12 @@ class ProgressiveTrainConfig(TeacherPairOptions, TrainConfig):
     end_steps: int = field(
         default=1, metadata={"help": "the last round's student steps (start / end a power of 2)", "min": 1}
     )
+    pd_weighting: str = field(
+        default="truncated_snr",
+        metadata={"help": "the loss weight over t: 'truncated_snr' (x-space max(SNR, 1), the paper's) or 'eps' (an "
+                          "ε-space MSE: a round's steps weigh alike for an ε-prediction teacher)",
+                  "choices": list(PD_WEIGHTINGS)},
+    )  # fmt: skip
 
 
 def round_step_counts(start_steps: int, end_steps: int) -> list[int]:
@@ -85,6 +91,7 @@ class ProgressiveLoop(AdapterUpdateLoop):
         iterations_per_round: int,
         end_of_round: Callable[[int], None] = lambda num_steps: None,
         lr_scheduler=None,
+        weighting: str = "truncated_snr",
         **kwargs,
     ):
         super().__init__({GENERATOR: optimizer}, {GENERATOR: lr_scheduler}, **kwargs)
@@ -93,6 +100,7 @@ class ProgressiveLoop(AdapterUpdateLoop):
         self.rounds = rounds
         self.iterations_per_round = iterations_per_round
         self.end_of_round = end_of_round
+        self.weighting = weighting
         self.round = 0
 
     @property
@@ -131,7 +139,7 @@ class ProgressiveLoop(AdapterUpdateLoop):
             z_next = ddim_step(self.teacher(z_mid, as_batch(t_mid), batch.cond), z_mid, t_mid, t_next, self.schedule)
             target = progressive_target(z_t, z_next, t, t_next, self.schedule)
         x0 = self.networks.generator(z_t, as_batch(t), batch.cond)
-        loss, metrics = progressive_loss(x0, target, as_batch(t), self.schedule)
+        loss, metrics = progressive_loss(x0, target, as_batch(t), self.schedule, self.weighting)
         return loss, metrics
 
     def _backward(self, batch: ProgressiveBatch, step_index: int, weight: float) -> tuple[bool, dict]:
@@ -226,7 +234,7 @@ class Progressive(Method):
         pairs = teacher_pairs(ctx, networks.real_score)
         lora = ctx.run_dir / "lora"
         loop = ProgressiveLoop(
-            networks, optimizer, rounds, per_round, lr_scheduler=schedule,
+            networks, optimizer, rounds, per_round, lr_scheduler=schedule, weighting=config.pd_weighting,
             end_of_round=lambda n: ctx.export_lora(GENERATOR, lora / f"steps-{n}", recipe(n)),
             seed=config.seed, processes=ctx.processes, max_grad_norm=config.max_grad_norm, device=ctx.device,
             fp16_loss_scaling=config.mixed_precision == "fp16",
@@ -267,7 +275,8 @@ class Progressive(Method):
     def demo_options(self, settings, num_steps: int, real_dir) -> dict:
         # Rounds from DEMO_START_STEPS down to num_steps, at least one iteration for each of the most rounds.
         most_rounds = len(round_step_counts(DEMO_START_STEPS, 1))
-        return dict(start_steps=DEMO_START_STEPS, end_steps=num_steps, max_steps=max(settings.max_steps, most_rounds))
+        return dict(start_steps=DEMO_START_STEPS, end_steps=num_steps, max_steps=max(settings.max_steps, most_rounds),
+                    pd_weighting=settings.pd_weighting)
 
 
 def train_progressive(config: ProgressiveTrainConfig, resume: bool = False, on_step=None, overwrite: bool = False):
