@@ -22,6 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import reduce
 from pathlib import Path
 
+from . import mean_sd_cells
+
 HELP = "learning curves: the demo's DMD2 1-/4-step and DMD students' FD, accuracy and recall against iterations"
 # variant → (method, student steps)
 VARIANTS = {"DMD2 1-step": ("dmd2", 1), "DMD2 4-step": ("dmd2", 4), "DMD 1-step": ("dmd", 1)}
@@ -228,9 +230,7 @@ def format_table(result: dict) -> str:
     header = f"{'variant':14}{'iterations':>11}{'n':>6}" + "".join(f"{m:>17}" for m in shown) + f"{'train s':>9}"
     lines = [header, "-" * len(header)]
     for r in result["rows"]:
-        cells = "".join(
-            f"{r[m]:>8.2f} ± {r[m + '_sd']:<6.2f}" if m == "fd" else f"{r[m]:>8.3f} ± {r[m + '_sd']:<6.3f}" for m in shown
-        )
+        cells = mean_sd_cells(r, shown)
         lines.append(f"{r['variant']:14}{r['iterations']:>11}{r['n']:>6}{cells}{r['train_seconds']:>9.0f}")
     lines.append(f"(seeds {', '.join(map(str, result['seeds']))}: mean ± sd; train s = the run's time to that point)")
     return "\n".join(lines)

@@ -17,10 +17,12 @@ moment, and clipping, see).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+from . import script_main
 
 HELP = "Progressive Distillation: gradient norm per student step at the start of a 4-step round (digits teacher)"
 
@@ -128,11 +130,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    result = run(parser.parse_args(argv))
-    print(format_table(result))
-    return 0
+    return script_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ over the runs × seeds measured. Writes ``OUT/student_steps.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
+
+from . import mean_sd_cells, script_main
 
 HELP = "a multi-step student's x0 after each of its steps, and on other timestep grids (digits yardstick)"
 METRICS = ("fd", "acc", "precision", "recall", "density", "coverage")
@@ -127,20 +129,13 @@ def format_table(result: dict) -> str:
     header = f"{'row':26}" + "".join(f"{m:>17}" for m in METRICS)
     lines = [header, "-" * len(header)]
     for r in result["rows"]:
-        cells = "".join(
-            f"{r[m]:>8.2f} ± {r[m + '_sd']:<6.2f}" if m == "fd" else f"{r[m]:>8.3f} ± {r[m + '_sd']:<6.3f}" for m in METRICS
-        )
-        lines.append(f"{r['row']:26}{cells}")
+        lines.append(f"{r['row']:26}{mean_sd_cells(r, METRICS)}")
     lines.append(f"(n = {result['n']} per measurement, {result['rows'][0]['measurements']} measurements: mean ± sd)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    result = run(parser.parse_args(argv))
-    print(format_table(result))
-    return 0
+    return script_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
