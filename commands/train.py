@@ -118,6 +118,7 @@ def _complete_checkpoint(run_dir: Path) -> Path | None:
 def cmd_train(args: argparse.Namespace) -> None:
     from ..cli import UserError, write_failures
     from ..training.loop.config import build_config, load_yaml
+    from ..training.loop.resume import with_older_run_values
     from ..training.methods import get_method
     from ..training.loop.trainer import TrainingError, check_method, train
 
@@ -137,7 +138,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UserError(str(error)) from None
         saved = (_complete_checkpoint(Path(output)) or Path(output)) / "config.yaml"
         if saved.is_file():
-            layers, sources = [load_yaml(saved), *layers], [str(saved), *sources]
+            saved_options = with_older_run_values(method.config_class, load_yaml(saved))
+            layers, sources = [saved_options, *layers], [str(saved), *sources]
     config = build_config(method.config_class, *layers, cli, sources=(*sources, None))
     run_dir = Path(config.output or ".")
 

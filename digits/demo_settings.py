@@ -44,7 +44,7 @@ class DigitsDemoSettings:
     conditioning_timestep: int = 999
     init_regression_steps: int = 0
     pd_weighting: str = "truncated_snr"  # Progressive Distillation's loss weight over t (core.losses.PD_WEIGHTINGS)
-    dm_timesteps: str = "full"  # multi-step DMD2: the DM loss's timesteps per student step (DMD2LoopConfig)
+    dm_timesteps: str = "below_input"  # multi-step DMD2: the DM loss's timesteps per student step (DMD2LoopConfig)
     gan_real_latents: str = "sample"  # the GAN's real latents: VAE posterior samples (the reference) or means
 
     def fake_score_options(self) -> dict:

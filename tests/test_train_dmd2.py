@@ -311,3 +311,21 @@ def test_resume_from_the_cli_reuses_the_saved_options(teachers, prompts, tmp_pat
     train_dmd2(config(teachers["sd15", "epsilon"], run, prompts, max_steps=2))
     assert main(["train", "--output", str(run), "--resume", "--max-steps", "4"]) == 0
     assert (run / "checkpoints" / "step-0000004").is_dir()
+
+
+def test_a_run_from_before_an_option_existed_resumes_as_it_started(teachers, prompts, tmp_path):
+    import yaml
+
+    from fewstep.training.data.cache import write_manifest
+
+    run = tmp_path / "run"
+    train_dmd2(config(teachers["sd15", "epsilon"], run, prompts, max_steps=2, num_steps=2))
+    assert yaml.safe_load((run / "config.yaml").read_text())["dm_timesteps"] == "below_input"  # a new run's default
+    for saved in run.rglob("config.yaml"):  # as an older fewstep wrote them: no dm_timesteps
+        options = yaml.safe_load(saved.read_text())
+        del options["dm_timesteps"]
+        saved.write_text(yaml.safe_dump(options))
+    write_manifest(run / "checkpoints" / "step-0000002")  # the edited checkpoint, complete again
+    assert main(["train", "--output", str(run), "--resume", "--max-steps", "4"]) == 0
+    resumed = yaml.safe_load((run / "checkpoints" / "step-0000004" / "config.yaml").read_text())
+    assert resumed["dm_timesteps"] == "full"  # the reference's range, which that run trained with

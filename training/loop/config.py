@@ -11,7 +11,9 @@ declared in the field's metadata, so a new field gets the same treatment by sayi
 * ``"above"``: an exclusive lower bound (``"above": 0`` for a learning rate);
 * ``"below"``: an exclusive upper bound;
 * ``"choices"``: the allowed values;
-* ``"required"``: a note appended to the help, e.g. "required for a new run".
+* ``"required"``: a note appended to the help, e.g. "required for a new run";
+* ``"older_runs"``: for an option added after runs were made without it, the value those runs used, taken when one
+  of them is resumed (``training.loop.resume.with_older_run_values``).
 """
 
 from __future__ import annotations

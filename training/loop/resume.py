@@ -27,6 +27,13 @@ def saved_options(checkpoint: Path) -> dict:
     return load_yaml(checkpoint / "config.yaml")
 
 
+def with_older_run_values(config_class, saved: dict) -> dict:
+    """A run's saved options, plus the value its fewstep version used for each option added since (a field whose
+    metadata has ``"older_runs"``), so a resumed run goes on as it started rather than with a newer default."""
+    added = {f.name: f.metadata["older_runs"] for f in dataclasses.fields(config_class) if "older_runs" in f.metadata}
+    return {**{name: value for name, value in added.items() if name not in saved}, **saved}
+
+
 def check_resume(config, checkpoint: Path) -> None:
     """Before anything loads: refuse a resume with nothing left to train, or with options given for it that differ
     from the checkpoint's run and cannot change on resume.

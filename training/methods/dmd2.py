@@ -66,10 +66,10 @@ class DMD2TrainConfig(TeacherPairOptions, TrainConfig):
     )  # fmt: skip
     backward_simulation: bool = field(default=True, metadata={"help": "multi-step: train on the student's own inputs"})
     dm_timesteps: str = field(
-        default="full",
-        metadata={"help": "multi-step: the DM loss's timesteps per student step: 'full' (each step at 20..980, the "
-                          "reference) or 'below_input' (a step whose input is at t_k only at t ≤ t_k)",
-                  "choices": list(DM_TIMESTEPS)},
+        default="below_input",
+        metadata={"help": "multi-step: the DM loss's timesteps per student step: 'below_input' (a step whose input is "
+                          "at t_k only at t ≤ t_k; docs/methods.md) or 'full' (every step at 20..980, the reference's)",
+                  "choices": list(DM_TIMESTEPS), "older_runs": "full"},
     )  # fmt: skip
     init_regression_steps: int = field(
         default=0, metadata={"help": "first N iterations: regression onto teacher ODE pairs only (warm start)"}
