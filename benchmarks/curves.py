@@ -115,13 +115,13 @@ def run_curve(job: dict) -> list[dict]:
 
 def _reached_step(run_dir: Path) -> int:
     """The step of the run's newest complete checkpoint (0 when there is no run to continue)."""
-    from ..training.loop.run_dir import RunDirError, latest_complete_checkpoint
+    from ..training.loop.run_dir import RunDirError, checkpoint_step, latest_complete_checkpoint
 
     try:
         checkpoint = latest_complete_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
     except RunDirError:  # every checkpoint damaged: start over
         return 0
-    return int(checkpoint.name.split("-")[-1]) if checkpoint is not None else 0
+    return checkpoint_step(checkpoint) if checkpoint is not None else 0
 
 
 class _Ledger:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .config import flag, load_yaml
+from .run_dir import checkpoint_step
 
 
 class ResumeError(ValueError):
@@ -42,7 +43,7 @@ def check_resume(config, checkpoint: Path) -> None:
     checks those then.
     """
     _refuse_changes(config, saved_options(checkpoint), checkpoint, [f.name for f in dataclasses.fields(config)])
-    step = int(checkpoint.name.removeprefix("step-"))
+    step = checkpoint_step(checkpoint)
     if step >= config.max_steps:
         raise ResumeError(
             f"--resume: the run in {checkpoint.parent.parent} is already at step {step} (--max-steps "

@@ -72,6 +72,11 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:07d}"
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The iteration a ``checkpoints/step-NNNNNNN`` directory was written at (:func:`checkpoint_path`'s inverse)."""
+    return int(checkpoint.name.removeprefix("step-"))
+
+
 def _is_run(run_dir: Path) -> bool:
     return (run_dir / "config.yaml").is_file() or (run_dir / "checkpoints").is_dir()
 

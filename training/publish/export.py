@@ -9,7 +9,13 @@ from ...core.lora_format import KOHYA_WEIGHT_NAME, RECIPE_FILE, RUN_DIR_LORA
 from ..loop.config import load_yaml
 from ..loop.networks import GENERATOR, lora_config
 from .sampling_recipes import recipe_from_config
-from ..loop.run_dir import checkpoint_problem, checkpoints_of, latest_complete_checkpoint, read_checkpoint_file
+from ..loop.run_dir import (
+    checkpoint_problem,
+    checkpoint_step,
+    checkpoints_of,
+    latest_complete_checkpoint,
+    read_checkpoint_file,
+)
 
 
 def _find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
@@ -69,10 +75,6 @@ def export_run(run_dir, fmt: str = "all", checkpoint: str | None = None, out: st
     (out_dir / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
     written.append(out_dir / RECIPE_FILE)
     return written
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[-1])
 
 
 def export_dir(run_dir: Path, checkpoint: Path) -> Path:
