@@ -69,9 +69,7 @@ def measure(teacher, run, n: int, seed: int, grids: list[list[int]], device: str
 
     def scores(latents: torch.Tensor) -> dict:
         images = torch.cat([decode_latents(model.pipe.vae, latents[i : i + 100]) for i in range(0, n, 100)])
-        features, predicted = classifier.embed(images)
-        return {**yardstick.feature_scores(features, labels, reference, held_out.test_labels),
-                "acc": (predicted == labels).float().mean().item()}  # fmt: skip
+        return yardstick.image_scores(classifier, images, labels, reference, held_out.test_labels)
 
     def sample(grid: list[int], keep_steps: bool) -> list[torch.Tensor]:
         """The x0 of every step (or only the last) over all n images, the yardstick's noise and fresh-noise seed."""

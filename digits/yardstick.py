@@ -224,6 +224,17 @@ def feature_scores(
     }
 
 
+def image_scores(
+    classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
+    reference_labels: torch.Tensor,
+) -> dict[str, float]:
+    """A generated row's scores: :func:`feature_scores` of its images' features and the classifier's accuracy on the
+    digits they were asked for."""
+    features, predicted = classifier.embed(images)
+    return {**feature_scores(features, labels, reference, reference_labels),
+            "acc": (predicted == labels).float().mean().item()}  # fmt: skip
+
+
 def mean_sd(values) -> tuple[float, float]:
     """Mean and sample standard deviation over seeds (sd 0 for a single seed)."""
     import statistics
@@ -507,11 +518,7 @@ def evaluate(
                 images.append(
                     sample_digits(model, row, labels[chunk], noise[chunk], generator, scale, distillpp)
                 )
-            features, predicted = classifier.embed(torch.cat(images))
-            results[row] = {
-                **feature_scores(features, labels, reference, held_out.test_labels),
-                "acc": (predicted == labels).float().mean().item(),
-            }
+            results[row] = image_scores(classifier, torch.cat(images), labels, reference, held_out.test_labels)
         results[row]["seconds"] = round(time.perf_counter() - started, 2)
     return {
         "rows": results,
