@@ -64,7 +64,7 @@ def measure(teacher, run, n: int, seed: int, grids: list[list[int]], device: str
     held_out = yardstick.load_digits_split()
     reference, _ = classifier.embed(held_out.test_images / 2 + 0.5)
     labels = yardstick.balanced_labels(n)
-    noise = torch.randn(yardstick._latent_shape(model, n), generator=torch.Generator().manual_seed(seed))
+    noise = yardstick.starting_noise(model, n, seed)
     unet, schedule = model.pipe.unet, model.schedule.to(model.pipe.unet.device)
 
     def scores(latents: torch.Tensor) -> dict:
@@ -73,7 +73,7 @@ def measure(teacher, run, n: int, seed: int, grids: list[list[int]], device: str
 
     def sample(grid: list[int], keep_steps: bool) -> list[torch.Tensor]:
         """The x0 of every step (or only the last) over all n images, the yardstick's noise and fresh-noise seed."""
-        generator = torch.Generator().manual_seed(seed + 1)
+        generator = yardstick.fresh_noise_generator(seed)
         steps: list[list[torch.Tensor]] = [[] for _ in grid]
         for start in range(0, n, 100):
             chunk = slice(start, start + 100)

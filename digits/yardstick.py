@@ -444,9 +444,16 @@ def balanced_labels(n: int) -> torch.Tensor:
     return torch.arange(n) % 10
 
 
-def _latent_shape(model: DigitsModel, n: int) -> tuple[int, int, int, int]:
+def starting_noise(model: DigitsModel, n: int, seed: int) -> torch.Tensor:
+    """The latent noise every row starts from at ``seed``: the same for all rows, so rows compare paired."""
     size = IMAGE_SIZE // model.pipe.vae_scale_factor
-    return (n, model.pipe.unet.config.in_channels, size, size)
+    shape = (n, model.pipe.unet.config.in_channels, size, size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def fresh_noise_generator(seed: int) -> torch.Generator:
+    """The generator of the fresh noise multi-step rows draw between steps (``seed + 1``: apart from the start's)."""
+    return torch.Generator().manual_seed(seed + 1)
 
 
 def _real_row(classifier: DigitClassifier, n: int, seed: int, reference: torch.Tensor) -> dict:
@@ -503,14 +510,14 @@ def evaluate(
     held_out = load_digits_split()
     reference, _ = classifier.embed(held_out.test_images / 2 + 0.5)
 
-    noise = torch.randn(_latent_shape(model, n), generator=torch.Generator().manual_seed(seed))
+    noise = starting_noise(model, n, seed)
     results: dict[str, dict] = {}
     for row in rows:
         started = time.perf_counter()
         if row == "real":
             results[row] = _real_row(classifier, n, seed, reference)
         else:
-            generator = torch.Generator().manual_seed(seed + 1)  # the fresh noise of multi-step rows
+            generator = fresh_noise_generator(seed)
             images = []
             batches = tqdm(range(0, n, batch_size), desc=f"eval {row}", unit="batch", disable=not progress, leave=False)
             for start in batches:
@@ -576,10 +583,10 @@ def save_digits_grid(
     from ..training.loop.images import save_grid
 
     labels = torch.arange(10)
-    noise = torch.randn(_latent_shape(model, 10), generator=torch.Generator().manual_seed(seed))
+    noise = starting_noise(model, 10, seed)
     columns = []
     for row in rows:
-        generator = torch.Generator().manual_seed(seed + 1)
+        generator = fresh_noise_generator(seed)
         columns.append(sample_digits(model, row, labels, noise, generator, guidance_scale, distillpp))
     save_grid(list(torch.stack(columns, dim=1)), path)
     return Path(path)
