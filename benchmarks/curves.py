@@ -11,6 +11,11 @@ Runs go in parallel processes (``--jobs``, one torch thread each). Writes ``OUT/
     fewstep bench curves --out curves --iterations 600 1200 2400 6000 --seeds 0 1 2 --n 2000 --jobs 2
 
 ``--resume`` continues the runs already in ``--out`` (one more point, another seed) instead of starting over.
+
+Every point measured with ``--n`` images is set against the 50-step teacher at the same seeds and n (``fd ÷ T``,
+``recall ÷ T``: the student's mean over the teacher's). For the shipped digits teacher that row comes from its
+record (``digits/shipped_teacher/fewstep_yardstick.json``, n = 2,000 at seeds 0, 1, 2); ``--measure-teacher``
+measures it in this process instead (about 9 minutes per seed at n = 2,000 on one CPU thread).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ HELP = "learning curves: the demo's DMD2 1-/4-step and DMD students' FD, accurac
 VARIANTS = {"DMD2 1-step": ("dmd2", 1), "DMD2 4-step": ("dmd2", 4), "DMD 1-step": ("dmd", 1)}
 DEFAULT_POINTS = [600, 1200, 2400, 6000]
 METRICS = ("fd", "acc", "precision", "recall", "density", "coverage")
+BASELINE_ROW = "teacher_50"  # the yardstick row the students are set against
 
 
 def add_arguments(parser) -> None:
@@ -51,6 +57,11 @@ def add_arguments(parser) -> None:
         "--resume", action="store_true",
         help="continue the runs already in --out from their newest checkpoints (a longer --iterations extends them) "
         "and reuse the points they already measured",
+    )  # fmt: skip
+    parser.add_argument(
+        "--measure-teacher", action="store_true",
+        help="measure the 50-step teacher at --n and every seed in this process (about 9 minutes per seed at n = "
+        "2,000 on one CPU thread) instead of reading the shipped teacher's record; needed for --teacher",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny teacher and runs: checks the path, no quality")
 
@@ -179,10 +190,57 @@ def summarise(rows: list[dict]) -> list[dict]:
     return sorted(table, key=lambda e: (list(VARIANTS).index(e["variant"]), e["iterations"]))
 
 
+def teacher_baseline(per_seed: list[dict], n: int, source: str) -> dict:
+    """The 50-step teacher's row as mean ± sd over its seeds, the students' reference."""
+    from ..digits.yardstick import mean_sd
+
+    entry = {"row": BASELINE_ROW, "n": n, "seeds": [p["seed"] for p in per_seed], "source": source}
+    for metric in METRICS:
+        if all(metric in p for p in per_seed):
+            entry[metric], entry[f"{metric}_sd"] = (round(v, 4) for v in mean_sd(p[metric] for p in per_seed))
+    return entry
+
+
+def against_teacher(rows: list[dict], baseline: dict | None) -> list[dict]:
+    """Each row measured at the baseline's n gains ``fd_vs_teacher`` and ``recall_vs_teacher`` (its mean over the
+    teacher's: FD ≤ 1 and recall ≥ 0.9 are issue 27's targets); FD at another n is biased differently, so those
+    rows get none."""
+    for row in rows:
+        if baseline is None or row["n"] != baseline["n"]:
+            continue
+        for metric in ("fd", "recall"):
+            if metric in row and baseline.get(metric):  # a teacher scoring 0 (a --quick one's recall) sets no ratio
+                row[f"{metric}_vs_teacher"] = round(row[metric] / baseline[metric], 3)
+    return rows
+
+
+def _baseline(args, teacher: str, n: int, guidance_scale: float, device: str) -> tuple[dict | None, str]:
+    """(the teacher's row, or None; a line saying where it came from or why there is none)."""
+    from ..digits.shipped import shipped_yardstick_row
+    from ..digits.teacher import DigitsTeacherConfig, ships
+    from ..digits.yardstick import evaluate
+
+    if args.measure_teacher:
+        per_seed = []
+        for seed in args.seeds:
+            result = evaluate(teacher, n=n, seed=seed, rows=[BASELINE_ROW], guidance_scale=guidance_scale,
+                              device=device)  # fmt: skip
+            per_seed.append({"seed": seed, **result["rows"][BASELINE_ROW]})
+        return teacher_baseline(per_seed, n, "measured in this run"), "measured in this run"
+    shipped = args.teacher is None and not args.quick and ships(DigitsTeacherConfig())
+    per_seed = shipped_yardstick_row(BASELINE_ROW, n, args.seeds, guidance_scale) if shipped else None
+    if per_seed is None:
+        why = "not the shipped teacher" if not shipped else f"its record does not hold n = {n} at these seeds"
+        return None, f"no teacher baseline ({why}); --measure-teacher measures it"
+    source = "the shipped teacher's record (fewstep_yardstick.json)"
+    return teacher_baseline(per_seed, n, source), source
+
+
 def run(args) -> dict:
     import multiprocessing
 
     from ..cli import resolve_device
+    from ..digits.demo_settings import QUICK, DigitsDemoSettings
     from ..digits.teacher import DigitsTeacherConfig, cached_train_images, digits_teacher, write_digit_prompts
     from ..digits.yardstick import balanced_labels, digit_classifier
 
@@ -197,6 +255,8 @@ def run(args) -> dict:
     )
     teacher = str(Path(args.teacher) if args.teacher else digits_teacher(teacher_config, device=device))
     digit_classifier()  # built once, before the workers need it
+    guidance_scale = DigitsDemoSettings(**(QUICK if args.quick else {})).guidance_scale
+    baseline, baseline_note = _baseline(args, teacher, n, guidance_scale, device)
     common = dict(teacher=teacher, prompts=str(write_digit_prompts(out / "prompts.txt")),
                   real_dir=str(cached_train_images()), points=points, n=n, n_middle=n_middle, device=device,
                   quick=args.quick, resume=args.resume)  # fmt: skip
@@ -207,14 +267,16 @@ def run(args) -> dict:
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per job: no torch state shared across forks
     with ProcessPoolExecutor(max(1, args.jobs), mp_context=context) as pool:
         rows = [row for result in pool.map(run_curve, jobs) for row in result]
-    result = {"rows": summarise(rows), "per_seed": rows, "seeds": list(args.seeds), "teacher": teacher}
+    result = {"rows": against_teacher(summarise(rows), baseline), "per_seed": rows, "seeds": list(args.seeds),
+              "teacher": teacher, BASELINE_ROW: baseline, "baseline_note": baseline_note}  # fmt: skip
     (out / "curves.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_curves(result["rows"], out / "curves.png")
+    plot_curves(result["rows"], out / "curves.png", baseline)
     print(f"wrote {out / 'curves.json'} and {out / 'curves.png'}")
     return result
 
 
-def plot_curves(rows: list[dict], path: Path) -> None:
+def plot_curves(rows: list[dict], path: Path, baseline: dict | None = None) -> None:
+    """FD against iterations, one line per variant (± sd bars), the 50-step teacher's FD as a horizontal line."""
     from .plots import line_plot
 
     lines: dict[str, list[tuple[float, float]]] = {}
@@ -222,15 +284,26 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     for row in rows:
         lines.setdefault(row["variant"], []).append((row["iterations"], row["fd"]))
         errors.setdefault(row["variant"], []).append(row.get("fd_sd", 0.0))
-    line_plot(lines, path, "iterations (log scale)", "FD (lower is better)", errors=errors)
+    references = {"teacher 50-step": baseline["fd"]} if baseline and "fd" in baseline else None
+    line_plot(lines, path, "iterations (log scale)", "FD (lower is better)", errors=errors, references=references)
 
 
 def format_table(result: dict) -> str:
     shown = [m for m in METRICS if all(m in r for r in result["rows"])]
-    header = f"{'variant':14}{'iterations':>11}{'n':>6}" + "".join(f"{m:>17}" for m in shown) + f"{'train s':>9}"
+    ratios = [m for m in ("fd_vs_teacher", "recall_vs_teacher") if any(m in r for r in result["rows"])]
+    header = (f"{'variant':14}{'iterations':>11}{'n':>6}" + "".join(f"{m:>17}" for m in shown)
+              + "".join(f"{m.replace('_vs_teacher', ' ÷ T'):>10}" for m in ratios) + f"{'train s':>9}")  # fmt: skip
     lines = [header, "-" * len(header)]
     for r in result["rows"]:
-        cells = mean_sd_cells(r, shown)
+        cells = mean_sd_cells(r, shown) + "".join(f"{r[m]:>10.3f}" if m in r else f"{'—':>10}" for m in ratios)
         lines.append(f"{r['variant']:14}{r['iterations']:>11}{r['n']:>6}{cells}{r['train_seconds']:>9.0f}")
     lines.append(f"(seeds {', '.join(map(str, result['seeds']))}: mean ± sd; train s = the run's time to that point)")
+    baseline = result.get(BASELINE_ROW)
+    if baseline:
+        scores = ", ".join(f"{m} {baseline[m]:.3f} ± {baseline[f'{m}_sd']:.3f}" for m in ("fd", "acc", "recall")
+                           if m in baseline)  # fmt: skip
+        lines.append(f"(T = the 50-step teacher at n = {baseline['n']}, seeds {', '.join(map(str, baseline['seeds']))}"
+                     f": {scores}; from {baseline['source']}; ÷ T = the student's mean over the teacher's)")
+    elif result.get("baseline_note"):
+        lines.append(f"({result['baseline_note']})")
     return "\n".join(lines)

@@ -36,6 +36,19 @@ def shipped_record() -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def shipped_yardstick_row(row: str, n: int, seeds, guidance_scale: float) -> list[dict] | None:
+    """The shipped teacher's ``row`` at each of ``seeds`` as ``fewstep_yardstick.json`` recorded it (n images, CFG
+    ``guidance_scale``); None when the record does not hold every one of them."""
+    path = SHIPPED_DIR / YARDSTICK_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("n") != n or record.get("guidance_scale") != guidance_scale or row not in record["rows"]:
+        return None
+    by_seed = {entry["seed"]: entry for entry in record["rows"][row]["per_seed"]}
+    return [by_seed[seed] for seed in seeds] if set(seeds) <= set(by_seed) else None
+
+
 def _weight_paths(directory: Path, variant: str | None) -> dict[str, Path]:
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
     return {part: directory / part / f"{name}{suffix}" for part, name in WEIGHT_FILES.items()}

@@ -6,15 +6,19 @@ import pytest
 from PIL import Image
 
 from fewstep.benchmarks.curves import (
+    _baseline,
     _Ledger,
     _reached_step,
+    against_teacher,
     check_iterations,
     checkpoint_spacing,
     format_table,
     plot_curves,
     summarise,
+    teacher_baseline,
 )
 from fewstep.cli import main
+from fewstep.digits import shipped
 
 PER_SEED = [
     dict(variant="DMD2 1-step", seed=seed, iterations=it, n=100, fd=fd + seed, acc=0.99, recall=0.5 + 0.1 * seed,
@@ -51,6 +55,50 @@ def test_table_and_plot(tmp_path):
     assert {(40, 40, 40), (31, 119, 180)} <= colours  # one line per variant
 
 
+TEACHER = teacher_baseline(
+    [dict(seed=0, fd=40.0, acc=0.98, recall=0.8), dict(seed=1, fd=60.0, acc=0.98, recall=0.8)], n=100, source="test"
+)  # fmt: skip
+
+
+def test_points_at_the_teachers_n_are_set_against_its_mean():
+    rows = against_teacher(summarise(PER_SEED), TEACHER)
+    assert TEACHER["fd"] == 50.0 and TEACHER["fd_sd"] == pytest.approx(14.142, abs=1e-3)
+    assert rows[0]["fd_vs_teacher"] == pytest.approx(80.5 / 50.0, abs=1e-3)
+    assert rows[0]["recall_vs_teacher"] == pytest.approx(0.55 / 0.8, abs=1e-3)
+    other_n = against_teacher([dict(PER_SEED[0], n=2000)], TEACHER)[0]
+    assert "fd_vs_teacher" not in other_n  # FD's bias depends on n: no ratio across sizes
+
+
+def test_table_and_plot_show_the_teacher(tmp_path):
+    result = {"rows": against_teacher(summarise(PER_SEED), TEACHER), "seeds": [0, 1], "teacher_50": TEACHER}
+    table = format_table(result)
+    assert "fd ÷ T" in table.splitlines()[0] and "recall ÷ T" in table.splitlines()[0]
+    assert "1.610" in table and "fd 50.000 ± 14.142" in table
+    assert "÷ T" not in format_table({"rows": summarise(PER_SEED), "seeds": [0, 1]})
+    plot_curves(result["rows"], tmp_path / "curves.png", TEACHER)
+    colours = {c for _, c in Image.open(tmp_path / "curves.png").convert("RGB").getcolors(maxcolors=100000)}
+    assert (150, 150, 150) in colours  # the teacher's dashed line
+
+
+def test_the_shipped_record_gives_the_teachers_row_at_the_seeds_asked_for():
+    record = json.loads((shipped.SHIPPED_DIR / shipped.YARDSTICK_FILE).read_text())
+    n, scale, seeds = record["n"], record["guidance_scale"], record["seeds"]
+    rows = shipped.shipped_yardstick_row("teacher_50", n, [seeds[-1], seeds[0]], scale)
+    assert [r["seed"] for r in rows] == [seeds[-1], seeds[0]]
+    assert rows[1]["fd"] == record["rows"]["teacher_50"]["per_seed"][0]["fd"]
+    assert shipped.shipped_yardstick_row("teacher_50", n // 2, seeds, scale) is None  # another n
+    assert shipped.shipped_yardstick_row("teacher_50", n, [max(seeds) + 1], scale) is None  # a seed it lacks
+    assert shipped.shipped_yardstick_row("teacher_50", n, seeds, scale + 1) is None  # another CFG
+
+
+def test_a_teacher_of_ones_own_has_no_baseline_unless_measured():
+    import argparse
+
+    args = argparse.Namespace(measure_teacher=False, teacher="/some/teacher", quick=False, seeds=[0])
+    baseline, note = _baseline(args, "/some/teacher", 2000, 2.0, "cpu")
+    assert baseline is None and "not the shipped teacher" in note and "--measure-teacher" in note
+
+
 def test_a_resumed_curve_keeps_the_training_time_and_the_points_it_measured(tmp_path):
     ledger = _Ledger(tmp_path)
     ledger.trained(0, 1200, 1200.0)
@@ -82,12 +130,14 @@ def test_a_curve_with_no_run_or_only_damaged_checkpoints_starts_over(tmp_path):
 def test_quick_bench_curves_trains_and_measures_every_point(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "curves"
-    assert main(["bench", "curves", "--quick", "--out", str(out), "--variants", "DMD2 1-step", "DMD 1-step"]) == 0
+    args = ["bench", "curves", "--quick", "--out", str(out), "--variants", "DMD2 1-step", "DMD 1-step"]
+    assert main([*args, "--measure-teacher"]) == 0
     result = json.loads((out / "curves.json").read_text())
     assert [(r["variant"], r["iterations"]) for r in result["rows"]] == [
         ("DMD2 1-step", 2), ("DMD2 1-step", 4), ("DMD 1-step", 2), ("DMD 1-step", 4)
     ]  # fmt: skip
     assert (out / "runs" / "DMD2_1-step-seed0" / "lora-step-2").is_dir() and (out / "curves.png").is_file()
+    assert result["teacher_50"]["seeds"] == [0] and all(r["fd_vs_teacher"] > 0 for r in result["rows"])
 
 
 @pytest.mark.slow
@@ -102,4 +152,6 @@ def test_quick_bench_curves_resume_extends_the_runs_it_finds(tmp_path, monkeypat
     ledger = json.loads((run_dir / "curve_points.json").read_text())
     assert [s[:2] for s in ledger["stretches"]] == [[0, 2], [2, 4]]  # continued, not started over
     assert ledger["points"]["2:20"] == first["points"]["2:20"]
-    assert [r["iterations"] for r in json.loads((out / "curves.json").read_text())["rows"]] == [2, 4]
+    result = json.loads((out / "curves.json").read_text())
+    assert [r["iterations"] for r in result["rows"]] == [2, 4]
+    assert result["teacher_50"] is None and "--measure-teacher" in result["baseline_note"]  # a tiny teacher
