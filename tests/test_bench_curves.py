@@ -99,6 +99,33 @@ def test_a_teacher_of_ones_own_has_no_baseline_unless_measured():
     assert baseline is None and "not the shipped teacher" in note and "--measure-teacher" in note
 
 
+def _shipped_args(record):
+    import argparse
+
+    return argparse.Namespace(measure_teacher=False, teacher=None, quick=False, seeds=record["seeds"])
+
+
+def _real_row_scoring(monkeypatch, fd):
+    from fewstep.digits import yardstick
+
+    monkeypatch.setattr(yardstick, "evaluate", lambda *a, **k: {"rows": {"real": {"fd": fd}}})
+
+
+def test_the_record_is_the_baseline_where_the_classifier_scores_its_real_row_alike(monkeypatch):
+    record = json.loads((shipped.SHIPPED_DIR / shipped.YARDSTICK_FILE).read_text())
+    _real_row_scoring(monkeypatch, record["rows"]["real"]["per_seed"][0]["fd"])
+    baseline, note = _baseline(_shipped_args(record), "/teacher", record["n"], record["guidance_scale"], "cpu")
+    assert baseline["fd"] == pytest.approx(record["rows"]["teacher_50"]["fd_mean"], abs=1e-3)
+    assert "record" in note
+
+
+def test_another_classifier_gets_no_baseline_from_the_record(monkeypatch):
+    record = json.loads((shipped.SHIPPED_DIR / shipped.YARDSTICK_FILE).read_text())
+    _real_row_scoring(monkeypatch, record["rows"]["real"]["per_seed"][0]["fd"] - 0.65)  # seen on another CPU
+    baseline, note = _baseline(_shipped_args(record), "/teacher", record["n"], record["guidance_scale"], "cpu")
+    assert baseline is None and "another yardstick classifier" in note and "--measure-teacher" in note
+
+
 def test_a_resumed_curve_keeps_the_training_time_and_the_points_it_measured(tmp_path):
     ledger = _Ledger(tmp_path)
     ledger.trained(0, 1200, 1200.0)
